@@ -1,0 +1,3 @@
+from ditlab.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,73 @@
+"""Loading DiT weights with one-line errors, and reading a DiT config off a state dict."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from ditlab.models.configs import SIZES
+from ditlab.models.dit import DiT
+
+
+def load_weights(model: DiT, state_dict: dict[str, torch.Tensor]) -> None:
+    """Strictly load `state_dict` into `model`; a mismatch raises a one-line ValueError."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    wrong = [
+        f"{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)
+    ]
+    if missing or unexpected or wrong:
+        parts = []
+        if wrong:
+            parts.append(f"{len(wrong)} shape mismatches (checkpoint vs model), e.g. {wrong[0]}")
+        if missing:
+            parts.append(f"{len(missing)} missing keys, e.g. {missing[0]}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys, e.g. {unexpected[0]}")
+        c = model.config
+        desc = f"depth {c['depth']}, hidden {c['hidden_size']}, patch {c['patch_size']}, input {c['input_size']}"
+        raise ValueError(f"state dict does not fit this DiT ({desc}): " + "; ".join(parts))
+    model.load_state_dict(state_dict, strict=True)
+
+
+def infer_config(state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """DiT constructor arguments read off an adaLN-Zero state dict (ours or the authors').
+
+    The number of heads is not stored in weights: it is taken from the named config of the
+    same width (S: 6, B: 12, L and XL: 16)."""
+    try:
+        proj = state_dict["x_embedder.proj.weight"]  # (D, C, p, p)
+        pos = state_dict["pos_embed"]  # (1, T, D)
+        final = state_dict["final_layer.linear.weight"]  # (p * p * C_out, D)
+    except KeyError as e:
+        raise ValueError(f"not a DiT state dict: no {e.args[0]!r}") from None
+    hidden, in_channels, patch = proj.shape[0], proj.shape[1], proj.shape[2]
+    grid = math.isqrt(pos.shape[1])
+    depth = len({k.split(".")[1] for k in state_dict if k.startswith("blocks.")})
+    heads = {d["hidden_size"]: d["num_heads"] for d in SIZES.values()}.get(hidden)
+    if heads is None:
+        raise ValueError(f"hidden size {hidden} matches no named DiT config: give num_heads explicitly")
+    table = state_dict.get("y_embedder.embedding_table.weight")
+    num_classes, dropout = 0, 0.0
+    if table is not None:
+        # The authors train with label dropout, which adds the null row; assume it is there.
+        num_classes, dropout = table.shape[0] - 1, 0.1
+    mlp_hidden = state_dict["blocks.0.mlp.fc1.weight"].shape[0]
+    return {
+        "input_size": grid * patch,
+        "patch_size": patch,
+        "in_channels": in_channels,
+        "hidden_size": hidden,
+        "depth": depth,
+        "num_heads": heads,
+        "mlp_ratio": mlp_hidden / hidden,
+        "class_dropout_prob": dropout,
+        "num_classes": num_classes,
+        "learn_sigma": final.shape[0] == 2 * in_channels * patch * patch,
+        "block": "adaln-zero",
+    }
