@@ -1,0 +1,1 @@
+"""Training data: the bundled digits, image folders, and latent caches."""
