@@ -42,7 +42,7 @@ class PixelCodec:
     image_channels = 3
 
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """images (N, 3, H, W) in [-1, 1] -> mean (N, 3, H, W) float32 = images, std zeros."""
+        """images (N, 3, H, W) in [-1, 1] -> mean = the images as float32 (no copy if already), std zeros."""
         mean = images.float()
         return mean, torch.zeros_like(mean)
 
