@@ -97,7 +97,38 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-SUBCOMMANDS = [_add_flops, _add_train, _add_demo]
+def _add_extract_latents(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("extract-latents", help="encode an image folder once into a sharded latent cache",
+                       description="Encode every image of an ImageNet-layout folder, and its horizontal flip, to "
+                       "the posterior mean and std of the VAE, in shards that training memory-maps. Run the same "
+                       "command again to resume; run it under torchrun to split the files across ranks.")
+    p.add_argument("--data", required=True, help="image folder in the ImageNet layout: DATA/<class>/<image>")
+    p.add_argument("--out", required=True, help="latent cache folder (created; an interrupted run resumes into it)")
+    p.add_argument("--image-size", type=int, default=256, help="ADM center crop size in pixels (default 256)")
+    p.add_argument("--vae", default="stabilityai/sd-vae-ft-ema",
+                   help="hub id, local folder (AutoencoderKL.save_pretrained), or 'pixel' (default "
+                        "stabilityai/sd-vae-ft-ema)")
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="images per VAE call, each encoded with its flip (default 32)")
+    p.add_argument("--skip-bad-files", action="store_true",
+                   help="skip unreadable images and list them at the end (default: stop at the first one)")
+    p.add_argument("--shard-size", type=int, default=1000, help="images per shard file (default 1000)")
+    p.add_argument("--num-workers", type=int, default=None,
+                   help="image decoding processes per rank (default min(8, CPUs / ranks))")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="VAE compute precision; auto is fp16 on CUDA, fp32 on CPU (default auto)")
+    p.add_argument("--dtype", default="float16", choices=["float16", "float32"],
+                   help="storage dtype of mean and std (default float16)")
+
+    def run(args: argparse.Namespace) -> int:
+        from ditlab.data.extract import run_extract_latents
+
+        return run_extract_latents(args)
+
+    p.set_defaults(func=run)
+
+
+SUBCOMMANDS = [_add_train, _add_extract_latents, _add_demo, _add_flops]
 
 
 def build_parser() -> argparse.ArgumentParser:

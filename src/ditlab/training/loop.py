@@ -176,7 +176,7 @@ def _grid_codec(cfg: TrainConfig, data: TrainingData):
     from ditlab.codecs import load_codec
 
     try:
-        return load_codec(data.dataset.codec_id)
+        return load_codec(data.dataset.codec)
     except (ValueError, FileNotFoundError, OSError) as e:
         raise ValueError(f"sample grids need the VAE the cache was made with ({e}); pass --sample-every 0 "
                          "to train without grids") from None

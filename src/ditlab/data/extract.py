@@ -1,0 +1,248 @@
+"""`ditlab extract-latents`: encode an image folder once into a latent cache (see latents.py).
+
+Shard k holds the files k * shard_size ... (k + 1) * shard_size - 1 of the sorted folder. Rank 0
+lists the shards that are not done yet and ranks take every world_size-th of them, so a resumed
+run (on any number of ranks) encodes only what is missing. Each image is encoded with its
+horizontal flip in one batch; a shard is written when its last image is encoded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ditlab.codecs import DEFAULT_VAE, load_codec
+from ditlab.data.images import ImageFolderDataset
+from ditlab.data.latents import STORAGE_DTYPES, read_shard_meta, shard_name, write_index, write_shard
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+BARRIER_TIMEOUT = timedelta(hours=6)  # ranks may finish their shards far apart after a resume
+
+
+@contextmanager
+def distributed() -> Iterator[tuple[int, int, torch.device]]:
+    """(rank, world_size, device); joins torchrun's process group (nccl on CUDA, gloo on CPU)
+    when WORLD_SIZE > 1 and none is initialised yet, and leaves it on a normal exit."""
+    owned = False
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=BARRIER_TIMEOUT)
+        owned = True
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    yield rank, world, device
+    if owned:
+        dist.destroy_process_group()
+
+
+def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The VAE's dtype: "auto" is fp16 on CUDA (the SD VAE encoder is safe in it, with three more
+    mantissa bits than bf16) and fp32 on CPU (where half-precision convolutions are slow)."""
+    if precision == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision {precision}: choose auto, {', '.join(PRECISIONS)}")
+    return PRECISIONS[precision]
+
+
+class _Files(torch.utils.data.Dataset):
+    """Items (image, index, error) of some files of an image folder; a file that cannot be read
+    gives a zero image and its one-line error instead of raising in a loader worker."""
+
+    def __init__(self, images: ImageFolderDataset, indices: list[int]):
+        self.images, self.indices = images, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, str]:
+        j = self.indices[i]
+        try:
+            return self.images[j][0], j, ""
+        except ValueError as e:
+            size = self.images.image_size
+            return torch.zeros(3, size, size), j, str(e)
+
+
+def _check_done(meta: dict[str, Any], settings: dict[str, Any], files: list[str], name: str, out: str) -> None:
+    made = {k: meta.get(k) for k in ("image_size", "codec", "dtype", "latent_shape", "shard_size")}
+    want = {k: settings[k] for k in made}
+    if made != want:
+        diff = ", ".join(f"{k} {made[k]} (now {want[k]})" for k in made if made[k] != want[k])
+        raise ValueError(f"{out}/{name}.json was made with other settings: {diff}; use a new --out or the same flags")
+    if sorted(meta["paths"] + [s["path"] for s in meta["skipped"]]) != sorted(files):
+        raise ValueError(f"{out}/{name}.json was made from other files (the image folder or --shard-size "
+                         "changed); use a new --out")
+
+
+def _pending(out: str, settings: dict[str, Any], shard_files: Callable[[int], list[str]], num_shards: int,
+             rank: int, world: int) -> list[int]:
+    """Shards not done yet, listed by rank 0 and broadcast (so every rank splits the same list)."""
+    msg: list[Any] = [None, None]
+    if rank == 0:
+        try:
+            todo = []
+            for k in range(num_shards):
+                meta = read_shard_meta(out, k)
+                if meta is None:
+                    todo.append(k)
+                else:
+                    _check_done(meta, settings, shard_files(k), shard_name(k), out)
+            msg = [todo, None]
+        except ValueError as e:
+            msg = [None, str(e)]
+    if world > 1:
+        dist.broadcast_object_list(msg, src=0)
+    if msg[1] is not None:
+        raise ValueError(msg[1])
+    return msg[0]
+
+
+def _to_storage(x: torch.Tensor, dtype: str, paths: list[str], what: str) -> np.ndarray:
+    """(B, 2, C, h, w) float32 -> numpy in the storage dtype; a non-finite value names its file."""
+    computed = x.numpy()
+    stored = computed.astype(STORAGE_DTYPES[dtype])
+    for arr, hint in ((computed, "--precision fp32"), (stored, "--dtype float32")):
+        bad = ~np.isfinite(arr.reshape(len(arr), -1)).all(axis=1)  # (B,)
+        if bad.any():
+            raise ValueError(f"non-finite latent {what} for {paths[int(np.argmax(bad))]}; try {hint}")
+    return stored
+
+
+def extract_latents(data: str, out: str, image_size: int = 256, vae: str = DEFAULT_VAE, batch_size: int = 32,
+                    skip_bad_files: bool = False, shard_size: int = 1000, num_workers: int | None = None,
+                    precision: str = "auto", dtype: str = "float16", progress: bool = True,
+                    log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Encode every image of the folder `data` into the latent cache `out` (resuming into it).
+
+    Returns a summary: "num_samples", "encoded" (images encoded by this rank in this run),
+    "seconds", "images_per_s" (this rank), "skipped" (all skipped files of the cache, on rank 0)."""
+    for flag, value in (("--batch-size", batch_size), ("--shard-size", shard_size), ("--image-size", image_size)):
+        if value < 1:
+            raise ValueError(f"{flag} {value} must be positive")
+    if dtype not in STORAGE_DTYPES:
+        raise ValueError(f"--dtype {dtype}: choose {', '.join(STORAGE_DTYPES)}")
+    with distributed() as (rank, world, device):
+        images = ImageFolderDataset(data, image_size)
+        codec = load_codec(vae, device=device, dtype=compute_dtype(precision, device))
+        if image_size % codec.downsample:
+            raise ValueError(f"--image-size {image_size} is not a multiple of {codec.downsample}, the downsampling "
+                             f"factor of --vae {vae}")
+        h = image_size // codec.downsample
+        codec_id = os.path.abspath(os.path.expanduser(vae)) if os.path.isdir(os.path.expanduser(vae)) else vae
+        settings = {"image_size": image_size, "codec": codec_id, "dtype": dtype,
+                    "latent_shape": [codec.latent_channels, h, h], "shard_size": shard_size,
+                    "classes": images.classes, "data_root": os.path.abspath(data)}
+        os.makedirs(out, exist_ok=True)
+        n = len(images)
+        num_shards = math.ceil(n / shard_size)
+
+        def shard_files(k: int) -> list[str]:
+            return [p for p, _ in images.samples[k * shard_size:(k + 1) * shard_size]]
+
+        mine = _pending(out, settings, shard_files, num_shards, rank, world)[rank::world]
+        if num_workers is None:
+            num_workers = min(8, (os.cpu_count() or 1) // world)
+        start = time.perf_counter()
+        desc = f"rank {rank}/{world}" if world > 1 else "extract"
+        encoded = _encode_shards(images, codec, device, mine, settings, out, batch_size, num_workers,
+                                 skip_bad_files, progress and rank == 0, desc)
+        seconds = time.perf_counter() - start
+        if world > 1:
+            dist.barrier()
+        summary = {"num_samples": n, "encoded": encoded, "seconds": seconds,
+                   "images_per_s": encoded / seconds if encoded else 0.0, "skipped": []}
+        if rank == 0:
+            metas = [read_shard_meta(out, k) for k in range(num_shards)]
+            missing = [shard_name(k) for k, m in enumerate(metas) if m is None]
+            if missing:
+                raise ValueError(f"{out}: shards {', '.join(missing[:3])} are missing after all ranks finished")
+            index = write_index(out, settings, metas)
+            summary.update(num_samples=index["num_samples"], skipped=index["skipped"])
+            where = " on rank 0" if world > 1 else ""
+            log(f"{out}: {index['num_samples']} latents {tuple(settings['latent_shape'])} of {n} images in "
+                f"{num_shards} shards; this run encoded {encoded}{where} in {seconds:.1f} s "
+                f"({summary['images_per_s']:.1f} images/s)")
+            if index["skipped"]:
+                log(f"skipped {len(index['skipped'])} unreadable file(s):")
+                for s in index["skipped"]:
+                    log(f"  {s['path']}: {s['error']}")
+        return summary
+
+
+def _encode_shards(images: ImageFolderDataset, codec, device: torch.device, shards: list[int],
+                   settings: dict[str, Any], out: str, batch_size: int, num_workers: int, skip_bad_files: bool,
+                   progress: bool, desc: str) -> int:
+    """Encode the files of `shards` (in order) and write each shard when complete; returns the
+    number of images encoded."""
+    from tqdm import tqdm
+
+    size = settings["shard_size"]
+    files = [j for k in shards for j in range(k * size, min((k + 1) * size, len(images)))]
+    loader = torch.utils.data.DataLoader(_Files(images, files), batch_size=batch_size, num_workers=num_workers,
+                                         pin_memory=torch.cuda.is_available())
+    common = {k: settings[k] for k in ("image_size", "codec", "dtype", "latent_shape", "shard_size")}
+    shard: dict[str, list] = {"mean": [], "std": [], "labels": [], "paths": [], "skipped": []}
+    encoded = 0
+    with tqdm(total=len(files), unit="img", desc=desc, disable=not progress, smoothing=0.05) as bar:
+        for image, index, error in loader:
+            index = index.tolist()
+            paths = [images.samples[j][0] for j in index]
+            ok = [i for i, e in enumerate(error) if not e]
+            if ok:
+                x = image[ok].to(device, non_blocking=True)  # (B, 3, H, W)
+                mean, std = codec.encode(torch.cat([x, x.flip(-1)]))  # (2B, C, h, w): images, then flips
+                pair = (len(ok), 2, *mean.shape[1:])
+                mean = mean.view(2, len(ok), *mean.shape[1:]).transpose(0, 1).reshape(pair).cpu()  # (B, 2, C, h, w)
+                std = std.view(2, len(ok), *std.shape[1:]).transpose(0, 1).reshape(pair).cpu()  # (B, 2, C, h, w)
+                good = [paths[i] for i in ok]
+                mean = _to_storage(mean, settings["dtype"], good, "mean")
+                std = _to_storage(std, settings["dtype"], good, "std")
+                encoded += len(ok)
+            row = 0
+            for i, j in enumerate(index):
+                k = j // size
+                if error[i] and not skip_bad_files:
+                    raise ValueError(f"{error[i]}; {shard_name(k)} not written (finished shards are kept): "
+                                     "fix or remove the file, or pass --skip-bad-files")
+                if error[i]:
+                    shard["skipped"].append({"path": paths[i], "error": error[i]})
+                else:
+                    shard["mean"].append(mean[row])
+                    shard["std"].append(std[row])
+                    shard["labels"].append(images.samples[j][1])
+                    shard["paths"].append(paths[i])
+                    row += 1
+                if j == min((k + 1) * size, len(images)) - 1:  # the shard's last file
+                    _flush(out, k, shard, common)
+                    shard = {key: [] for key in shard}
+            bar.update(len(index))
+    return encoded
+
+
+def _flush(out: str, k: int, shard: dict[str, list], common: dict[str, Any]) -> None:
+    c, h, w = common["latent_shape"]
+    empty = np.zeros((0, 2, c, h, w), dtype=STORAGE_DTYPES[common["dtype"]])  # a shard of only skipped files
+    mean = np.stack(shard["mean"]) if shard["mean"] else empty  # (n, 2, C, h, w)
+    std = np.stack(shard["std"]) if shard["std"] else empty  # (n, 2, C, h, w)
+    meta = {**common, "labels": shard["labels"], "paths": shard["paths"], "skipped": shard["skipped"]}
+    write_shard(out, k, mean, std, meta)
+
+
+def run_extract_latents(args: argparse.Namespace) -> int:
+    """The CLI handler: flags -> extract_latents."""
+    extract_latents(args.data, args.out, image_size=args.image_size, vae=args.vae, batch_size=args.batch_size,
+                    skip_bad_files=args.skip_bad_files, shard_size=args.shard_size, num_workers=args.num_workers,
+                    precision=args.precision, dtype=args.dtype)
+    return 0
