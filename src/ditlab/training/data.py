@@ -58,7 +58,7 @@ def open_training_data(spec: str, image_size: int, vae: str, device: torch.devic
     from ditlab.data.latents import LatentCacheDataset, is_latent_cache
 
     if is_latent_cache(path):
-        ds = LatentCacheDataset(path)
+        ds = LatentCacheDataset(str(path))
         if ds.image_size != image_size:
             raise ValueError(f"--image-size {image_size}, but the latent cache {spec} holds {ds.image_size}px images")
         c, h, _ = ds.latent_shape
