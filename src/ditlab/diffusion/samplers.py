@@ -9,6 +9,7 @@ on its own generator (and not on the batch it was sampled in)."""
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
@@ -206,6 +207,9 @@ def sample(
         raise ValueError(f"y must have shape ({N},) to match the noise, got {tuple(y.shape)}")
     if guidance_channels is not None and not 1 <= guidance_channels <= C:
         raise ValueError(f"guidance_channels must be between 1 and {C}, got {guidance_channels}")
+    if isinstance(model, torch.nn.Module) and model.training:
+        warnings.warn("sampling from a model in training mode (DiT then drops labels at random): call model.eval()",
+                      stacklevel=3)  # fmt: skip
     process = diffusion.respace(steps)
     step_model = guided_model(model, y, float(cfg_scale), guidance_channels, C)
     draw = noise_source(noise, generator)
