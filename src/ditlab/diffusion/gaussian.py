@@ -146,8 +146,9 @@ def p_mean_variance(
         log_variance = frac * max_log + (1 - frac) * min_log
     else:
         if model_output.shape != x_t.shape:
-            raise ValueError(f"the model output must have the input's shape {tuple(x_t.shape)}, got "
-                             f"{tuple(model_output.shape)}")  # fmt: skip
+            raise ValueError(
+                f"the model output must have the input's shape {tuple(x_t.shape)}, got {tuple(model_output.shape)}"
+            )
         if fixed_variance not in FIXED_VARIANCES:
             raise ValueError(f"unknown fixed variance {fixed_variance!r}; choose one of {', '.join(FIXED_VARIANCES)}")
         eps = model_output
