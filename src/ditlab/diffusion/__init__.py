@@ -1,0 +1,8 @@
+"""The Gaussian diffusion of DiT (ADM / Improved DDPM): schedules and respacing, the process
+and its training losses, and the samplers."""
+
+from ditlab.diffusion.process import Diffusion
+from ditlab.diffusion.samplers import SAMPLERS
+from ditlab.diffusion.schedule import BETA_SCHEDULES
+
+__all__ = ["BETA_SCHEDULES", "Diffusion", "SAMPLERS"]

@@ -1,0 +1,160 @@
+"""`Diffusion`: the public face of the Gaussian process (DESIGN.md section 3). It owns the float64
+tables (and their per-device copies), respacing, and dispatches to the pure functions of
+`gaussian.py` and the samplers of `samplers.py`."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+
+from ditlab.diffusion import gaussian, samplers
+from ditlab.diffusion.gaussian import FIXED_VARIANCES, ModelFn, ProcessTables
+from ditlab.diffusion.schedule import get_betas, respaced_betas, spaced_timesteps
+
+
+class Diffusion:
+    """A T-step Gaussian diffusion (ADM / Improved DDPM): epsilon prediction, learned-range or
+    fixed variance, MSE + variational-bound loss, DDPM / DDIM / DPM-Solver++(2M) sampling.
+
+    `fixed_variance` ("large" = beta_t, "small" = the posterior variance) is used only when
+    learn_sigma is False; DiT's reference uses "large"."""
+
+    def __init__(
+        self,
+        num_timesteps: int = 1000,
+        schedule: str = "linear",
+        learn_sigma: bool = True,
+        fixed_variance: str = "large",
+    ):
+        if fixed_variance not in FIXED_VARIANCES:
+            raise ValueError(f"unknown fixed variance {fixed_variance!r}; choose one of {', '.join(FIXED_VARIANCES)}")
+        betas = get_betas(schedule, num_timesteps)
+        self.schedule = schedule
+        self.learn_sigma = learn_sigma
+        self.fixed_variance = fixed_variance
+        self._set_process(betas, torch.arange(num_timesteps), torch.cumprod(1.0 - betas, dim=0))
+
+    def _set_process(self, betas: torch.Tensor, timesteps: torch.Tensor, base_alphas_cumprod: torch.Tensor) -> None:
+        self.tables = ProcessTables.from_betas(betas, timesteps)  # float64, on the CPU
+        self.num_timesteps = len(betas)
+        self.base_alphas_cumprod = base_alphas_cumprod  # (T_original,) of the unspaced process
+        self._device_tables: dict[torch.device, ProcessTables] = {}
+        self._respaced: dict[int, Diffusion] = {}
+
+    def __repr__(self) -> str:
+        return (
+            f"Diffusion(num_timesteps={self.num_timesteps} of {len(self.base_alphas_cumprod)}, "
+            f"schedule={self.schedule!r}, learn_sigma={self.learn_sigma})"
+        )
+
+    @property
+    def timesteps(self) -> torch.Tensor:
+        """(T,) long: the original index of each step, ascending (arange(T) unless respaced)."""
+        return self.tables.timesteps
+
+    @property
+    def betas(self) -> torch.Tensor:
+        """(T,) float64 betas of this (possibly respaced) process."""
+        return self.tables.betas
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        """(T,) float64 alpha_bar_t of this (possibly respaced) process."""
+        return self.tables.alphas_cumprod
+
+    def tables_on(self, device: torch.device | str) -> ProcessTables:
+        """The tables on `device`, copied there once and cached."""
+        device = torch.device(device)
+        if device not in self._device_tables:
+            self._device_tables[device] = self.tables.to(device)
+        return self._device_tables[device]
+
+    # ---- respacing ----------------------------------------------------------------------------
+
+    def respace(self, n: int) -> Diffusion:
+        """A Diffusion over n of this process's steps, evenly spaced (ADM's "n" spacing,
+        round(i * (T - 1) / (n - 1))), its betas recomputed from the kept alpha_bars."""
+        if n == self.num_timesteps:
+            return self
+        if n not in self._respaced:
+            kept = spaced_timesteps(self.num_timesteps, n)
+            self._respaced[n] = self.respace_to(self.timesteps[kept].tolist())
+        return self._respaced[n]
+
+    def respace_to(self, timesteps: Sequence[int]) -> Diffusion:
+        """A Diffusion over the given ORIGINAL timestep indices (strictly ascending)."""
+        ts = [int(s) for s in timesteps]
+        base_len = len(self.base_alphas_cumprod)
+        if len(ts) < 2 or any(b <= a for a, b in zip(ts, ts[1:])) or ts[0] < 0 or ts[-1] >= base_len:
+            shown = ts if len(ts) <= 8 else [*ts[:4], "...", *ts[-4:]]
+            raise ValueError(f"timesteps must be at least 2 strictly ascending indices in [0, {base_len}), got {shown}")
+        spaced = copy.copy(self)  # the same settings; the process itself is replaced below
+        betas = respaced_betas(self.base_alphas_cumprod, ts)
+        spaced._set_process(betas, torch.tensor(ts, dtype=torch.long), self.base_alphas_cumprod)
+        return spaced
+
+    # ---- the process ---------------------------------------------------------------------------
+
+    def sample_timesteps(
+        self, n: int, device: torch.device | str | None = None, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """n step indices drawn uniformly from [0, T): (n,) long (ADM's uniform schedule sampler)."""
+        return torch.randint(0, self.num_timesteps, (n,), device=device, generator=generator)
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """A draw of x_t ~ q(x_t | x_0) for x0 (N, ...) and step indices t (N,)."""
+        dtype = gaussian.working_dtype(x0)
+        noise = torch.randn_like(x0, dtype=dtype) if noise is None else noise.to(dtype)
+        return gaussian.q_sample(self.tables_on(x0.device), x0.to(dtype), t, noise)
+
+    def q_posterior(
+        self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean (N, ...) and clipped log-variance (N, 1, ..., 1) of q(x_{t-1} | x_t, x_0)."""
+        dtype = gaussian.working_dtype(x_t)
+        return gaussian.q_posterior(self.tables_on(x_t.device), x0.to(dtype), x_t.to(dtype), t)
+
+    def p_mean_variance(
+        self, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, clip_denoised: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """"mean", "log_variance", "pred_x0" (each (N, C, ...)) of p(x_{t-1} | x_t) from the model's raw
+        output (N, 2C or C, ...) at the ORIGINAL timestep self.timesteps[t]; t (N,) indexes this process."""
+        tab = self.tables_on(x_t.device)
+        return gaussian.p_mean_variance(
+            tab, model_output, x_t, t, self.learn_sigma, self.fixed_variance, clip_denoised=clip_denoised
+        )
+
+    def training_losses(
+        self,
+        model: ModelFn,
+        x0: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """{"loss", "mse", "vb"}, each (N,), for data x0 (N, C, ...) at steps t (N,) of this process."""
+        tab = self.tables_on(x0.device)
+        return gaussian.training_losses(tab, model, x0, t, y, noise, self.learn_sigma, self.fixed_variance)
+
+    def sample(
+        self,
+        model: ModelFn,
+        noise: torch.Tensor,
+        y: torch.Tensor | None = None,
+        steps: int = 250,
+        sampler: str = "ddpm",
+        cfg_scale: float = 1.0,
+        guidance_channels: int | None = None,
+        eta: float = 0.0,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
+        progress: bool = False,
+        clip_denoised: bool = False,
+    ) -> torch.Tensor:
+        """Denoise `noise` (N, C, ...) in `steps` respaced steps; see `samplers.sample`."""
+        return samplers.sample(
+            self, model, noise, y=y, steps=steps, sampler=sampler, cfg_scale=cfg_scale,
+            guidance_channels=guidance_channels, eta=eta, generator=generator, progress=progress,
+            clip_denoised=clip_denoised,
+        )  # fmt: skip
