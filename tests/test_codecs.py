@@ -1,5 +1,7 @@
 """The codecs: the SD VAE through diffusers' AutoencoderKL (a tiny random one stands in) and pixels."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -7,17 +9,6 @@ from ditlab.codecs import LATENT_SCALE, PixelCodec, VAECodec, load_codec
 
 diffusers = pytest.importorskip("diffusers")
 
-TINY_VAE = dict(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=4,
-                latent_channels=4, sample_size=32)  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def vae_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("vae")
-    diffusers.AutoencoderKL(**TINY_VAE).save_pretrained(path)
-    return path
 
 
 def test_latent_scale_is_the_sd_constant():
@@ -74,7 +65,7 @@ def test_loading_failure_is_one_line_pointing_at_vae_flag(case, tmp_path, vae_di
     if case == "no-config":
         spec, error = str(tmp_path), ValueError
     elif case == "broken-weights":
-        (tmp_path / "config.json").write_text((vae_dir / "config.json").read_text())
+        (tmp_path / "config.json").write_text((Path(vae_dir) / "config.json").read_text())
         (tmp_path / "diffusion_pytorch_model.safetensors").write_bytes(b"garbage")
         spec, error = str(tmp_path), ValueError
     elif case == "offline-hub-id":  # what a machine without network sees, without waiting for retries

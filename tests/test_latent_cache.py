@@ -20,20 +20,9 @@ from ditlab.data.images import to_tensor
 diffusers = pytest.importorskip("diffusers")
 
 SIZE = 16  # image size; the tiny VAE downsamples by 2
-TINY_VAE = dict(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=4,
-                latent_channels=4, sample_size=32)  # fmt: skip
 FILES = ["cat/0.png", "cat/1.jpg", "cat/2.png", "cat/3.jpeg", "dog/0.jpg", "dog/1.png", "dog/2.png",
          "dog/3.jpg", "dog/4.JPG", "fox/0.png"]  # fmt: skip
 BROKEN = "dog/2.png"
-
-
-@pytest.fixture(scope="module")
-def vae_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("vae")
-    diffusers.AutoencoderKL(**TINY_VAE).save_pretrained(path)
-    return str(path)
 
 
 def make_images(root, broken=None):

@@ -28,6 +28,62 @@ def _run_flops(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    from ditlab.training.config import PRECISIONS, TrainConfig
+
+    d = TrainConfig(data="", results="")
+    p = sub.add_parser("train", help="train a DiT (the paper's recipe; run again to resume)",
+                       description="Train a DiT. Run the same command on the same --results folder to resume; "
+                                   "use `torchrun --nproc_per_node=N -m ditlab train ...` for many processes.")
+    p.add_argument("--data", required=True,
+                   help="'digits' (bundled), an image folder (ImageNet layout) or a latent cache")
+    p.add_argument("--results", required=True, help="results folder: checkpoints/, samples/, metrics.jsonl")
+    p.add_argument("--model", default=d.model, help=f"named config (default {d.model})")
+    for name in ("depth", "hidden_size", "num_heads", "patch_size"):
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=None, help="override the named config")
+    p.add_argument("--block", default=d.block, help="adaln-zero (default), adaln, cross-attn or in-context")
+    p.add_argument("--image-size", type=int, default=d.image_size, help=f"image resolution (default {d.image_size})")
+    p.add_argument("--vae", default=d.vae, help=f"VAE for image folders: hub id or local folder (default {d.vae})")
+    p.add_argument("--num-classes", type=int, default=None, help="default: the dataset's; 0 = unconditional")
+    p.add_argument("--global-batch-size", type=int, default=d.global_batch_size,
+                   help=f"summed over processes (default {d.global_batch_size})")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"AdamW learning rate, constant (default {d.lr})")
+    p.add_argument("--max-steps", type=int, default=d.max_steps, help=f"default {d.max_steps}")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="stop after this many epochs (with --max-steps: whichever comes first)")
+    p.add_argument("--ckpt-every", type=int, default=d.ckpt_every, help=f"default {d.ckpt_every}")
+    p.add_argument("--keep-last", type=int, default=d.keep_last, help="keep the newest K checkpoints (0 = all)")
+    p.add_argument("--sample-every", type=int, default=d.sample_every,
+                   help=f"write an EMA sample grid every N steps; 0 = never (default {d.sample_every})")
+    p.add_argument("--sample-steps", type=int, default=d.sample_steps,
+                   help=f"DDPM steps of the grids (default {d.sample_steps})")
+    p.add_argument("--log-every", type=int, default=d.log_every, help=f"default {d.log_every}")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--precision", choices=PRECISIONS, default=d.precision,
+                   help="auto = bf16 autocast where the hardware does it well, else fp32")
+    p.add_argument("--num-workers", type=int, default=d.num_workers,
+                   help=f"data loader workers (default {d.num_workers})")
+    p.add_argument("--ema-decay", type=float, default=d.ema_decay, help=f"default {d.ema_decay}")
+    p.add_argument("--grad-clip", type=float, default=None, help="clip the gradient norm (default: off, as the paper)")
+    p.add_argument("--compile", action="store_true", help="torch.compile each block")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations to save memory")
+    p.add_argument("--fsdp", action="store_true", help="shard with FSDP2 per block instead of DDP")
+    p.add_argument("--no-learn-sigma", dest="learn_sigma", action="store_false", help="epsilon-only model, MSE loss")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from ditlab.training import TrainConfig, train
+
+    fields = {k: v for k, v in vars(args).items() if k not in ("func", "command", "device")}
+    summary = train(TrainConfig(**fields), device=args.device)
+    if summary.get("rank", 0) == 0:
+        print(f"trained to step {summary['step']} in {summary['seconds']:.1f}s; results in {summary['results']}")
+    return 0
+
+
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the quick start's demo")
     p.add_argument("--out", default="demo-out", help="output folder (default demo-out)")
@@ -72,7 +128,7 @@ def _add_extract_latents(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-SUBCOMMANDS = [_add_flops, _add_demo, _add_extract_latents]
+SUBCOMMANDS = [_add_train, _add_extract_latents, _add_demo, _add_flops]
 
 
 def build_parser() -> argparse.ArgumentParser:

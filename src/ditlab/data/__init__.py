@@ -1,4 +1,5 @@
-"""Data: image folders with ADM's center crop, and the latent cache that training reads.
+"""Data: the bundled digits (`ditlab.data.digits`), image folders with ADM's center crop, and the
+latent cache that training reads.
 
 The extract-latents command's work lives in `ditlab.data.extract` (imported on demand)."""
 

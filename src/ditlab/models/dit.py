@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ditlab.models.layers import (
     Attention,
@@ -167,6 +168,7 @@ class DiT(nn.Module):
         self.num_classes = num_classes
         self.num_heads = num_heads
         self.block = block
+        self.grad_checkpointing = False  # recompute block activations in backward (saves memory)
 
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
@@ -247,7 +249,10 @@ class DiT(nn.Module):
         if self.block == "in-context":
             x = torch.cat([x, context.to(x.dtype)], dim=1)  # (N, T + S, D)
         for block in self.blocks:
-            x = block(x, c, context)  # (N, T, D)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, c, context, use_reentrant=False)  # (N, T, D)
+            else:
+                x = block(x, c, context)  # (N, T, D)
         x = x[:, :T]  # (N, T, D): in-context drops its conditioning tokens
         x = self.final_layer(x, c)  # (N, T, p * p * C_out)
         return self.unpatchify(x)  # (N, C_out, H, W)

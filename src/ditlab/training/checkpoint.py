@@ -1,0 +1,59 @@
+"""Training checkpoints: tensors plus plain dicts, loadable with `weights_only=True`, written
+atomically (temporary file, then rename) so an interrupted save never leaves a broken file."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CKPT_PATTERN = re.compile(r"^step-(\d{7,})\.pt$")
+
+
+def checkpoint_path(folder: Path, step: int) -> Path:
+    return folder / f"step-{step:07d}.pt"
+
+
+def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every finished checkpoint in `folder`, oldest first."""
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), folder / m.group(0)) for m in map(CKPT_PATTERN.match, os.listdir(folder)) if m]
+    return sorted(found)
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    """torch.save to a temporary file beside `path`, fsync, then rename over it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_checkpoint(folder: Path, step: int, state: dict[str, Any], keep_last: int = 0) -> Path:
+    """Write `state` as checkpoints/step-NNNNNNN.pt; keep only the newest `keep_last` (0 = all)."""
+    path = checkpoint_path(folder, step)
+    save_atomic(state, path)
+    if keep_last > 0:
+        for _, old in list_checkpoints(folder)[:-keep_last]:
+            old.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint written by `save_checkpoint` (weights_only: no code is unpickled)."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no checkpoint at {path}") from None
+    except Exception as e:  # truncated or foreign files
+        raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None

@@ -1,0 +1,74 @@
+"""What a training run reads: the dataset, its codec, and how a batch becomes model input.
+
+Datasets are deterministic; every random choice (flips, posterior samples) is made on the
+device from the step's generator, so a resumed run draws exactly what it would have drawn."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+
+@dataclass
+class TrainingData:
+    dataset: Dataset
+    kind: str  # "pixels" (digits), "images" (encoded online) or "latents" (a latent cache)
+    num_classes: int
+    channels: int  # channels the model sees
+    size: int  # spatial size the model sees
+    flip: bool  # random horizontal flips
+    codec: Any = None  # encodes images online; decodes samples for grids (None: pixel space)
+    description: str = ""
+
+    def to_model_input(self, batch: list[torch.Tensor], device: torch.device,
+                       generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """A collated batch -> (x0 (N, C, h, w) float32 on device, labels (N,) on device)."""
+        if self.kind == "latents":
+            from ditlab.data.latents import sample_latents
+
+            mean, std, labels = (b.to(device, non_blocking=True) for b in batch)
+            return sample_latents(mean, std, generator), labels
+        images, labels = (b.to(device, non_blocking=True) for b in batch)
+        if self.flip:
+            flip = torch.rand(images.shape[0], device=device, generator=generator) < 0.5  # (N,)
+            images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+        if self.kind == "images":
+            with torch.no_grad():
+                mean, std = self.codec.encode(images)
+            noise = torch.randn(mean.shape, device=device, generator=generator, dtype=mean.dtype)
+            images = (mean + std * noise).float()  # a posterior sample, already scaled
+        return images, labels
+
+
+def open_training_data(spec: str, image_size: int, vae: str, device: torch.device) -> TrainingData:
+    """`--data`: "digits", a latent cache folder, or an image folder in the ImageNet layout."""
+    if spec == "digits":
+        from ditlab.data.digits import DigitsDataset
+
+        ds = DigitsDataset("train", image_size)
+        return TrainingData(ds, "pixels", ds.num_classes, ds.channels, image_size, flip=False,
+                            description=f"digits: {len(ds)} images {image_size}x{image_size}, pixel space")
+    path = Path(spec)
+    if not path.is_dir():
+        raise FileNotFoundError(f"--data {spec}: no such folder (use 'digits', an image folder or a latent cache)")
+    from ditlab.data.latents import LatentCacheDataset, is_latent_cache
+
+    if is_latent_cache(path):
+        ds = LatentCacheDataset(str(path))
+        if ds.image_size != image_size:
+            raise ValueError(f"--image-size {image_size}, but the latent cache {spec} holds {ds.image_size}px images")
+        c, h, _ = ds.latent_shape
+        return TrainingData(ds, "latents", ds.num_classes, c, h, flip=True,
+                            description=f"latent cache {spec}: {len(ds)} images, latents {c}x{h}x{h}")
+    from ditlab.codecs import load_codec
+    from ditlab.data.images import ImageFolderDataset
+
+    ds = ImageFolderDataset(path, image_size)
+    codec = load_codec(vae, device=device)
+    size = image_size // codec.downsample
+    return TrainingData(ds, "images", len(ds.classes), codec.latent_channels, size, flip=True, codec=codec,
+                        description=f"image folder {spec}: {len(ds)} images, encoded online by {vae}")

@@ -1,0 +1,23 @@
+"""Exponential moving average of the weights, kept in float32, one fused update per step."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+def make_ema(model: nn.Module) -> nn.Module:
+    """A float32 copy of `model` that takes no gradients (the EMA starts at the weights)."""
+    ema = copy.deepcopy(model).float().eval()
+    ema.requires_grad_(False)
+    return ema
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, over every parameter, in one foreach op."""
+    ema_params = list(ema.parameters())
+    params = [p.detach().to(e.dtype) for p, e in zip(model.parameters(), ema_params, strict=True)]
+    torch._foreach_lerp_(ema_params, params, 1.0 - decay)

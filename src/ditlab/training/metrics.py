@@ -1,0 +1,97 @@
+"""Run metrics: metrics.jsonl, an optional TensorBoard writer and a progress bar, on rank 0.
+
+Loss terms are summed on the device every step and read back only at log steps, so the
+training step never waits for the host."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from ditlab.training.config import TrainConfig
+from ditlab.training.distributed import DistInfo
+
+TERMS = ("loss", "mse", "vb")
+
+
+class MetricsLog:
+    def __init__(self, results: Path, info: DistInfo, cfg: TrainConfig, resume_step: int, total: float,
+                 description: str = ""):
+        self.info, self.cfg = info, cfg
+        self.path = results / "metrics.jsonl"
+        self.sums: torch.Tensor | None = None  # (len(TERMS) + 1,): loss, mse, vb, grad norm
+        self.count = 0
+        self.last_step, self.last_time, self.started = resume_step, time.perf_counter(), time.time()
+        self.bar = self.tb = None
+        if not info.is_main:
+            return
+        results.mkdir(parents=True, exist_ok=True)
+        config_path = results / "config.json"
+        if not config_path.exists():
+            tmp = config_path.with_name(".config.json.tmp")
+            tmp.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+            tmp.replace(config_path)
+        self._truncate_after(resume_step)
+        if cfg.progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=None if total == float("inf") else int(total), initial=resume_step,
+                            desc="train", dynamic_ncols=True, unit="step")
+            if description:
+                self.bar.write(description)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(results / "tensorboard"))
+        except ImportError:
+            self.tb = None
+
+    def _truncate_after(self, step: int) -> None:
+        """Drop lines a crashed run logged after the checkpoint we resume from."""
+        if not self.path.exists():
+            return
+        keep = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        tmp = self.path.with_name(".metrics.jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        tmp.replace(self.path)
+
+    def accumulate(self, terms: dict[str, torch.Tensor], grad_norm: torch.Tensor) -> None:
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+            grad_norm = grad_norm.full_tensor()
+        values = torch.stack([terms[k].detach().float().mean() for k in TERMS] + [grad_norm.detach().float()])
+        self.sums = values if self.sums is None else self.sums + values
+        self.count += 1
+
+    def write(self, step: int, lr: float, reduce: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        if self.sums is None:
+            return
+        means = reduce(self.sums / self.count).tolist()  # the only host sync of the interval
+        now = time.perf_counter()
+        images_per_sec = (step - self.last_step) * self.cfg.global_batch_size / max(now - self.last_time, 1e-9)
+        self.sums, self.count, self.last_step, self.last_time = None, 0, step, now
+        if not self.info.is_main:
+            return
+        row = {"step": step, **dict(zip(TERMS, means)), "grad_norm": means[-1], "lr": lr,
+               "images_per_sec": images_per_sec, "wall_time": time.time() - self.started}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step":
+                    self.tb.add_scalar(f"train/{k}", v, step)
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{images_per_sec:.1f}")
+
+    def step_done(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()

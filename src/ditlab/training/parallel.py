@@ -1,0 +1,81 @@
+"""How a model is run on the hardware: precision, activation checkpointing, compilation, and
+data parallelism (DDP, or FSDP2 sharding per block), applied outside the model in that order."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ditlab.training.config import TrainConfig
+from ditlab.training.distributed import DistInfo
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of a --precision choice (None: plain fp32)."""
+    if precision == "auto":
+        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda_bf16 else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def apply_parallelism(model: nn.Module, ema: nn.Module, cfg: TrainConfig,
+                      info: DistInfo) -> tuple[nn.Module, nn.Module, torch.optim.Optimizer]:
+    """(model to train, EMA, AdamW): checkpointing, compile per block, then DDP or FSDP2."""
+    model.grad_checkpointing = cfg.grad_checkpointing
+    if cfg.compile:
+        for block in model.blocks:
+            block.compile()
+    wrapped: nn.Module = model
+    if cfg.fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for m in (model, ema):
+            for block in m.blocks:
+                fully_shard(block)
+            fully_shard(m)
+    elif info.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        wrapped = DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+    opt = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0,
+        fused=info.device.type == "cuda",
+    )  # fmt: skip
+    return wrapped, ema, opt
+
+
+def _options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def _raw(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)
+
+
+def full_state_dicts(model: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer,
+                     cfg: TrainConfig) -> tuple[dict, dict, dict]:
+    """Unsharded CPU state dicts of the model, the EMA and the optimizer (parameter names as keys).
+
+    A collective under FSDP: every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    raw = _raw(model)
+    opts = _options()
+    return (get_model_state_dict(raw, options=opts), get_model_state_dict(ema, options=opts),
+            get_optimizer_state_dict(raw, opt, options=opts))
+
+
+def load_full_state_dicts(model: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer, ckpt: dict[str, Any],
+                          cfg: TrainConfig) -> None:
+    """Load a checkpoint's model, EMA and optimizer into (possibly sharded) modules."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    raw = _raw(model)
+    opts = _options()
+    set_model_state_dict(raw, ckpt["model"], options=opts)
+    set_model_state_dict(ema, ckpt["ema"], options=opts)
+    set_optimizer_state_dict(raw, opt, ckpt["opt"], options=opts)
