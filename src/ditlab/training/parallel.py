@@ -29,13 +29,28 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+COMPILE_MODES = ("none", "block", "model")
+
+
+def compile_model(model: nn.Module, mode: str) -> nn.Module:
+    """torch.compile a DiT in place: "block" compiles each block (one graph serves every block, and
+    FSDP can shard between them), "model" the whole forward, "none" nothing. Returns the model."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode {mode!r}: choose one of {', '.join(COMPILE_MODES)}")
+    if mode == "block":
+        for block in model.blocks:
+            block.compile()
+    elif mode == "model":
+        model.compile()
+    return model
+
+
 def apply_parallelism(model: nn.Module, ema: nn.Module, cfg: TrainConfig,
                       info: DistInfo) -> tuple[nn.Module, nn.Module, torch.optim.Optimizer]:
     """(model to train, EMA, AdamW): checkpointing, compile per block, then DDP or FSDP2."""
     model.grad_checkpointing = cfg.grad_checkpointing
     if cfg.compile:
-        for block in model.blocks:
-            block.compile()
+        compile_model(model, "block")
     wrapped: nn.Module = model
     if cfg.fsdp:
         from torch.distributed.fsdp import fully_shard
