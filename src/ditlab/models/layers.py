@@ -57,7 +57,9 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.proj(x)  # (N, D, H/p, W/p)
-        return x.flatten(2).transpose(1, 2)  # (N, T, D), where T = H * W / p ** 2
+        # (N, T, D), where T = H * W / p ** 2. Made contiguous: a transposed residual stream slows every
+        # residual add, and torch 2.13's inductor computes wrong gradients for a compiled block fed one.
+        return x.flatten(2).transpose(1, 2).contiguous()
 
 
 class Attention(nn.Module):
