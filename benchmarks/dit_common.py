@@ -90,13 +90,20 @@ def tf32(enabled: bool):
     if not (enabled and torch.cuda.is_available()):
         yield
         return
-    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
-    saved = matmul.fp32_precision, conv.fp32_precision
-    matmul.fp32_precision, conv.fp32_precision = "tf32", "tf32"
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    if hasattr(matmul, "fp32_precision"):  # torch >= 2.9
+        saved = matmul.fp32_precision, cudnn.conv.fp32_precision
+        matmul.fp32_precision, cudnn.conv.fp32_precision = "tf32", "tf32"
+    else:
+        saved = matmul.allow_tf32, cudnn.allow_tf32
+        matmul.allow_tf32, cudnn.allow_tf32 = True, True
     try:
         yield
     finally:
-        matmul.fp32_precision, conv.fp32_precision = saved
+        if hasattr(matmul, "fp32_precision"):
+            matmul.fp32_precision, cudnn.conv.fp32_precision = saved
+        else:
+            matmul.allow_tf32, cudnn.allow_tf32 = saved
 
 
 def time_steps(fn: Callable[[], Any], device: torch.device, n: int) -> list[float]:

@@ -103,6 +103,7 @@ def main() -> None:
     noise = torch.randn(batch, LATENT_CHANNELS, latent, latent, generator=g).to(device)
     y = torch.randint(0, NUM_CLASSES, (batch,), generator=g).to(device)
 
+    base.requires_grad_(False)  # as the EMA weights one samples from
     ours = compile_model(copy.deepcopy(base).to(device).eval(), args.compile)
     runners = {"ours": sampler_call(ours, diffusion, noise, y, steps, args.sampler, args.cfg_scale, amp, False)}
     models = {"ours": ours}

@@ -179,11 +179,16 @@ def test_guidance_calls_the_model_once_per_step_with_both_halves():
 @pytest.mark.gpu
 @cuda
 @pytest.mark.parametrize("precision,clip", [(torch.bfloat16, None), (None, 1.0)])
-def test_a_training_step_never_waits_for_the_host(precision, clip):
+def test_a_training_step_never_waits_for_the_host(tmp_path, precision, clip):
+    from ditlab.training import TrainConfig
     from ditlab.training.data import TrainingData
+    from ditlab.training.distributed import DistInfo
     from ditlab.training.loop import step_inputs
+    from ditlab.training.metrics import MetricsLog
 
     device = torch.device("cuda")
+    log = MetricsLog(tmp_path, DistInfo(0, 1, 0, device), TrainConfig(data="digits", results=str(tmp_path),
+                     progress=False), resume_step=0, total=10)  # fmt: skip
     diffusion = ditlab.Diffusion()
     model = live_dit().to(device).train()
     step = TrainStep(model, make_ema(model), make_optimizer(model, 1e-4, device), diffusion, precision, device,
@@ -197,9 +202,35 @@ def test_a_training_step_never_waits_for_the_host(precision, clip):
     try:
         for seed in range(1, 4):
             terms, norm = step(*_drawn(step_inputs(data, cache_batch, diffusion, device, seed)))
+            log.accumulate(terms, norm)
+            log.step_done()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+    log.close()
     assert torch.isfinite(terms["loss"]).all() and torch.isfinite(norm)
+
+
+@pytest.mark.gpu
+@cuda
+def test_guided_sampling_never_waits_for_the_host():
+    diffusion = ditlab.Diffusion()
+    model = live_dit().cuda().eval().requires_grad_(False)
+    noise = torch.randn(3, 4, 8, 8, device="cuda")
+    y = torch.tensor([1, 2, 3], device="cuda")
+    g = torch.Generator("cuda").manual_seed(0)
+
+    def run():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return diffusion.sample(model, noise, y=y, steps=10, cfg_scale=4.0, generator=g)
+
+    run()  # warm-up: the respaced tables are copied to the device once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = run()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert out.shape == noise.shape and torch.isfinite(out).all()
 
 
 def _drawn(inputs):
