@@ -111,8 +111,6 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=None, help="timed steps per runner per round (default 10 CUDA, 2 CPU)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
-    p.add_argument("--malloc", default="reuse", choices=["reuse", "default"],
-                   help="CPU: keep freed memory for reuse, as ditlab train does (default), or glibc's default")
     p.add_argument("--peak-tflops", type=float, default=None, help="bf16 peak of the device, for the utilisation")
     p.add_argument("--profile", action="store_true", help="also profile one step per runner: the share of "
                    "time in matmuls and attention")
@@ -121,11 +119,8 @@ def main() -> None:
     args = p.parse_args()
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cpu":
-        if not runtime.cpu_bf16().usable:  # before the first oneDNN call of this process
-            os.environ[runtime.ONEDNN_ISA_VAR] = runtime.ONEDNN_SAFE_ISA
-        if args.malloc == "reuse":
-            runtime.keep_freed_memory()
+    if device.type == "cpu" and not runtime.cpu_bf16().usable:  # before the first oneDNN call of this process
+        os.environ[runtime.ONEDNN_ISA_VAR] = runtime.ONEDNN_SAFE_ISA
     if args.threads:
         torch.set_num_threads(args.threads)
     batch = args.batch_size or (32 if device.type == "cuda" else 8)
@@ -201,7 +196,7 @@ def main() -> None:
         "gflops_per_image": macs / 1e9, "train_flops_per_step": flops, "peak_bf16_tflops": peak,
         "runners": results, "speedup_vs_peer": speedups, "inputs_ms_per_step": inputs_ms(device, batch, latent),
         "settings": {"warmup": args.warmup, "rounds": args.rounds, "steps_per_round": steps,
-                     "malloc": args.malloc if device.type == "cpu" else None, "seed": args.seed},
+                     "seed": args.seed},
         "conditions": started,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }, args.out)  # fmt: skip

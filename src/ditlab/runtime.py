@@ -1,5 +1,4 @@
-"""How ditlab meets the host machine: whether bf16 pays on this CPU, and how glibc treats the
-memory a training step frees. Nothing here runs at import; each function acts when called.
+"""Whether bf16 pays on this CPU, for --precision auto. Nothing here runs at import.
 
 bf16 on a CPU is fast only through Intel AMX: with AVX512-BF16 alone a bf16 matmul measured
 slower than fp32 (oneDNN's avx512_core_bf16 kernel, a 4096x384 @ 384x1536 linear on one thread:
@@ -9,7 +8,6 @@ asked of a one-time subprocess, never of this process."""
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import os
 import signal
@@ -25,11 +23,6 @@ ONEDNN_UNCAPPED = ("", "ALL", "DEFAULT")
 BF16_SPEEDUP_NEEDED = 1.5  # auto picks bf16 on a CPU only if its bf16 matmul is this much faster than fp32
 PROBE_SIZE = 1024  # the probe times a PROBE_SIZE^2 matmul in fp32 and in bf16, on one thread
 PROBE_TIMEOUT_S = 300.0
-
-# glibc's mallopt parameters (malloc.h).
-M_TRIM_THRESHOLD = -1
-M_MMAP_MAX = -4
-INT_MAX = 2**31 - 1
 
 _PROBE = f"""
 import time, torch
@@ -106,22 +99,3 @@ def check_cpu_bf16(flag: str = "--precision bf16") -> None:
     if not found.usable:
         raise ValueError(f"{flag}: {found.detail}; set {ONEDNN_ISA_VAR}={ONEDNN_SAFE_ISA} in the environment "
                          "before starting (bf16 then runs without AMX, slower than fp32)")
-
-
-def keep_freed_memory() -> bool:
-    """Make glibc keep freed memory for reuse instead of handing it back to the OS (CPU training).
-
-    By default glibc serves large tensors with mmap and returns freed heap tops, so every step
-    page-faults its activations in again: ~700 MB (181k minor faults) per DiT-S/2 step at batch 8,
-    11% of the step on one thread. With mmap off and trimming off, a step reuses the last step's
-    memory (no faults); the process keeps its peak footprint. Process-wide and irreversible; returns
-    False (and changes nothing) where libc is not glibc."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    if not hasattr(libc, "gnu_get_libc_version"):  # glibc only: musl's mallopt is a stub
-        return False
-    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, INT_MAX))

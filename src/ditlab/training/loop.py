@@ -16,7 +16,6 @@ import torch
 from torch.utils.data import DataLoader
 
 from ditlab.models import create_model
-from ditlab.runtime import keep_freed_memory
 from ditlab.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from ditlab.training.config import TrainConfig, config_differences
 from ditlab.training.data import TrainingData, open_training_data
@@ -123,8 +122,6 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
         del ckpt
     train_step = TrainStep(wrapped, ema, opt, diffusion, amp_dtype, info.device, cfg.ema_decay,
                            cfg.grad_clip or None)
-    if info.device.type == "cpu":
-        keep_freed_memory()  # no page faults on each step's activations (see ditlab.runtime)
 
     log = MetricsLog(results, info, cfg, resume_step=step, total=total, description=data.description)
     sample_codec = _grid_codec(cfg, data) if cfg.sample_every else None
