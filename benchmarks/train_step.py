@@ -126,7 +126,10 @@ def main() -> None:
     batch = args.batch_size or (32 if device.type == "cuda" else 8)
     steps = args.steps or (10 if device.type == "cuda" else 2)
     latent = args.image_size // VAE_DOWNSAMPLE
-    variants = {spec: parse_variant(spec) for spec in args.variants.split(",")}
+    try:
+        variants = {spec: parse_variant(spec) for spec in args.variants.split(",")}
+    except ValueError as e:
+        p.error(str(e))
     started = conditions(device, args.threads)
     amp = resolve_precision(args.precision, device)
 
