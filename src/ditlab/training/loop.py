@@ -151,7 +151,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
             if step >= total:
                 break
     log.close()
-    return {"step": step, "seconds": time.time() - started, "results": str(results)}
+    return {"step": step, "seconds": time.time() - started, "results": str(results), "rank": info.rank}
 
 
 def _save(model, ema, opt, cfg: TrainConfig, info: DistInfo, step: int, steps_per_epoch: int, n: int,
