@@ -13,6 +13,9 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -e '.[dev]'
+# The evaluation tests cross-check our Inception against torch-fidelity's; without its
+# dependencies (they would pull torchvision and a CUDA torch), ditlab never imports its __init__.
+	$(PY) -m pip install -q --no-deps torch-fidelity==0.4.0
 	touch $@
 
 demo: $(VENV)/.installed

@@ -41,7 +41,28 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-SUBCOMMANDS = [_add_flops, _add_demo]
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="FID, sFID, IS, precision, recall of a sample batch, as ADM's evaluator has them")
+    p.add_argument("samples", metavar="SAMPLES.npz", help="sample batch: arr_0 uint8 images (N, H, W, 3)")
+    p.add_argument("ref", metavar="REF.npz",
+                   help="reference batch: arr_0 images, and mu, sigma, mu_s, sigma_s if precomputed (ADM's files)")
+    p.add_argument("--inception", metavar="PATH", default=None,
+                   help="InceptionV3 weights (weights-inception-2015-12-05-6726825d.pth; default: torch hub's "
+                        "checkpoints folder)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per Inception batch (default 64)")
+    p.add_argument("--device", default=None, help="torch device (default cuda if available, else cpu)")
+    p.add_argument("--out", metavar="FILE.json", default=None, help="also write the JSON to this file")
+    p.set_defaults(func=_run_eval)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from ditlab.evaluation.evaluate import run_eval
+
+    print(run_eval(args.samples, args.ref, args.inception, args.batch_size, args.device, args.out, sys.stderr.isatty()))
+    return 0
+
+
+SUBCOMMANDS = [_add_flops, _add_demo, _add_eval]
 
 
 def build_parser() -> argparse.ArgumentParser:
