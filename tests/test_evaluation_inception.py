@@ -196,6 +196,7 @@ def test_cli_eval_bad_input_is_one_line(tmp_path, capsys, weights):
         ([samples, str(tmp_path / "none.npz"), "--inception", weights], "none.npz: no such file"),
         ([samples, ref, "--inception", str(tmp_path / "w.pth")], "Inception weights not found at"),
         ([samples, ref, "--inception", weights, "--out", str(tmp_path / "no" / "m.json")], "--out"),
+        ([samples, ref, "--inception", weights, "--device", "gpu0"], "--device gpu0"),
     ]
     for argv, message in cases:
         assert main(["eval", *argv]) == 2

@@ -36,6 +36,19 @@ def _full_fp32() -> Iterator[None]:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
+def _device(name: str | None) -> torch.device:
+    """The --device flag as a torch device: default cuda when available, else cpu."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available here")
+    return device
+
+
 @torch.inference_mode()
 def extract_features(
     model: InceptionV3, images: NpzImages, batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = False
@@ -80,8 +93,7 @@ def evaluate(
     for imgs in images.values():
         if imgs.num_images <= PR_NEIGHBOURS:
             raise ValueError(f"{imgs.path}: {imgs.num_images} images; precision/recall need more than {PR_NEIGHBOURS}")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_inception(inception_path, device)
+    model = load_inception(inception_path, _device(device))
 
     feats = {name: extract_features(model, imgs, batch_size, progress) for name, imgs in images.items()}
     stats = {

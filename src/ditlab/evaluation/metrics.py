@@ -1,8 +1,10 @@
 """The metrics of ADM's evaluator as pure functions: Frechet distance (FID, sFID), Inception Score
 and k-NN manifold precision / recall (Kynkaanniemi et al. 2019).
 
-Statistics and scores are float64. Precision / recall distances are float32, the precision ADM
-keeps its distances and radii in."""
+Statistics and scores are float64. Precision / recall distances and radii are float32, the
+dtype ADM stores them in. (ADM's TF graph first forms each distance block in float16 and uses it
+when finite, falling back to float32 only on overflow; that rounding, ~5e-4 of the squared
+norms, is not reproduced: only a point that close to a ball's boundary can be counted differently.)"""
 
 from __future__ import annotations
 
