@@ -87,7 +87,7 @@ def _run_train(args: argparse.Namespace) -> int:
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="train a small DiT on the bundled digits on CPU, sample and judge it",
                        description="Trains a small DiT on scikit-learn's 8x8 digits (pixel space, CPU, a few "
-                       "minutes), samples 240 class-balanced digits with guidance from DDPM-250, DDIM-50 and "
+                       "minutes), samples 200 class-balanced digits with guidance from DDPM-250, DDIM-50 and "
                        "DPM-Solver++(2M)-20, and writes samples.png, samples.npz and report.json.")
     p.add_argument("--out", default="demo-out", help="output folder (default demo-out; reruns reuse its training)")
     p.add_argument("--max-steps", type=int, default=None, help="training steps (default: the demo's 1500)")

@@ -24,7 +24,7 @@ DEMO_TRAIN = dict(
     max_steps=1500, ema_decay=0.995, ckpt_every=1500, sample_every=0, log_every=100, num_workers=0,
     precision="fp32", seed=0,
 )  # fmt: skip
-PER_CLASS = 24  # 240 samples, balanced over the 10 classes
+PER_CLASS = 20  # 200 samples, balanced over the 10 classes
 CFG_SCALE = 2.0
 SAMPLERS = [("ddpm", 250), ("ddim", 50), ("dpm++2m", 20)]
 
@@ -95,7 +95,7 @@ def run_demo(out: str | Path, max_steps: int | None = None, progress: bool = Tru
     judge = DigitsJudge()
     real_train, _ = load_digits_arrays("train")
     real_test, real_test_labels = load_digits_arrays("test")
-    labels = torch.arange(DIGITS_CLASSES).repeat_interleave(PER_CLASS)  # (240,)
+    labels = torch.arange(DIGITS_CLASSES).repeat_interleave(PER_CLASS)  # (200,)
     real_diversity = judge.diversity(real_test, real_test_labels)
     results = {}
     grid_images = None
@@ -112,10 +112,10 @@ def run_demo(out: str | Path, max_steps: int | None = None, progress: bool = Tru
         }  # fmt: skip
         if grid_images is None:
             grid_images = images
-    pixels = to_uint8(grid_images)  # (240, 8, 8, 1)
+    pixels = to_uint8(grid_images)  # (200, 8, 8, 1)
     save_grid(pixels, out / "samples.png", nrow=PER_CLASS)
     save_npz(pixels, labels.numpy(), out / "samples.npz")
-    real_ref = real_train[torch.randperm(len(real_train), generator=torch.Generator().manual_seed(0))[:240]]
+    real_ref = real_train[torch.randperm(len(real_train), generator=torch.Generator().manual_seed(0))[: len(labels)]]
     report = {
         "samplers": results,
         "cfg_scale": CFG_SCALE,
