@@ -85,15 +85,21 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="the quick start's demo")
-    p.add_argument("--out", default="demo-out", help="output folder (default demo-out)")
+    p = sub.add_parser("demo", help="train a small DiT on the bundled digits on CPU, sample and judge it",
+                       description="Trains a small DiT on scikit-learn's 8x8 digits (pixel space, CPU, a few "
+                       "minutes), samples 200 class-balanced digits with guidance from DDPM-250, DDIM-50 and "
+                       "DPM-Solver++(2M)-20, and writes samples.png, samples.npz and report.json.")
+    p.add_argument("--out", default="demo-out", help="output folder (default demo-out; reruns reuse its training)")
+    p.add_argument("--max-steps", type=int, default=None, help="training steps (default: the demo's 1500)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     p.set_defaults(func=_run_demo)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from ditlab.models.report import flops_table
+    from ditlab.demo import run_demo, summary_lines
 
-    print(flops_table(256, "adaln-zero", 8, 4))
+    report = run_demo(args.out, max_steps=args.max_steps, progress=args.progress)
+    print("\n".join(summary_lines(report, args.out)))
     return 0
 
 
@@ -217,7 +223,28 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-SUBCOMMANDS = [_add_train, _add_extract_latents, _add_sample, _add_convert, _add_demo, _add_flops]
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="FID, sFID, IS, precision, recall of a sample batch, as ADM's evaluator has them")
+    p.add_argument("samples", metavar="SAMPLES.npz", help="sample batch: arr_0 uint8 images (N, H, W, 3)")
+    p.add_argument("ref", metavar="REF.npz",
+                   help="reference batch: arr_0 images, and mu, sigma, mu_s, sigma_s if precomputed (ADM's files)")
+    p.add_argument("--inception", metavar="PATH", default=None,
+                   help="InceptionV3 weights (weights-inception-2015-12-05-6726825d.pth; default: torch hub's "
+                        "checkpoints folder)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per Inception batch (default 64)")
+    p.add_argument("--device", default=None, help="torch device (default cuda if available, else cpu)")
+    p.add_argument("--out", metavar="FILE.json", default=None, help="also write the JSON to this file")
+    p.set_defaults(func=_run_eval)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from ditlab.evaluation.evaluate import run_eval
+
+    print(run_eval(args.samples, args.ref, args.inception, args.batch_size, args.device, args.out, sys.stderr.isatty()))
+    return 0
+
+
+SUBCOMMANDS = [_add_train, _add_extract_latents, _add_sample, _add_eval, _add_convert, _add_demo, _add_flops]
 
 
 def build_parser() -> argparse.ArgumentParser:

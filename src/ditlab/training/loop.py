@@ -114,7 +114,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
 
     log = MetricsLog(results, info, cfg, resume_step=step, total=total, description=data.description)
     params = [p for p in wrapped.parameters() if p.requires_grad]
-    sample_codec = _grid_codec(cfg, data) if cfg.sample_every else None
+    sample_codec = _grid_codec(cfg, data, info) if cfg.sample_every else None
     started = time.time()
     while step < total:
         epoch, start = divmod(step, steps_per_epoch)
@@ -151,7 +151,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
             if step >= total:
                 break
     log.close()
-    return {"step": step, "seconds": time.time() - started, "results": str(results)}
+    return {"step": step, "seconds": time.time() - started, "results": str(results), "rank": info.rank}
 
 
 def _save(model, ema, opt, cfg: TrainConfig, info: DistInfo, step: int, steps_per_epoch: int, n: int,
@@ -167,7 +167,7 @@ def _save(model, ema, opt, cfg: TrainConfig, info: DistInfo, step: int, steps_pe
     barrier()
 
 
-def _grid_codec(cfg: TrainConfig, data: TrainingData):
+def _grid_codec(cfg: TrainConfig, data: TrainingData, info: DistInfo):
     """The codec that decodes sample grids (None in pixel space)."""
     if data.kind == "pixels":
         return None
@@ -176,7 +176,7 @@ def _grid_codec(cfg: TrainConfig, data: TrainingData):
     from ditlab.codecs import load_codec
 
     try:
-        return load_codec(data.dataset.codec)
+        return load_codec(data.dataset.codec, device=info.device)
     except (ValueError, FileNotFoundError, OSError) as e:
         raise ValueError(f"sample grids need the VAE the cache was made with ({e}); pass --sample-every 0 "
                          "to train without grids") from None
