@@ -170,6 +170,10 @@ def test_npz_writer_writes_what_savez_writes(tmp_path):
     ours, ref = load(tmp_path / "ours.npz"), load(tmp_path / "ref.npz")
     assert sorted(ours) == sorted(ref) == ["arr_0", "arr_1"]
     assert all(np.array_equal(ours[k], ref[k]) and ours[k].dtype == ref[k].dtype for k in ours)
+    from ditlab.evaluation.batches import NpzImages  # what `ditlab eval` reads streams back in order
+
+    batches = NpzImages(str(tmp_path / "ours.npz"))
+    assert batches.num_images == 7 and np.array_equal(np.concatenate(list(batches.batches(3))), images)
     with NpzWriter(tmp_path / "uncond.npz", (2, 4, 5, 3)) as w:
         w.write(images[:2])
         w.close(None)
