@@ -90,6 +90,46 @@ def test_torchrun_two_processes_write_what_one_writes(tmp_path, make_dit):
     assert proc.stdout.count("5 images 8x8x3") == 1 and no_leftovers(tmp_path)
 
 
+@pytest.mark.slow
+def test_a_failing_rank_leaves_no_npz_and_no_temporary_file(tmp_path, make_dit):
+    ckpt = save_ditlab(tmp_path / "run.pt", make_dit(in_channels=3))
+    (tmp_path / "pngs" / "000002.png").mkdir(parents=True)  # rank 1 cannot write image 2; rank 0 can write its own
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ditlab",
+           "sample", "--ckpt", ckpt, "--num-samples", "6", "--batch-size", "2", *FAST, "--out",
+           str(tmp_path / "samples.npz"), "--png-dir", str(tmp_path / "pngs")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "ditlab sample: error: --png-dir" in proc.stderr
+    assert sorted(os.listdir(tmp_path)) == ["pngs", "run.pt"] and no_leftovers(tmp_path)
+
+
+def test_sigterm_under_torchrun_removes_the_temporary_file(tmp_path, make_dit):
+    """torchrun's agent SIGTERMs the other ranks when one fails: they leave no temporary .npz."""
+    import signal
+    import socket
+    import time
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ckpt = save_ditlab(tmp_path / "run.pt", make_dit(in_channels=3))
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1", "RANK": "0", "WORLD_SIZE": "1",
+           "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    cmd = [sys.executable, "-m", "ditlab", "sample", "--ckpt", ckpt, "--num-samples", "400", "--batch-size", "1",
+           "--steps", "50", "--no-progress", "--device", "cpu", "--out", str(tmp_path / "samples.npz")]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not list(tmp_path.glob(".samples.tmp-*")) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert list(tmp_path.glob(".samples.tmp-*")), proc.stderr.read() if proc.poll() is not None else "timeout"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        proc.kill()
+    assert sorted(os.listdir(tmp_path)) == ["run.pt"]
+
+
 def test_authors_pt_samples_through_a_local_vae(tmp_path, vae_dir, make_dit, batch_invariant_cpu):
     diffusers = pytest.importorskip("diffusers")
     model = make_dit()

@@ -182,7 +182,10 @@ def _sample(ckpt_path: str, out: Path, n: int, classes: list[int] | None, model_
 
     per_round = info.world_size * batch_size
     grid: list[np.ndarray] = []
-    npz = NpzWriter(out, shape) if info.is_main and out.suffix.lower() == ".npz" else None
+    try:
+        npz = NpzWriter(out, shape) if info.is_main and out.suffix.lower() == ".npz" else None
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot write it ({e})") from None
     started = time.perf_counter()
     with npz or contextlib.nullcontext(), torch.inference_mode(), \
             tqdm(total=n, unit="img", desc="sampling", disable=not (progress and info.is_main)) as bar:
@@ -196,7 +199,10 @@ def _sample(ckpt_path: str, out: Path, n: int, classes: list[int] | None, model_
                                   cfg_scale=cfg_scale, guidance_channels=guidance_channels, clip_denoised=pixel)
                 pixels = quantize(images)  # (b, H, W, C) uint8
                 if png_dir:
-                    save_pngs(pixels.cpu().numpy(), mine, png_dir)
+                    try:
+                        save_pngs(pixels.cpu().numpy(), mine, png_dir)
+                    except OSError as e:
+                        raise ValueError(f"--png-dir {png_dir}: cannot write an image ({e})") from None
             gathered = gather_round(pixels, n, batch_size, info, k)
             if gathered is not None and npz is not None:
                 npz.write(gathered)
