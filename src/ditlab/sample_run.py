@@ -123,6 +123,8 @@ def sample_to_files(ckpt: str, out: str, *, classes: list[int] | None = None, nu
     and writing, not loading)."""
     out_path = Path(out).expanduser()
     n = _check_request(out_path, classes, num_samples, steps, sampler, seed, batch_size, precision)
+    if nrow is not None and nrow < 1:
+        raise ValueError(f"--nrow {nrow} must be positive")
     owned = launched_by_torchrun() and not dist.is_initialized()
     info = setup_distributed(device)
     try:
@@ -177,7 +179,10 @@ def _sample(ckpt_path: str, out: Path, n: int, classes: list[int] | None, model_
         labels = (torch.tensor([classes[i % len(classes)] for i in range(n)]) if classes
                   else random_labels(seed, range(n), num_classes))  # (N,)
     if png_dir and info.is_main:
-        Path(png_dir).mkdir(parents=True, exist_ok=True)
+        try:
+            Path(png_dir).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"--png-dir {png_dir}: cannot make the folder ({e})") from None
     barrier()
 
     per_round = info.world_size * batch_size
