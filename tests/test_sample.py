@@ -14,7 +14,8 @@ from PIL import Image
 
 import ditlab
 from ditlab.cli import main
-from ditlab.sampling import LABEL_STREAM, NpzWriter, image_seed
+from ditlab.sampling import NpzWriter, image_seed
+from ditlab.seeding import IMAGE_LABELS
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--steps", "4", "--cfg-scale", "1.5", "--no-progress", "--device", "cpu"]
@@ -54,7 +55,7 @@ def test_bulk_images_do_not_depend_on_batch_size(tmp_path, make_dit, batch_invar
     assert not np.array_equal(runs["other"]["arr_0"], b1["arr_0"][:4])
     assert len({im.tobytes() for im in b1["arr_0"]}) == 9  # every image its own noise
     # random labels: uniform over the 10 classes, from the stream keyed by (seed, index)
-    expected = [np.random.default_rng([LABEL_STREAM, 5, i]).integers(10) for i in range(9)]
+    expected = [np.random.default_rng([IMAGE_LABELS, 5, i]).integers(10) for i in range(9)]
     assert b1["arr_1"].tolist() == expected and b1["arr_1"].dtype == np.int64
 
 
@@ -146,7 +147,7 @@ def test_authors_pt_samples_through_a_local_vae(tmp_path, vae_dir, make_dit, bat
     arrays = load(npz)
     images, labels = arrays["arr_0"], arrays["arr_1"]
     assert images.shape == (5, 16, 16, 3) and images.dtype == np.uint8
-    assert labels.tolist() == [np.random.default_rng([LABEL_STREAM, 3, i]).integers(10) for i in range(5)]
+    assert labels.tolist() == [np.random.default_rng([IMAGE_LABELS, 3, i]).integers(10) for i in range(5)]
     # image 2 computed independently: its own generator, diffusers' VAE, ADM's quantisation
     vae = diffusers.AutoencoderKL.from_pretrained(vae_dir).eval()
     g = torch.Generator().manual_seed(image_seed(3, 2))

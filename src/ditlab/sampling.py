@@ -15,13 +15,12 @@ from typing import Any
 import numpy as np
 import torch
 
-SEED_STRIDE = 1_000_003  # separates the per-image seed streams of different run seeds
-LABEL_STREAM = 0x1AB3  # numpy SeedSequence key of the label draws, apart from torch's noise streams
+from ditlab.seeding import IMAGE_LABELS, IMAGE_NOISE, derive_seed
 
 
 def image_seed(seed: int, index: int) -> int:
     """The seed of image `index` in a run seeded with `seed`."""
-    return seed * SEED_STRIDE + index
+    return derive_seed(IMAGE_NOISE, seed, index)
 
 
 def image_generators(seed: int, indices: list[int] | range, device: torch.device | str) -> list[torch.Generator]:
@@ -33,7 +32,7 @@ def random_labels(seed: int, indices: list[int] | range, num_classes: int) -> to
     keyed by (seed, i), so it depends on nothing else (and not on the noise generators)."""
     if seed < 0:
         raise ValueError(f"--seed {seed} must be non-negative")
-    draws = [np.random.default_rng([LABEL_STREAM, seed, i]).integers(num_classes) for i in indices]
+    draws = [np.random.default_rng([IMAGE_LABELS, seed, i]).integers(num_classes) for i in indices]
     return torch.tensor(draws, dtype=torch.long)
 
 

@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ditlab.models import create_model
+from ditlab.seeding import TRAIN_STEP, derive_seed
 from ditlab.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from ditlab.training.config import TrainConfig, config_differences
 from ditlab.training.data import TrainingData, open_training_data
@@ -31,12 +32,10 @@ from ditlab.training.parallel import (
 )
 from ditlab.training.sampler import RankBatchSampler
 
-STEP_SEED_STRIDE = 1_000_003
-
 
 def step_seed(seed: int, step: int, rank: int) -> int:
     """The seed of every random draw of one rank at one step."""
-    return (seed * STEP_SEED_STRIDE + step) * 4099 + rank
+    return derive_seed(TRAIN_STEP, seed, step, rank)
 
 
 def _resume_state(cfg: TrainConfig, info: DistInfo) -> dict[str, Any] | None:
