@@ -75,9 +75,11 @@ class DigitsJudge:
 
 def run_demo(out: str | Path, max_steps: int | None = None, progress: bool = True) -> dict[str, Any]:
     """Train, sample and judge; writes samples.png, samples.npz and report.json into `out`."""
+    from ditlab.atomic import atomic_write_text
     from ditlab.diffusion import Diffusion
+    from ditlab.evaluation.batches import save_samples
     from ditlab.models import DiT
-    from ditlab.sampling import generate, save_grid, save_npz, to_uint8
+    from ditlab.sampling import generate, save_grid, to_uint8
     from ditlab.training import TrainConfig, train
     from ditlab.training.checkpoint import list_checkpoints, load_checkpoint
 
@@ -114,7 +116,7 @@ def run_demo(out: str | Path, max_steps: int | None = None, progress: bool = Tru
             grid_images = images
     pixels = to_uint8(grid_images)  # (200, 8, 8, 1)
     save_grid(pixels, out / "samples.png", nrow=PER_CLASS)
-    save_npz(pixels, labels.numpy(), out / "samples.npz")
+    save_samples(str(out / "samples.npz"), pixels.repeat(3, axis=-1), labels.numpy())  # ADM's RGB layout
     real_ref = real_train[torch.randperm(len(real_train), generator=torch.Generator().manual_seed(0))[: len(labels)]]
     report = {
         "samplers": results,
@@ -125,7 +127,7 @@ def run_demo(out: str | Path, max_steps: int | None = None, progress: bool = Tru
                   "images_per_sec": summary["step"] * cfg.global_batch_size / train_seconds,
                   "config": {k: v for k, v in cfg.to_dict().items() if k in DEMO_TRAIN}},
     }
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
     return report
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ditlab.atomic import atomic_write
 from ditlab.seeding import IMAGE_LABELS, IMAGE_NOISE, derive_seed
 
 
@@ -78,23 +79,13 @@ def make_grid(images: np.ndarray, nrow: int, pad: int = 2) -> np.ndarray:
     return grid
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save_grid(images: np.ndarray, path: str | Path, nrow: int) -> None:
     """Write (N, H, W, C) uint8 images as one PNG grid, `nrow` images per row."""
     from PIL import Image
 
     grid = make_grid(images, nrow)
     img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
-    _atomic_write(Path(path), lambda tmp: img.save(tmp, format="PNG"))
+    atomic_write(path, lambda f: img.save(f, format="PNG"))
 
 
 def save_pngs(images: np.ndarray, indices: list[int] | range, folder: str | Path) -> None:
@@ -103,15 +94,7 @@ def save_pngs(images: np.ndarray, indices: list[int] | range, folder: str | Path
 
     for image, i in zip(images, indices, strict=True):
         img = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
-        _atomic_write(Path(folder) / f"{i:06d}.png", lambda tmp, img=img: img.save(tmp, format="PNG"))
-
-
-def save_npz(images: np.ndarray, labels: np.ndarray | None, path: str | Path) -> None:
-    """ADM's sample format: arr_0 (N, H, W, C) uint8, arr_1 (N,) labels when conditional."""
-    if images.dtype != np.uint8 or images.ndim != 4:
-        raise ValueError(f"{path}: samples must be uint8 (N, H, W, C), got {images.dtype} {images.shape}")
-    arrays = [images] if labels is None else [images, np.asarray(labels, dtype=np.int64)]
-    _atomic_write(Path(path), lambda tmp: np.savez(tmp, *arrays))
+        atomic_write(Path(folder) / f"{i:06d}.png", lambda f, img=img: img.save(f, format="PNG"))
 
 
 class NpzWriter:

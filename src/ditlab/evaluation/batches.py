@@ -7,12 +7,12 @@ held in memory; every layout error is one line naming the file."""
 from __future__ import annotations
 
 import os
-import tempfile
 import zipfile
 from collections.abc import Iterator
 
 import numpy as np
 
+from ditlab.atomic import atomic_write
 from ditlab.evaluation.inception import POOL_DIM, SPATIAL_DIM
 from ditlab.evaluation.metrics import FeatureStats
 
@@ -100,19 +100,6 @@ def _checked_stats(kind: str, mu: np.ndarray, sigma: np.ndarray, where: str) -> 
     return FeatureStats(mu, sigma)
 
 
-def _write_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
-    """np.savez to a temporary file beside `path`, then rename: never a half-written file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def _check_images(images: np.ndarray) -> np.ndarray:
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3:
@@ -128,7 +115,7 @@ def save_samples(path: str, images: np.ndarray, labels: np.ndarray | None = None
         if labels.shape != (arrays[IMAGES_KEY].shape[0],):
             raise ValueError(f"labels must be (N,) with N = {arrays[IMAGES_KEY].shape[0]}, got {labels.shape}")
         arrays[LABELS_KEY] = labels
-    _write_npz(path, arrays)
+    atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def save_reference(path: str, images: np.ndarray, pool: FeatureStats, spatial: FeatureStats) -> None:
@@ -139,4 +126,4 @@ def save_reference(path: str, images: np.ndarray, pool: FeatureStats, spatial: F
         stats = _checked_stats(kind, stats.mu, stats.sigma, path)
         mu_key, sigma_key = STATS_KEYS[kind]
         arrays[mu_key], arrays[sigma_key] = stats.mu, stats.sigma
-    _write_npz(path, arrays)
+    atomic_write(path, lambda f: np.savez(f, **arrays))

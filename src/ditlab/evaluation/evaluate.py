@@ -6,11 +6,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 
 import torch
 
+from ditlab.atomic import atomic_write_text
 from ditlab.evaluation.batches import NpzImages, load_stats
 from ditlab.evaluation.inception import InceptionV3, load_inception
 from ditlab.evaluation.metrics import (
@@ -133,8 +133,5 @@ def run_eval(
         raise NotADirectoryError(f"--out {out}: folder {folder} does not exist")
     text = json.dumps(evaluate(samples_path, ref_path, inception_path, batch_size, device, progress), indent=2)
     if out:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
-        with os.fdopen(fd, "w") as f:
-            f.write(text + "\n")
-        os.replace(tmp, out)
+        atomic_write_text(out, text + "\n")
     return text
