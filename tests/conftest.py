@@ -46,17 +46,12 @@ TINY_DIT = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=384, dept
 @pytest.fixture
 def make_dit():
     """make_dit(seed, **overrides): a TINY_DIT in eval mode with random (not zero-initialised) weights."""
-    import torch
+
+    from helpers import randomize
 
     import ditlab
 
     def make(seed: int = 0, **overrides):
-        model = ditlab.DiT(**{**TINY_DIT, **overrides}).eval()
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-        return model
+        return randomize(ditlab.DiT(**{**TINY_DIT, **overrides}).eval(), seed, std=0.05)
 
     return make
