@@ -9,10 +9,13 @@ TORCH_INDEX ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,https://download
 
 .PHONY: demo test lint clean
 
-$(VENV)/.installed: pyproject.toml
+# The evaluation tests cross-check our Inception against torch-fidelity's, installed with --no-deps
+# (its dependencies would pull torchvision and a CUDA torch); the tests load only its module files.
+$(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps torch-fidelity==0.4.0
 	touch $@
 
 demo: $(VENV)/.installed

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers import randomize
 
 import ditlab
 from ditlab.models.convert import (
@@ -18,13 +19,7 @@ CFG = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=3, n
 
 
 def random_dit(seed=0, **overrides):
-    model = ditlab.DiT(**{**CFG, **overrides}).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return model
+    return randomize(ditlab.DiT(**{**CFG, **overrides}).eval(), seed)
 
 
 def to_peer(model):

@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import randomize
 
 import ditlab
 from ditlab.diffusion.samplers import ddim_step, ddpm_step
@@ -17,13 +18,7 @@ TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, 
 
 def tiny_dit(num_classes=10, seed=0, **overrides):
     """A tiny DiT with small random weights (the zero init would make every output 0), in eval mode."""
-    model = ditlab.DiT(**{**TINY, "num_classes": num_classes, **overrides}).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return model
+    return randomize(ditlab.DiT(**{**TINY, "num_classes": num_classes, **overrides}).eval(), seed, std=0.05)
 
 
 class GaussianData:

@@ -107,16 +107,31 @@ def test_bad_batch_and_data_are_one_line_errors(tmp_path, capsys):
         train(TrainConfig(data="/nonexistent", results=str(tmp_path / "y"), max_steps=1), device="cpu")
 
 
-@pytest.mark.slow
-def test_torchrun_two_processes_on_cpu(tmp_path):
+def torchrun(results, *flags, max_steps=4):
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ditlab",
-           "train", "--data", "digits", "--results", str(tmp_path), "--model", "DiT-S/2", "--depth", "2",
+           "train", "--data", "digits", "--results", str(results), "--model", "DiT-S/2", "--depth", "2",
            "--hidden-size", "32", "--num-heads", "2", "--image-size", "8", "--global-batch-size", "16",
-           "--num-workers", "0", "--sample-every", "0", "--max-steps", "4", "--ckpt-every", "2", "--log-every", "2",
-           "--device", "cpu", "--no-progress"]
+           "--num-workers", "0", "--sample-every", "0", "--max-steps", str(max_steps), "--ckpt-every", "2",
+           "--log-every", "2", "--device", "cpu", "--no-progress", *flags]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert [s for s, _ in list_checkpoints(tmp_path / "checkpoints")] == [2, 4]
-    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")]
-    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [2, 4]
+    return out
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_ddp_and_fsdp_on_cpu(tmp_path):
+    out = torchrun(tmp_path / "ddp")
+    assert out.stdout.count("trained to step 4") == 1  # rank 0 alone reports
+    assert [s for s, _ in list_checkpoints(tmp_path / "ddp" / "checkpoints")] == [2, 4]
+    assert not [p for p in (tmp_path / "ddp" / "checkpoints").iterdir() if p.name.startswith(".")]
+    rows = (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in rows] == [2, 4]
+    # FSDP2 (sharded over the 2 ranks), stopped at step 2 and resumed, computes what DDP computed.
+    torchrun(tmp_path / "fsdp", "--fsdp", max_steps=2)
+    torchrun(tmp_path / "fsdp", "--fsdp", max_steps=4)
+    a, b = weights(tmp_path / "ddp"), weights(tmp_path / "fsdp")
+    for part in ("model", "ema"):
+        for k in a[part]:
+            assert torch.allclose(a[part][k], b[part][k], atol=1e-6), (part, k)
+    assert set(a["opt"]["state"]) == set(b["opt"]["state"])

@@ -85,15 +85,21 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="the quick start's demo")
-    p.add_argument("--out", default="demo-out", help="output folder (default demo-out)")
+    p = sub.add_parser("demo", help="train a small DiT on the bundled digits on CPU, sample and judge it",
+                       description="Trains a small DiT on scikit-learn's 8x8 digits (pixel space, CPU, a few "
+                       "minutes), samples 200 class-balanced digits with guidance from DDPM-250, DDIM-50 and "
+                       "DPM-Solver++(2M)-20, and writes samples.png, samples.npz and report.json.")
+    p.add_argument("--out", default="demo-out", help="output folder (default demo-out; reruns reuse its training)")
+    p.add_argument("--max-steps", type=int, default=None, help="training steps (default: the demo's 1500)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     p.set_defaults(func=_run_demo)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from ditlab.models.report import flops_table
+    from ditlab.demo import run_demo, summary_lines
 
-    print(flops_table(256, "adaln-zero", 8, 4))
+    report = run_demo(args.out, max_steps=args.max_steps, progress=args.progress)
+    print("\n".join(summary_lines(report, args.out)))
     return 0
 
 
@@ -128,7 +134,117 @@ def _add_extract_latents(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-SUBCOMMANDS = [_add_train, _add_extract_latents, _add_demo, _add_flops]
+def _add_sample(sub: argparse._SubParsersAction) -> None:
+    from ditlab.diffusion.samplers import SAMPLERS
+    from ditlab.training.config import PRECISIONS
+
+    p = sub.add_parser(
+        "sample", help="sample a DiT checkpoint to a PNG grid or ADM's .npz (FID sets; torchrun splits the work)",
+        description="Sample a DiT checkpoint: a ditlab checkpoint (its EMA weights by default), the authors' .pt "
+        "(a bare state dict, e.g. DiT-XL-2-256x256.pt), a diffusers DiT folder or a .safetensors file. "
+        "`--classes 207 360 ... --out grid.png` draws one image per class; `--num-samples 50000 --out "
+        "samples.npz` writes ADM's format (arr_0 uint8 NHWC, arr_1 labels) with uniformly random classes, as "
+        "the paper's FID-50K. Image i depends only on --seed and i: the batch size and the number of "
+        "processes (`torchrun --nproc_per_node=N -m ditlab sample ...`) do not change it.")
+    p.add_argument("--ckpt", required=True, help="checkpoint file or diffusers folder")
+    p.add_argument("--model", default=None,
+                   help="named config, e.g. DiT-XL/2: gives the authors' state dicts their number of heads; "
+                        "checked against the weights")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="image resolution, checked against the checkpoint (default: the checkpoint's)")
+    p.add_argument("--vae", default=None,
+                   help="hub id, local AutoencoderKL folder, or 'pixel' (default: the codec a ditlab checkpoint was "
+                        "trained with, pixel for digits, else stabilityai/sd-vae-ft-ema)")
+    p.add_argument("--classes", type=int, nargs="+", default=None,
+                   help="class labels: one image each, or with --num-samples cycled through")
+    p.add_argument("--num-samples", type=int, default=None, help="number of images (classes uniformly random)")
+    p.add_argument("--out", required=True, help="FILE.png (one grid) or FILE.npz (ADM's sample format)")
+    p.add_argument("--png-dir", default=None, help="also write every image as PNG_DIR/{index:06d}.png")
+    p.add_argument("--steps", type=int, default=250, help="sampling steps, respaced evenly (default 250, the paper's)")
+    p.add_argument("--sampler", default="ddpm", choices=list(SAMPLERS),
+                   help="ddpm (ancestral, the paper's), ddim, or dpm++2m (20-25 steps) (default ddpm)")
+    p.add_argument("--cfg-scale", type=float, default=1.0,
+                   help="classifier-free guidance scale; 1.0 = none (default). The paper's FID-50K uses 1.5, its "
+                        "figures 4.0")
+    p.add_argument("--guidance-channels", type=int, default=None,
+                   help="guide only the first K latent channels; 3 reproduces the reference code and its "
+                        "published FID (default: all)")
+    p.add_argument("--seed", type=int, default=0, help="image i is drawn from seed and i alone (default 0)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass, per process (default 32)")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="autocast of the DiT forward: auto = bf16 on CUDA, fp32 on CPU (default auto); the "
+                        "diffusion maths stay fp32, the VAE runs in fp32 unless bf16/fp16 is asked for")
+    p.add_argument("--weights", default="ema", choices=["ema", "model"],
+                   help="EMA or raw weights, for checkpoints that hold both (default ema)")
+    p.add_argument("--nrow", type=int, default=None, help="images per row of a .png grid (default 8)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+    def run(args: argparse.Namespace) -> int:
+        from ditlab.sample_run import sample_to_files
+
+        kwargs = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
+        summary = sample_to_files(**kwargs)
+        if summary["rank"] == 0:
+            print(f"{summary['out']}: {summary['images']} images {'x'.join(map(str, summary['image_shape']))} in "
+                  f"{summary['seconds']:.1f}s ({summary['images_per_s']:.3g} images/s on {summary['processes']} "
+                  f"process(es); {summary['checkpoint_format']} checkpoint, {summary['weights']} weights, "
+                  f"vae {summary['vae']})")
+        return 0
+
+    p.set_defaults(func=run)
+
+
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("convert", help="convert a DiT checkpoint between ditlab, the authors', diffusers and "
+                                       "safetensors formats",
+                       description="Convert a DiT checkpoint (any format `ditlab sample` reads) to another: "
+                       "'ditlab' (model_config + weights, what `ditlab sample` reads), 'original' (the authors' bare "
+                       "state dict), 'diffusers' (a DiTTransformer2DModel folder) or 'safetensors' (one file, the "
+                       "config in its metadata). Weights are copied bit for bit; the write is atomic.")
+    p.add_argument("src", help="source checkpoint file or diffusers folder")
+    p.add_argument("dst", help="destination file (or folder for --to diffusers)")
+    p.add_argument("--to", required=True, choices=["ditlab", "original", "diffusers", "safetensors"],
+                   help="the format of DST")
+    p.add_argument("--weights", default="ema", choices=["ema", "model"],
+                   help="which weights of a checkpoint that holds both (default ema)")
+    p.add_argument("--model", default=None, help="named config for the authors' state dicts (see ditlab sample)")
+    p.add_argument("--force", action="store_true", help="replace an existing DST")
+
+    def run(args: argparse.Namespace) -> int:
+        from ditlab.checkpoint_writers import convert
+
+        ckpt = convert(args.src, args.dst, args.to, weights=args.weights, model=args.model, force=args.force)
+        c = ckpt.config
+        print(f"{args.src} ({ckpt.format}, {ckpt.weights} weights: depth {c['depth']}, hidden {c['hidden_size']}, "
+              f"patch {c['patch_size']}, input {c['input_size']}) -> {args.dst} ({args.to})")
+        return 0
+
+    p.set_defaults(func=run)
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="FID, sFID, IS, precision, recall of a sample batch, as ADM's evaluator has them")
+    p.add_argument("samples", metavar="SAMPLES.npz", help="sample batch: arr_0 uint8 images (N, H, W, 3)")
+    p.add_argument("ref", metavar="REF.npz",
+                   help="reference batch: arr_0 images, and mu, sigma, mu_s, sigma_s if precomputed (ADM's files)")
+    p.add_argument("--inception", metavar="PATH", default=None,
+                   help="InceptionV3 weights (weights-inception-2015-12-05-6726825d.pth; default: torch hub's "
+                        "checkpoints folder)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per Inception batch (default 64)")
+    p.add_argument("--device", default=None, help="torch device (default cuda if available, else cpu)")
+    p.add_argument("--out", metavar="FILE.json", default=None, help="also write the JSON to this file")
+    p.set_defaults(func=_run_eval)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from ditlab.evaluation.evaluate import run_eval
+
+    print(run_eval(args.samples, args.ref, args.inception, args.batch_size, args.device, args.out, sys.stderr.isatty()))
+    return 0
+
+
+SUBCOMMANDS = [_add_train, _add_extract_latents, _add_sample, _add_eval, _add_convert, _add_demo, _add_flops]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,11 +20,11 @@ from ditlab.data.digits import DIGITS_CLASSES, DIGITS_SIZE, load_digits_arrays
 
 # The demo run: a DiT-S-shaped model, smaller, on 8x8 digits (16 tokens of 2x2 patches).
 DEMO_TRAIN = dict(
-    model="DiT-S/2", depth=6, hidden_size=192, num_heads=6, image_size=8, global_batch_size=128, lr=5e-4,
-    max_steps=3000, ema_decay=0.999, ckpt_every=3000, sample_every=0, log_every=100, num_workers=0,
+    model="DiT-S/2", depth=4, hidden_size=128, num_heads=4, image_size=8, global_batch_size=128, lr=1e-3,
+    max_steps=1500, ema_decay=0.995, ckpt_every=1500, sample_every=0, log_every=100, num_workers=0,
     precision="fp32", seed=0,
 )  # fmt: skip
-PER_CLASS = 24  # 240 samples, balanced over the 10 classes
+PER_CLASS = 20  # 200 samples, balanced over the 10 classes
 CFG_SCALE = 2.0
 SAMPLERS = [("ddpm", 250), ("ddim", 50), ("dpm++2m", 20)]
 
@@ -59,6 +59,13 @@ class DigitsJudge:
         x = self._flat(images)
         return np.maximum(x @ self.clf.coefs_[0] + self.clf.intercepts_[0], 0.0)
 
+    def diversity(self, images: torch.Tensor, labels: torch.Tensor) -> float:
+        """Mean over classes of the mean pairwise pixel distance between images of that class."""
+        flat = torch.from_numpy(self._flat(images))
+        per_class = [torch.pdist(flat[labels == c]).mean().item() for c in labels.unique().tolist()
+                     if int((labels == c).sum()) > 1]
+        return float(np.mean(per_class))
+
     def frechet(self, a: torch.Tensor, b: torch.Tensor) -> float:
         from ditlab.evaluation import frechet_distance
 
@@ -68,19 +75,20 @@ class DigitsJudge:
 
 def run_demo(out: str | Path, max_steps: int | None = None, progress: bool = True) -> dict[str, Any]:
     """Train, sample and judge; writes samples.png, samples.npz and report.json into `out`."""
+    from ditlab.atomic import atomic_write_text
     from ditlab.diffusion import Diffusion
+    from ditlab.evaluation.batches import save_samples
     from ditlab.models import DiT
-    from ditlab.sampling import generate, save_grid, save_npz, to_uint8
+    from ditlab.sampling import generate, save_grid, to_uint8
     from ditlab.training import TrainConfig, train
     from ditlab.training.checkpoint import list_checkpoints, load_checkpoint
 
     out = Path(out)
     cfg = TrainConfig(data="digits", results=str(out / "run"), progress=progress,
                       **{**DEMO_TRAIN, **({"max_steps": max_steps, "ckpt_every": max_steps} if max_steps else {})})
-    t0 = time.time()
-    summary = train(cfg, device="cpu")
-    train_seconds = time.time() - t0
+    summary = train(cfg, device="cpu")  # resumes (and returns at once) when `out` holds a finished run
     metrics = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+    train_seconds = metrics[-1]["wall_time"]  # of the run that trained the last steps
     ckpt = load_checkpoint(list_checkpoints(out / "run" / "checkpoints")[-1][1])
     ema = DiT(**ckpt["model_config"]).eval()
     ema.load_state_dict(ckpt["ema"])
@@ -89,33 +97,49 @@ def run_demo(out: str | Path, max_steps: int | None = None, progress: bool = Tru
     judge = DigitsJudge()
     real_train, _ = load_digits_arrays("train")
     real_test, real_test_labels = load_digits_arrays("test")
-    labels = torch.arange(DIGITS_CLASSES).repeat_interleave(PER_CLASS)  # (240,)
+    labels = torch.arange(DIGITS_CLASSES).repeat_interleave(PER_CLASS)  # (200,)
+    real_diversity = judge.diversity(real_test, real_test_labels)
     results = {}
     grid_images = None
     for sampler, steps in SAMPLERS:
         t1 = time.time()
         images = generate(ema, diffusion, labels, 0, range(len(labels)), latent_shape=(1, 8, 8), steps=steps,
-                          sampler=sampler, cfg_scale=CFG_SCALE, clip_denoised=True)
+                          sampler=sampler, cfg_scale=CFG_SCALE, clip_denoised=True, progress=progress)
         seconds = time.time() - t1
         results[f"{sampler}-{steps}"] = {
             "class_accuracy": judge.accuracy(images, labels),
             "frechet_distance": judge.frechet(images, real_test),
+            "within_class_diversity": judge.diversity(images, labels) / real_diversity,
             "seconds": seconds, "images_per_sec": len(labels) / seconds,
         }  # fmt: skip
         if grid_images is None:
             grid_images = images
-    pixels = to_uint8(grid_images)  # (240, 8, 8, 1)
+    pixels = to_uint8(grid_images)  # (200, 8, 8, 1)
     save_grid(pixels, out / "samples.png", nrow=PER_CLASS)
-    save_npz(pixels, labels.numpy(), out / "samples.npz")
-    real_ref = real_train[torch.randperm(len(real_train), generator=torch.Generator().manual_seed(0))[:240]]
+    save_samples(str(out / "samples.npz"), pixels.repeat(3, axis=-1), labels.numpy())  # ADM's RGB layout
+    real_ref = real_train[torch.randperm(len(real_train), generator=torch.Generator().manual_seed(0))[: len(labels)]]
     report = {
         "samplers": results,
         "cfg_scale": CFG_SCALE,
         "real_vs_real_frechet_distance": judge.frechet(real_ref, real_test),
         "classifier_accuracy_on_held_out_real": judge.accuracy(real_test, real_test_labels),
-        "train": {"steps": summary["step"], "seconds": train_seconds, "final_loss": metrics[-1]["loss"] if metrics
-                  else None, "images_per_sec": metrics[-1]["images_per_sec"] if metrics else None,
+        "train": {"steps": summary["step"], "seconds": train_seconds, "final_loss": metrics[-1]["loss"],
+                  "images_per_sec": summary["step"] * cfg.global_batch_size / train_seconds,
                   "config": {k: v for k, v in cfg.to_dict().items() if k in DEMO_TRAIN}},
     }
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
     return report
+
+
+def summary_lines(report: dict[str, Any], out: str | Path) -> list[str]:
+    """A short human summary of report.json."""
+    t = report["train"]
+    lines = [f"trained {t['steps']} steps in {t['seconds']:.0f}s ({t['images_per_sec'] or 0:.0f} images/s)",
+             f"classifier accuracy on held-out real digits {report['classifier_accuracy_on_held_out_real']:.3f}; "
+             f"real-vs-real Frechet distance {report['real_vs_real_frechet_distance']:.2f}"]
+    for name, r in report["samplers"].items():
+        lines.append(f"{name:>12}: class accuracy {r['class_accuracy']:.3f}, Frechet distance "
+                     f"{r['frechet_distance']:.2f}, diversity {r['within_class_diversity']:.2f} of real, "
+                     f"{r['images_per_sec']:.1f} images/s")
+    lines.append(f"wrote {Path(out) / 'samples.png'}, samples.npz, report.json")
+    return lines

@@ -1,27 +1,40 @@
 """Generation: per-image seeds, decoding, image grids and ADM's .npz sample format.
 
 Image i of a run is a function of (seed, i) alone: its initial noise and every ancestral step
-draw from its own generator, so results do not depend on batch size or the number of ranks."""
+draw from its own generator, and a random class label from its own stream, so results do not
+depend on batch size or the number of ranks (bitwise wherever the kernels give each row the same
+arithmetic whatever the batch; see README, "Sampling and checkpoints")."""
 
 from __future__ import annotations
 
 import os
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-SEED_STRIDE = 1_000_003  # separates the per-image seed streams of different run seeds
+from ditlab.atomic import atomic_write
+from ditlab.seeding import IMAGE_LABELS, IMAGE_NOISE, derive_seed
 
 
 def image_seed(seed: int, index: int) -> int:
     """The seed of image `index` in a run seeded with `seed`."""
-    return seed * SEED_STRIDE + index
+    return derive_seed(IMAGE_NOISE, seed, index)
 
 
 def image_generators(seed: int, indices: list[int] | range, device: torch.device | str) -> list[torch.Generator]:
     return [torch.Generator(device=device).manual_seed(image_seed(seed, i)) for i in indices]
+
+
+def random_labels(seed: int, indices: list[int] | range, num_classes: int) -> torch.Tensor:
+    """(N,) long: image i's class, uniform over [0, num_classes), drawn from a stream of its own
+    keyed by (seed, i), so it depends on nothing else (and not on the noise generators)."""
+    if seed < 0:
+        raise ValueError(f"--seed {seed} must be non-negative")
+    draws = [np.random.default_rng([IMAGE_LABELS, seed, i]).integers(num_classes) for i in indices]
+    return torch.tensor(draws, dtype=torch.long)
 
 
 def initial_noise(shape: tuple[int, ...], generators: list[torch.Generator],
@@ -44,9 +57,15 @@ def generate(model: torch.nn.Module, diffusion: Any, labels: torch.Tensor | None
     return codec.decode(latents) if codec is not None else latents
 
 
+def quantize(images: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8 on the same device, as the reference:
+    clamp(127.5 x + 128, 0, 255), truncated."""
+    return torch.clamp(127.5 * images.float() + 128.0, 0, 255).permute(0, 2, 3, 1).to(torch.uint8)
+
+
 def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8, as the reference: clamp(127.5 x + 128)."""
-    return torch.clamp(127.5 * images.float() + 128.0, 0, 255).permute(0, 2, 3, 1).to("cpu", torch.uint8).numpy()
+    """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8 numpy (see `quantize`)."""
+    return quantize(images).cpu().numpy()
 
 
 def make_grid(images: np.ndarray, nrow: int, pad: int = 2) -> np.ndarray:
@@ -60,28 +79,74 @@ def make_grid(images: np.ndarray, nrow: int, pad: int = 2) -> np.ndarray:
     return grid
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save_grid(images: np.ndarray, path: str | Path, nrow: int) -> None:
     """Write (N, H, W, C) uint8 images as one PNG grid, `nrow` images per row."""
     from PIL import Image
 
     grid = make_grid(images, nrow)
     img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
-    _atomic_write(Path(path), lambda tmp: img.save(tmp, format="PNG"))
+    atomic_write(path, lambda f: img.save(f, format="PNG"))
 
 
-def save_npz(images: np.ndarray, labels: np.ndarray | None, path: str | Path) -> None:
-    """ADM's sample format: arr_0 (N, H, W, C) uint8, arr_1 (N,) labels when conditional."""
-    if images.dtype != np.uint8 or images.ndim != 4:
-        raise ValueError(f"{path}: samples must be uint8 (N, H, W, C), got {images.dtype} {images.shape}")
-    arrays = [images] if labels is None else [images, np.asarray(labels, dtype=np.int64)]
-    _atomic_write(Path(path), lambda tmp: np.savez(tmp, *arrays))
+def save_pngs(images: np.ndarray, indices: list[int] | range, folder: str | Path) -> None:
+    """Write (N, H, W, C) uint8 images as folder/{index:06d}.png, each atomically."""
+    from PIL import Image
+
+    for image, i in zip(images, indices, strict=True):
+        img = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+        atomic_write(Path(folder) / f"{i:06d}.png", lambda f, img=img: img.save(f, format="PNG"))
+
+
+class NpzWriter:
+    """ADM's .npz written as the images arrive, so N of them never sit in memory at once:
+    arr_0 (N, H, W, C) uint8 streamed in order, then arr_1 (N,) int64 labels at `close`. The file
+    is a temporary one until `close` renames it onto `path`; `abort` (or leaving the `with` block
+    without `close`) deletes it. The result is what `np.savez(path, images, labels)` writes."""
+
+    def __init__(self, path: str | Path, shape: tuple[int, int, int, int]):
+        self.path, self.shape, self.written = Path(path), tuple(shape), 0
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.path.with_name(f".{self.path.stem}.tmp-{os.getpid()}{self.path.suffix}")
+        self._zip = zipfile.ZipFile(self.tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
+        self._entry = self._zip.open("arr_0.npy", "w", force_zip64=True)
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+                  "shape": self.shape}  # fmt: skip
+        np.lib.format.write_array_header_1_0(self._entry, header)
+
+    def write(self, images: np.ndarray) -> None:
+        """Append (n, H, W, C) uint8 images."""
+        if images.dtype != np.uint8 or images.shape[1:] != self.shape[1:]:
+            raise ValueError(f"{self.path}: expected uint8 images (n, {', '.join(map(str, self.shape[1:]))}), "
+                             f"got {images.dtype} {images.shape}")
+        if self.written + len(images) > self.shape[0]:
+            raise ValueError(f"{self.path}: more than the {self.shape[0]} images announced")
+        self._entry.write(np.ascontiguousarray(images).reshape(-1).data)
+        self.written += len(images)
+
+    def close(self, labels: np.ndarray | None) -> None:
+        """Finish arr_0, add arr_1 = labels (N,) (None: none, as for an unconditional model), rename."""
+        if self.written != self.shape[0]:
+            raise ValueError(f"{self.path}: {self.written} of {self.shape[0]} images written")
+        self._entry.close()
+        if labels is not None:
+            with self._zip.open("arr_1.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asarray(labels, dtype=np.int64))
+        self._zip.close()
+        with open(self.tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        try:
+            self._entry.close()
+            self._zip.close()
+        except (OSError, ValueError):
+            pass
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> NpzWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.tmp.exists():
+            self.abort()

@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ditlab.atomic import atomic_write, atomic_write_text
+
 INDEX_NAME = "index.json"
 LABELS_NAME = "labels.npy"
 FORMAT = "ditlab-latent-cache"
@@ -43,22 +45,8 @@ def shard_name(k: int) -> str:
     return f"shard-{k:06d}"
 
 
-def _atomic_write(path: str, write) -> None:
-    """Call write(file) on a temporary file beside `path`, then rename it to `path`."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def write_json(path: str, obj: Any) -> None:
-    _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
+    atomic_write_text(path, json.dumps(obj, indent=1))
 
 
 def write_shard(root: str, k: int, mean: np.ndarray, std: np.ndarray, meta: dict[str, Any]) -> None:
@@ -66,7 +54,7 @@ def write_shard(root: str, k: int, mean: np.ndarray, std: np.ndarray, meta: dict
     meta (settings, "labels", "paths", "skipped"); the .json goes last and marks it done."""
     data = np.stack([mean, std], axis=1)  # (n, 2, 2, C, h, w): (mean, std) x (image, flip)
     base = os.path.join(root, shard_name(k))
-    _atomic_write(base + ".npy", lambda f: np.save(f, data))
+    atomic_write(base + ".npy", lambda f: np.save(f, data))
     write_json(base + ".json", {**meta, "count": len(data)})
 
 
@@ -82,7 +70,7 @@ def read_shard_meta(root: str, k: int) -> dict[str, Any] | None:
 def write_index(root: str, settings: dict[str, Any], metas: list[dict[str, Any]]) -> dict[str, Any]:
     """Write labels.npy then index.json for the finished shards `metas` (in shard order)."""
     labels = np.array([y for m in metas for y in m["labels"]], dtype=np.int64)
-    _atomic_write(os.path.join(root, LABELS_NAME), lambda f: np.save(f, labels))
+    atomic_write(os.path.join(root, LABELS_NAME), lambda f: np.save(f, labels))
     index = {
         "format": FORMAT,
         "version": VERSION,

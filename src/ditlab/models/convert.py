@@ -96,7 +96,8 @@ def from_diffusers(state_dict: dict[str, torch.Tensor], input_size: int, patch_s
         raise ValueError(f"not a diffusers DiTTransformer2DModel state dict: unexpected keys {sorted(sd)[:5]}")
     hidden = out["x_embedder.proj.weight"].shape[0]
     grid = input_size // patch_size
-    out["pos_embed"] = sincos_2d(hidden, grid).float().unsqueeze(0)
+    dtype = out["x_embedder.proj.weight"].dtype  # the table in the weights' dtype, as a cast state dict holds it
+    out["pos_embed"] = sincos_2d(hidden, grid).float().unsqueeze(0).to(dtype)
     return out
 
 

@@ -11,8 +11,9 @@ from ditlab.models.configs import SIZES
 from ditlab.models.dit import DiT
 
 
-def load_weights(model: DiT, state_dict: dict[str, torch.Tensor]) -> None:
-    """Strictly load `state_dict` into `model`; a mismatch raises a one-line ValueError."""
+def check_weights(model: DiT, state_dict: dict[str, torch.Tensor]) -> None:
+    """Raise a one-line ValueError unless `state_dict` has exactly `model`'s keys and shapes
+    (works on a model built on the meta device)."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
@@ -32,14 +33,22 @@ def load_weights(model: DiT, state_dict: dict[str, torch.Tensor]) -> None:
         c = model.config
         desc = f"depth {c['depth']}, hidden {c['hidden_size']}, patch {c['patch_size']}, input {c['input_size']}"
         raise ValueError(f"state dict does not fit this DiT ({desc}): " + "; ".join(parts))
-    model.load_state_dict(state_dict, strict=True)
 
 
-def infer_config(state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
+def load_weights(model: DiT, state_dict: dict[str, torch.Tensor], assign: bool = False) -> None:
+    """Strictly load `state_dict` into `model`; a mismatch raises a one-line ValueError.
+
+    assign=True makes the tensors of `state_dict` the model's own (no copy), as a model built on
+    the meta device needs."""
+    check_weights(model, state_dict)
+    model.load_state_dict(state_dict, strict=True, assign=assign)
+
+
+def infer_config(state_dict: dict[str, torch.Tensor], num_heads: int | None = None) -> dict[str, Any]:
     """DiT constructor arguments read off an adaLN-Zero state dict (ours or the authors').
 
-    The number of heads is not stored in weights: it is taken from the named config of the
-    same width (S: 6, B: 12, L and XL: 16)."""
+    The number of heads is not stored in weights: unless given, it is taken from the named
+    config of the same width (S: 6, B: 12, L and XL: 16)."""
     try:
         proj = state_dict["x_embedder.proj.weight"]  # (D, C, p, p)
         pos = state_dict["pos_embed"]  # (1, T, D)
@@ -49,9 +58,11 @@ def infer_config(state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
     hidden, in_channels, patch = proj.shape[0], proj.shape[1], proj.shape[2]
     grid = math.isqrt(pos.shape[1])
     depth = len({k.split(".")[1] for k in state_dict if k.startswith("blocks.")})
-    heads = {d["hidden_size"]: d["num_heads"] for d in SIZES.values()}.get(hidden)
+    heads = num_heads or {d["hidden_size"]: d["num_heads"] for d in SIZES.values()}.get(hidden)
     if heads is None:
         raise ValueError(f"hidden size {hidden} matches no named DiT config: give num_heads explicitly")
+    if hidden % heads:
+        raise ValueError(f"hidden size {hidden} is not divisible into {heads} heads")
     table = state_dict.get("y_embedder.embedding_table.weight")
     num_classes, dropout = 0, 0.0
     if table is not None:

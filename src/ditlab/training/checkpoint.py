@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from ditlab.atomic import atomic_write
+
 CKPT_PATTERN = re.compile(r"^step-(\d{7,})\.pt$")
 
 
@@ -25,24 +27,10 @@ def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def save_atomic(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file beside `path`, fsync, then rename over it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save_checkpoint(folder: Path, step: int, state: dict[str, Any], keep_last: int = 0) -> Path:
     """Write `state` as checkpoints/step-NNNNNNN.pt; keep only the newest `keep_last` (0 = all)."""
     path = checkpoint_path(folder, step)
-    save_atomic(state, path)
+    atomic_write(path, lambda f: torch.save(state, f))
     if keep_last > 0:
         for _, old in list_checkpoints(folder)[:-keep_last]:
             old.unlink(missing_ok=True)

@@ -68,7 +68,8 @@ def open_training_data(spec: str, image_size: int, vae: str, device: torch.devic
     from ditlab.data.images import ImageFolderDataset
 
     ds = ImageFolderDataset(path, image_size)
-    codec = load_codec(vae, device=device)
+    # Half precision on the GPU, as extract-latents encodes; the codec returns float32 either way.
+    codec = load_codec(vae, device=device, dtype=torch.float16 if device.type == "cuda" else torch.float32)
     size = image_size // codec.downsample
     return TrainingData(ds, "images", len(ds.classes), codec.latent_channels, size, flip=True, codec=codec,
                         description=f"image folder {spec}: {len(ds)} images, encoded online by {vae}")

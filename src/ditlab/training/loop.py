@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ditlab.models import create_model
+from ditlab.seeding import TRAIN_STEP, derive_seed
 from ditlab.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from ditlab.training.config import TrainConfig, config_differences
 from ditlab.training.data import TrainingData, open_training_data
@@ -31,12 +32,10 @@ from ditlab.training.parallel import (
 from ditlab.training.sampler import RankBatchSampler
 from ditlab.training.step import TrainStep
 
-STEP_SEED_STRIDE = 1_000_003
-
 
 def step_seed(seed: int, step: int, rank: int) -> int:
     """The seed of every random draw of one rank at one step."""
-    return (seed * STEP_SEED_STRIDE + step) * 4099 + rank
+    return derive_seed(TRAIN_STEP, seed, step, rank)
 
 
 def step_inputs(data: TrainingData, batch: list[torch.Tensor], diffusion: Any, device: torch.device,
@@ -124,7 +123,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
                            cfg.grad_clip or None)
 
     log = MetricsLog(results, info, cfg, resume_step=step, total=total, description=data.description)
-    sample_codec = _grid_codec(cfg, data) if cfg.sample_every else None
+    sample_codec = _grid_codec(cfg, data, info) if cfg.sample_every else None
     started = time.time()
     while step < total:
         epoch, start = divmod(step, steps_per_epoch)
@@ -147,7 +146,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
             if step >= total:
                 break
     log.close()
-    return {"step": step, "seconds": time.time() - started, "results": str(results)}
+    return {"step": step, "seconds": time.time() - started, "results": str(results), "rank": info.rank}
 
 
 def _save(model, ema, opt, cfg: TrainConfig, info: DistInfo, step: int, steps_per_epoch: int, n: int,
@@ -163,7 +162,7 @@ def _save(model, ema, opt, cfg: TrainConfig, info: DistInfo, step: int, steps_pe
     barrier()
 
 
-def _grid_codec(cfg: TrainConfig, data: TrainingData):
+def _grid_codec(cfg: TrainConfig, data: TrainingData, info: DistInfo):
     """The codec that decodes sample grids (None in pixel space)."""
     if data.kind == "pixels":
         return None
@@ -172,7 +171,7 @@ def _grid_codec(cfg: TrainConfig, data: TrainingData):
     from ditlab.codecs import load_codec
 
     try:
-        return load_codec(data.dataset.codec)
+        return load_codec(data.dataset.codec, device=info.device)
     except (ValueError, FileNotFoundError, OSError) as e:
         raise ValueError(f"sample grids need the VAE the cache was made with ({e}); pass --sample-every 0 "
                          "to train without grids") from None

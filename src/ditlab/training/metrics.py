@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from ditlab.atomic import atomic_write_text
 from ditlab.training.config import TrainConfig
 from ditlab.training.distributed import DistInfo
 
@@ -32,9 +33,7 @@ class MetricsLog:
         results.mkdir(parents=True, exist_ok=True)
         config_path = results / "config.json"
         if not config_path.exists():
-            tmp = config_path.with_name(".config.json.tmp")
-            tmp.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-            tmp.replace(config_path)
+            atomic_write_text(config_path, json.dumps(cfg.to_dict(), indent=2) + "\n")
         self._truncate_after(resume_step)
         if cfg.progress:
             from tqdm import tqdm
@@ -55,9 +54,7 @@ class MetricsLog:
         if not self.path.exists():
             return
         keep = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        tmp = self.path.with_name(".metrics.jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        tmp.replace(self.path)
+        atomic_write_text(self.path, "".join(line + "\n" for line in keep))
 
     def accumulate(self, terms: dict[str, torch.Tensor], grad_norm: torch.Tensor) -> None:
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP

@@ -11,9 +11,11 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import Sampler
 
+from ditlab.seeding import DATA_ORDER, derive_seed
+
 
 def epoch_permutation(num_items: int, seed: int, epoch: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    g = torch.Generator().manual_seed(derive_seed(DATA_ORDER, seed, epoch))
     return torch.randperm(num_items, generator=g)
 
 

@@ -1,0 +1,137 @@
+"""`ditlab eval`: FID, sFID, IS, precision and recall of a sample batch against a reference batch,
+computed as ADM's evaluator (openai/guided-diffusion `evaluations/evaluator.py`) computes them."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+
+import torch
+
+from ditlab.atomic import atomic_write_text
+from ditlab.evaluation.batches import NpzImages, load_stats
+from ditlab.evaluation.inception import InceptionV3, load_inception
+from ditlab.evaluation.metrics import (
+    PR_NEIGHBOURS,
+    feature_stats,
+    frechet_distance,
+    inception_score,
+    precision_recall,
+)
+
+DEFAULT_BATCH_SIZE = 64  # ADM's evaluator batch
+
+
+@contextlib.contextmanager
+def _full_fp32() -> Iterator[None]:
+    """Switch off TF32 convolutions and matmuls (cuDNN enables TF32 convolutions by default):
+    features and distances are meant in full float32. Restores the previous settings."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def _device(name: str | None) -> torch.device:
+    """The --device flag as a torch device: default cuda when available, else cpu."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available here")
+    return device
+
+
+@torch.inference_mode()
+def extract_features(
+    model: InceptionV3, images: NpzImages, batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inception features of every image of a batch file, in file order, float32 on the model's
+    device: pool_3 (N, 2048) and spatial (N, 2023)."""
+    device = model.fc.weight.device
+    pools, spatials = [], []
+    batches = images.batches(batch_size)
+    if progress:
+        from tqdm import tqdm
+
+        batches = tqdm(batches, total=-(-images.num_images // batch_size), desc=images.path, unit="batch")
+    with _full_fp32():
+        for batch in batches:
+            x = torch.from_numpy(batch).to(device, non_blocking=True).permute(0, 3, 1, 2)  # (B, 3, H, W)
+            pool, spatial = model(x)
+            pools.append(pool)
+            spatials.append(spatial)
+    return torch.cat(pools), torch.cat(spatials)
+
+
+def evaluate(
+    samples_path: str,
+    ref_path: str,
+    inception_path: str | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    device: str | None = None,
+    progress: bool = False,
+) -> dict[str, float | int | str]:
+    """ADM's five numbers for the `arr_0` images of `samples_path` against `ref_path`.
+
+    Statistics stored in a file (`mu`, `sigma`, `mu_s`, `sigma_s`) are used as ADM uses them;
+    otherwise they are computed from its images. Precision and recall always use the images of
+    both files (ADM's reference batches hold 10K images for this). Returns a JSON-ready dict:
+    fid, sfid, is, precision, recall, and how many images and which statistics were used."""
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    files = {"samples": samples_path, "ref": ref_path}
+    images = {name: NpzImages(path) for name, path in files.items()}  # layout errors before any compute
+    stored = {name: load_stats(path) for name, path in files.items()}
+    for imgs in images.values():
+        if imgs.num_images <= PR_NEIGHBOURS:
+            raise ValueError(f"{imgs.path}: {imgs.num_images} images; precision/recall need more than {PR_NEIGHBOURS}")
+    model = load_inception(inception_path, _device(device))
+
+    feats = {name: extract_features(model, imgs, batch_size, progress) for name, imgs in images.items()}
+    stats = {
+        name: stored[name] or {"pool": feature_stats(feats[name][0]), "spatial": feature_stats(feats[name][1])}
+        for name in files
+    }
+    with _full_fp32(), torch.inference_mode():
+        logits = model.logits(feats["samples"][0])  # (N, 1008)
+        precision, recall = precision_recall(feats["ref"][0], feats["samples"][0])
+    s, r = stats["samples"], stats["ref"]
+    return {
+        "fid": frechet_distance(s["pool"].mu, s["pool"].sigma, r["pool"].mu, r["pool"].sigma),
+        "sfid": frechet_distance(s["spatial"].mu, s["spatial"].sigma, r["spatial"].mu, r["spatial"].sigma),
+        "is": inception_score(logits),
+        "precision": precision,
+        "recall": recall,
+        "num_samples": images["samples"].num_images,
+        "num_ref": images["ref"].num_images,
+        "samples_stats": "stored" if stored["samples"] else "computed",
+        "ref_stats": "stored" if stored["ref"] else "computed",
+    }
+
+
+def run_eval(
+    samples_path: str,
+    ref_path: str,
+    inception_path: str | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    device: str | None = None,
+    out: str | None = None,
+    progress: bool = False,
+) -> str:
+    """`evaluate`, as JSON text; also written atomically to `out` if given (its folder is checked
+    before any work, so a long evaluation is never lost to a typo)."""
+    folder = os.path.dirname(os.path.abspath(out)) if out else None
+    if folder and not os.path.isdir(folder):
+        raise NotADirectoryError(f"--out {out}: folder {folder} does not exist")
+    text = json.dumps(evaluate(samples_path, ref_path, inception_path, batch_size, device, progress), indent=2)
+    if out:
+        atomic_write_text(out, text + "\n")
+    return text
