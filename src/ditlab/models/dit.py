@@ -17,6 +17,7 @@ from ditlab.models.layers import (
     Mlp,
     PatchEmbed,
     TimestepEmbedder,
+    gated_residual,
     modulate,
     sincos_2d,
 )
@@ -44,8 +45,8 @@ class AdaLNZeroBlock(nn.Module):
     def forward(self, x: torch.Tensor, c: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         mod = self.adaLN_modulation(c).chunk(self.n_mod, dim=1)  # 6 x (N, D)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
-        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        x = gated_residual(x, gate_msa, self.attn(modulate(self.norm1(x), shift_msa, scale_msa)))
+        x = gated_residual(x, gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
         return x  # (N, T, D)
 
 

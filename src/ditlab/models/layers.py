@@ -14,8 +14,13 @@ MAX_PERIOD = 10_000  # longest wavelength of the timestep and position sinusoids
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """adaLN modulation: x (N, T, D), shift and scale (N, D) -> x * (1 + scale) + shift."""
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+    """adaLN modulation: x (N, T, D), shift and scale (N, D) -> x * (1 + scale) + shift (one addcmul)."""
+    return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))
+
+
+def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """adaLN-Zero's residual: x, y (N, T, D), gate (N, D) -> x + gate * y (one addcmul)."""
+    return torch.addcmul(x, gate.unsqueeze(1), y)
 
 
 def sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
@@ -52,7 +57,9 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.proj(x)  # (N, D, H/p, W/p)
-        return x.flatten(2).transpose(1, 2)  # (N, T, D), where T = H * W / p ** 2
+        # (N, T, D), where T = H * W / p ** 2. Made contiguous: a transposed residual stream slows every
+        # residual add, and torch 2.13's inductor computes wrong gradients for a compiled block fed one.
+        return x.flatten(2).transpose(1, 2).contiguous()
 
 
 class Attention(nn.Module):
@@ -71,7 +78,8 @@ class Attention(nn.Module):
         H = self.num_heads
         # einops: "b t (three h d) -> three b h t d"
         qkv = self.qkv(x).reshape(B, T, 3, H, C // H).permute(2, 0, 3, 1, 4)  # (3, B, H, T, C/H)
-        x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (B, H, T, C/H)
+        q, k, v = qkv.unbind(0)  # 3 x (B, H, T, C/H); unbind's backward is one stack, not 3 zero-filled copies
+        x = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, C/H)
         x = x.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.proj(x)
 
@@ -93,7 +101,8 @@ class CrossAttention(nn.Module):
         S, H = context.shape[1], self.num_heads
         q = self.q(x).reshape(B, T, H, C // H).transpose(1, 2)  # (B, H, T, C/H)
         kv = self.kv(context).reshape(B, S, 2, H, C // H).permute(2, 0, 3, 1, 4)  # (2, B, H, S, C/H)
-        x = F.scaled_dot_product_attention(q, kv[0], kv[1])  # (B, H, T, C/H)
+        k, v = kv.unbind(0)  # 2 x (B, H, S, C/H)
+        x = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, C/H)
         x = x.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.proj(x)
 

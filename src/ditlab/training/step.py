@@ -1,0 +1,62 @@
+"""One optimisation step: loss under autocast, backward, gradient norm, AdamW, EMA.
+
+The step never waits for the host: no `.item()`, no Python branch on a tensor. The gradient
+norm is computed for the metrics without the extra pass over the gradients that clipping to an
+infinite norm would make; with --grad-clip the gradients are scaled on the device."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ditlab.training.ema import update_ema
+
+
+def grad_norm(params: list[torch.Tensor], max_norm: float | None) -> torch.Tensor:
+    """The global L2 norm of the parameters' gradients (a 0-dim tensor on their device), clipping
+    them in place to max_norm when it is given (torch's clip_grad_norm_ semantics)."""
+    if max_norm is not None or not hasattr(torch.nn.utils, "get_total_norm"):  # the latter: torch < 2.6
+        return torch.nn.utils.clip_grad_norm_(params, float("inf") if max_norm is None else max_norm, foreach=True)
+    return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], foreach=True)
+
+
+class TrainStep:
+    """Callable (x0, t, y, noise) -> (loss terms, grad norm) that updates `model`, `opt` and `ema`.
+
+    model(x (N, C, H, W), t (N,), y (N,) or None) -> (N, C_out, H, W) is any callable module (DiT,
+    a DDP / FSDP / compiled wrapper, or a peer's model behind an adapter); `ema_update(ema, model,
+    decay)` defaults to the fused foreach update."""
+
+    def __init__(self, model: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer, diffusion: Any,
+                 amp_dtype: torch.dtype | None, device: torch.device, ema_decay: float,
+                 grad_clip: float | None = None,
+                 ema_update: Callable[[nn.Module, nn.Module, float], None] = update_ema):  # fmt: skip
+        self.model, self.ema, self.opt, self.diffusion = model, ema, opt, diffusion
+        self.ema_decay, self.grad_clip, self.ema_update = ema_decay, grad_clip, ema_update
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+        self.amp_dtype, self.device_type = amp_dtype, device.type
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.amp_dtype)
+
+    def __call__(self, x0: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None,
+                 noise: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:  # fmt: skip
+        """x0, noise (N, C, H, W), t (N,) step indices, y (N,) labels -> ({"loss", "mse", "vb"} each (N,), norm)."""
+        with self.autocast():
+            terms = self.diffusion.training_losses(self.model, x0, t, y=y, noise=noise)
+        loss = terms["loss"].mean()
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.opt)
+        norm = grad_norm(self.params, self.grad_clip)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.ema_update(self.ema, self.model, self.ema_decay)
+        return terms, norm
