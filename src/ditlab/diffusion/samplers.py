@@ -151,7 +151,8 @@ def dpm_solver_2m_loop(process: Diffusion, model: StepModel, x: torch.Tensor, dr
         out = process.p_mean_variance(model(x, _full(original[i], x)), x, _full(i, x), clip_denoised=clip_denoised)
         x0 = out["pred_x0"]
         if i == 0:
-            return x0
+            x = x0  # the last step lands on sigma = 0: x_0 itself (the loop ends here)
+            continue
         h = lam[i - 1] - lam[i]
         if prev_x0 is None or i == 1:
             d = x0
