@@ -135,3 +135,8 @@ def test_torchrun_two_processes_ddp_and_fsdp_on_cpu(tmp_path):
         for k in a[part]:
             assert torch.allclose(a[part][k], b[part][k], atol=1e-6), (part, k)
     assert set(a["opt"]["state"]) == set(b["opt"]["state"])
+    logged = [[json.loads(line) for line in (tmp_path / m / "metrics.jsonl").read_text().splitlines()]
+              for m in ("ddp", "fsdp")]
+    for r, q in zip(*logged, strict=True):  # the sharded gradient norm is the global one
+        assert r["step"] == q["step"] and abs(r["grad_norm"] - q["grad_norm"]) < 1e-5 * r["grad_norm"]
+        assert abs(r["loss"] - q["loss"]) < 1e-6
