@@ -242,7 +242,6 @@ def write_result(result: dict[str, Any], out: str | None) -> None:
     text = json.dumps(result, indent=1)
     print(text)
     if out:
-        tmp = f"{out}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.write(text + "\n")
-        os.replace(tmp, out)
+        from ditlab.atomic import atomic_write_text
+
+        atomic_write_text(out, text + "\n")

@@ -10,7 +10,6 @@ On a CPU that advertises AMX but faults on it, set ONEDNN_MAX_CPU_ISA=AVX512_COR
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -20,6 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from data_common import SD_VAE_CONFIG, device_name, make_jpeg_folder, make_sd_vae_folder  # noqa: E402
+from dit_common import write_result  # noqa: E402
 
 from ditlab.codecs import load_codec  # noqa: E402
 from ditlab.data.extract import compute_dtype, extract_latents  # noqa: E402
@@ -84,11 +84,7 @@ def main() -> None:
         "note": "each image is encoded with its horizontal flip (2 VAE passes); the ratio is the share of the "
                 "encoder's speed that the whole pipeline (JPEG decode, ADM crop, encode, float16 shards) keeps",
     }
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    write_result(result, args.out)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ consumes. Each rate is samples/s of training latents (N, 4, 32, 32) ready on the
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -25,6 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from data_common import device_name, make_jpeg_folder, make_sd_vae_folder  # noqa: E402
+from dit_common import write_result  # noqa: E402
 
 from ditlab.codecs import load_codec  # noqa: E402
 from ditlab.data import ImageFolderDataset, LatentCacheDataset, sample_latents  # noqa: E402
@@ -61,7 +61,10 @@ def _timed(batches, step, warmup: int = 1) -> float:
             start = time.perf_counter()
         elif i + 1 > warmup:
             count += n
-    return count / (time.perf_counter() - start) if count else float("nan")
+    if not count:
+        raise SystemExit(f"latent_cache.py: nothing timed after {warmup} warm-up batch(es): give more samples "
+                         "than one batch (--cache-samples, --online-images)")
+    return count / (time.perf_counter() - start)
 
 
 def _sync(device: torch.device) -> None:
@@ -169,11 +172,7 @@ def main() -> None:
     }
     if args.model != "none":
         result["ratio_cache_to_consumer"] = best_cache / rates[f"consumer_{args.model}_fwd_bwd"]
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    write_result(result, args.out)
 
 
 if __name__ == "__main__":

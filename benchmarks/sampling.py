@@ -14,7 +14,6 @@ On a CPU that advertises AMX but faults on it, set ONEDNN_MAX_CPU_ISA=AVX512_COR
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -25,6 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from data_common import SD_VAE_CONFIG, device_name, make_sd_vae_folder  # noqa: E402
+from dit_common import make_peer, write_result  # noqa: E402
 
 import ditlab  # noqa: E402
 from ditlab.sampling import image_generators  # noqa: E402
@@ -59,16 +59,6 @@ def random_dit(name: str, seed: int = 0) -> ditlab.DiT:
     return model
 
 
-def diffusers_peer(model: ditlab.DiT) -> torch.nn.Module:
-    from diffusers import DiTTransformer2DModel
-
-    from ditlab.models.convert import diffusers_config, make_diffusers_exact, to_diffusers
-
-    peer = DiTTransformer2DModel(**diffusers_config(model.config))
-    peer.load_state_dict(to_diffusers(model.state_dict()), strict=True)
-    return make_diffusers_exact(peer.eval())
-
-
 def step_rates(name: str, batch: int, cfg_scale: float, timed_steps: int, repeats: int, device: torch.device,
                amp: torch.dtype | None) -> dict:
     """Seconds per sampling step of `batch` images, and per forward of ours and of diffusers' DiT."""
@@ -88,9 +78,9 @@ def step_rates(name: str, batch: int, cfg_scale: float, timed_steps: int, repeat
     with torch.inference_mode(), autocast:
         step_s = timed(sample, 1, device) / timed_steps
         forward_s = timed(lambda: model(x, t, y_rows), repeats, device)
-        peer = diffusers_peer(model.cpu()).to(device)
+        peer = make_peer(model.cpu()).to(device)
         model.to(device)
-        peer_s = timed(lambda: peer(x, timestep=t, class_labels=y_rows).sample, repeats, device)
+        peer_s = timed(lambda: peer(x, t, y_rows), repeats, device)
     gflops = ditlab.count_gflops(model)
     return {"model": name, "gflops_per_image_forward": round(gflops, 2), "images_per_batch": batch,
             "cfg_scale": cfg_scale, "forward_rows": rows,
@@ -177,11 +167,7 @@ def main() -> None:
                 "from it, not run. The peer is diffusers' DiTTransformer2DModel forward with the same weights "
                 "(timestep frequencies set to the reference's) on the same rows.",
     }
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    write_result(result, args.out)
 
 
 if __name__ == "__main__":
