@@ -84,8 +84,8 @@ def main() -> None:
     args = p.parse_args()
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cpu" and not runtime.cpu_bf16().usable:
-        os.environ[runtime.ONEDNN_ISA_VAR] = runtime.ONEDNN_SAFE_ISA
+    if device.type == "cpu":  # before the first oneDNN call of this process
+        runtime.cap_onednn_below_amx()
     if args.threads:
         torch.set_num_threads(args.threads)
     started = conditions(device, args.threads)

@@ -119,8 +119,8 @@ def main() -> None:
     args = p.parse_args()
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cpu" and not runtime.cpu_bf16().usable:  # before the first oneDNN call of this process
-        os.environ[runtime.ONEDNN_ISA_VAR] = runtime.ONEDNN_SAFE_ISA
+    if device.type == "cpu":  # before the first oneDNN call of this process
+        runtime.cap_onednn_below_amx()
     if args.threads:
         torch.set_num_threads(args.threads)
     batch = args.batch_size or (32 if device.type == "cuda" else 8)

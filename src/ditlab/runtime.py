@@ -99,3 +99,11 @@ def check_cpu_bf16(flag: str = "--precision bf16") -> None:
     if not found.usable:
         raise ValueError(f"{flag}: {found.detail}; set {ONEDNN_ISA_VAR}={ONEDNN_SAFE_ISA} in the environment "
                          "before starting (bf16 then runs without AMX, slower than fp32)")
+
+
+def cap_onednn_below_amx() -> None:
+    """Keep this process's oneDNN off AMX where a bf16 matmul would die on it (call before the
+    first oneDNN call), and forget the cached probe so --precision bf16 is then allowed."""
+    if not cpu_bf16().usable:
+        os.environ[ONEDNN_ISA_VAR] = ONEDNN_SAFE_ISA
+        cpu_bf16.cache_clear()

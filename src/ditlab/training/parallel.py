@@ -11,6 +11,9 @@ from torch import nn
 from ditlab.training.config import TrainConfig
 from ditlab.training.distributed import DistInfo
 
+# The autocast dtype of each explicit --precision ("fp32": no autocast).
+AMP_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype of a --precision choice (None: plain fp32).
@@ -26,7 +29,7 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
         return torch.bfloat16 if device.type == "cpu" and runtime.cpu_bf16().fast else None
     if precision == "bf16" and device.type == "cpu":
         runtime.check_cpu_bf16()
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return AMP_DTYPES[precision]
 
 
 COMPILE_MODES = ("none", "block", "model")
