@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ditlab.training.distributed import DistInfo, barrier, launched_by_torchrun, setup_distributed
+from ditlab.training.distributed import DistInfo, barrier, distributed_session, launched_by_torchrun
 
 MAX_GRID_IMAGES = 1024  # a .png grid beyond this is a mistake: use .npz or --png-dir
 OUT_KINDS = (".png", ".npz")
@@ -125,15 +125,9 @@ def sample_to_files(ckpt: str, out: str, *, classes: list[int] | None = None, nu
     n = _check_request(out_path, classes, num_samples, steps, sampler, seed, batch_size, precision)
     if nrow is not None and nrow < 1:
         raise ValueError(f"--nrow {nrow} must be positive")
-    owned = launched_by_torchrun() and not dist.is_initialized()
-    info = setup_distributed(device)
-    try:
-        with sigterm_exits():
-            return _sample(ckpt, out_path, n, classes, model, image_size, vae, steps, sampler, cfg_scale,
-                           guidance_channels, seed, batch_size, precision, weights, png_dir, nrow, progress, info)
-    finally:
-        if owned and dist.is_initialized():
-            dist.destroy_process_group()
+    with distributed_session(device) as info, sigterm_exits():
+        return _sample(ckpt, out_path, n, classes, model, image_size, vae, steps, sampler, cfg_scale,
+                       guidance_channels, seed, batch_size, precision, weights, png_dir, nrow, progress, info)
 
 
 def _sample(ckpt_path: str, out: Path, n: int, classes: list[int] | None, model_name: str | None,

@@ -12,48 +12,20 @@ import argparse
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-from ditlab.codecs import DEFAULT_VAE, load_codec
+from ditlab.codecs import DEFAULT_VAE, compute_dtype, load_codec
 from ditlab.data.images import ImageFolderDataset
 from ditlab.data.latents import STORAGE_DTYPES, read_shard_meta, shard_name, write_index, write_shard
+from ditlab.training.distributed import barrier, broadcast_object, distributed_session
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 BARRIER_TIMEOUT = timedelta(hours=6)  # ranks may finish their shards far apart after a resume
-
-
-@contextmanager
-def distributed() -> Iterator[tuple[int, int, torch.device]]:
-    """(rank, world_size, device); joins torchrun's process group (nccl on CUDA, gloo on CPU)
-    when WORLD_SIZE > 1 and none is initialised yet, and leaves it on a normal exit."""
-    owned = False
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=BARRIER_TIMEOUT)
-        owned = True
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    yield rank, world, device
-    if owned:
-        dist.destroy_process_group()
-
-
-def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """The VAE's dtype: "auto" is fp16 on CUDA (the SD VAE encoder is safe in it, with three more
-    mantissa bits than bf16) and fp32 on CPU (where half-precision convolutions are slow)."""
-    if precision == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    if precision not in PRECISIONS:
-        raise ValueError(f"--precision {precision}: choose auto, {', '.join(PRECISIONS)}")
-    return PRECISIONS[precision]
+SHARD_SETTINGS = ("image_size", "codec", "dtype", "latent_shape", "shard_size")  # recorded in every shard
 
 
 class _Files(torch.utils.data.Dataset):
@@ -76,7 +48,7 @@ class _Files(torch.utils.data.Dataset):
 
 
 def _check_done(meta: dict[str, Any], settings: dict[str, Any], files: list[str], name: str, out: str) -> None:
-    made = {k: meta.get(k) for k in ("image_size", "codec", "dtype", "latent_shape", "shard_size")}
+    made = {k: meta.get(k) for k in SHARD_SETTINGS}
     want = {k: settings[k] for k in made}
     if made != want:
         diff = ", ".join(f"{k} {made[k]} (now {want[k]})" for k in made if made[k] != want[k])
@@ -87,7 +59,7 @@ def _check_done(meta: dict[str, Any], settings: dict[str, Any], files: list[str]
 
 
 def _pending(out: str, settings: dict[str, Any], shard_files: Callable[[int], list[str]], num_shards: int,
-             rank: int, world: int) -> list[int]:
+             rank: int) -> list[int]:
     """Shards not done yet, listed by rank 0 and broadcast (so every rank splits the same list)."""
     msg: list[Any] = [None, None]
     if rank == 0:
@@ -102,11 +74,10 @@ def _pending(out: str, settings: dict[str, Any], shard_files: Callable[[int], li
             msg = [todo, None]
         except ValueError as e:
             msg = [None, str(e)]
-    if world > 1:
-        dist.broadcast_object_list(msg, src=0)
-    if msg[1] is not None:
-        raise ValueError(msg[1])
-    return msg[0]
+    todo, error = broadcast_object(msg)
+    if error is not None:
+        raise ValueError(error)
+    return todo
 
 
 def _to_storage(x: torch.Tensor, dtype: str, paths: list[str], what: str) -> np.ndarray:
@@ -133,7 +104,8 @@ def extract_latents(data: str, out: str, image_size: int = 256, vae: str = DEFAU
             raise ValueError(f"{flag} {value} must be positive")
     if dtype not in STORAGE_DTYPES:
         raise ValueError(f"--dtype {dtype}: choose {', '.join(STORAGE_DTYPES)}")
-    with distributed() as (rank, world, device):
+    with distributed_session(timeout=BARRIER_TIMEOUT) as info:
+        rank, world, device = info.rank, info.world_size, info.device
         images = ImageFolderDataset(data, image_size)
         codec = load_codec(vae, device=device, dtype=compute_dtype(precision, device))
         if image_size % codec.downsample:
@@ -151,7 +123,7 @@ def extract_latents(data: str, out: str, image_size: int = 256, vae: str = DEFAU
         def shard_files(k: int) -> list[str]:
             return [p for p, _ in images.samples[k * shard_size:(k + 1) * shard_size]]
 
-        mine = _pending(out, settings, shard_files, num_shards, rank, world)[rank::world]
+        mine = _pending(out, settings, shard_files, num_shards, rank)[rank::world]
         if num_workers is None:
             num_workers = min(8, (os.cpu_count() or 1) // world)
         start = time.perf_counter()
@@ -159,8 +131,7 @@ def extract_latents(data: str, out: str, image_size: int = 256, vae: str = DEFAU
         encoded = _encode_shards(images, codec, device, mine, settings, out, batch_size, num_workers,
                                  skip_bad_files, progress and rank == 0, desc)
         seconds = time.perf_counter() - start
-        if world > 1:
-            dist.barrier()
+        barrier()
         summary = {"num_samples": n, "encoded": encoded, "seconds": seconds,
                    "images_per_s": encoded / seconds if encoded else 0.0, "skipped": []}
         if rank == 0:
@@ -192,7 +163,7 @@ def _encode_shards(images: ImageFolderDataset, codec, device: torch.device, shar
     files = [j for k in shards for j in range(k * size, min((k + 1) * size, len(images)))]
     loader = torch.utils.data.DataLoader(_Files(images, files), batch_size=batch_size, num_workers=num_workers,
                                          pin_memory=torch.cuda.is_available())
-    common = {k: settings[k] for k in ("image_size", "codec", "dtype", "latent_shape", "shard_size")}
+    common = {k: settings[k] for k in SHARD_SETTINGS}
     shard: dict[str, list] = {"mean": [], "std": [], "labels": [], "paths": [], "skipped": []}
     encoded = 0
     with tqdm(total=len(files), unit="img", desc=desc, disable=not progress, smoothing=0.05) as bar:

@@ -64,12 +64,11 @@ def open_training_data(spec: str, image_size: int, vae: str, device: torch.devic
         c, h, _ = ds.latent_shape
         return TrainingData(ds, "latents", ds.num_classes, c, h, flip=True,
                             description=f"latent cache {spec}: {len(ds)} images, latents {c}x{h}x{h}")
-    from ditlab.codecs import load_codec
+    from ditlab.codecs import compute_dtype, load_codec
     from ditlab.data.images import ImageFolderDataset
 
     ds = ImageFolderDataset(path, image_size)
-    # Half precision on the GPU, as extract-latents encodes; the codec returns float32 either way.
-    codec = load_codec(vae, device=device, dtype=torch.float16 if device.type == "cuda" else torch.float32)
+    codec = load_codec(vae, device=device, dtype=compute_dtype("auto", device))  # as extract-latents encodes
     size = image_size // codec.downsample
-    return TrainingData(ds, "images", len(ds.classes), codec.latent_channels, size, flip=True, codec=codec,
+    return TrainingData(ds, "images", ds.num_classes, codec.latent_channels, size, flip=True, codec=codec,
                         description=f"image folder {spec}: {len(ds)} images, encoded online by {vae}")

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -13,7 +16,6 @@ import torch.distributed as dist
 class DistInfo:
     rank: int
     world_size: int
-    local_rank: int
     device: torch.device
 
     @property
@@ -29,12 +31,12 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def setup_distributed(device: str | None = None) -> DistInfo:
+def setup_distributed(device: str | None = None, timeout: timedelta | None = None) -> DistInfo:
     """Join the process group torchrun describes in the environment (NCCL on GPU, gloo on CPU);
-    a plain process is rank 0 of 1. `device` forces "cpu" or "cuda"."""
+    a plain process is rank 0 of 1. `device` forces "cpu" or "cuda"; `timeout` bounds collectives."""
     use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
     if not launched_by_torchrun():
-        return DistInfo(0, 1, 0, torch.device("cuda" if use_cuda else "cpu"))
+        return DistInfo(0, 1, torch.device("cuda" if use_cuda else "cpu"))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if use_cuda:
         torch.cuda.set_device(local_rank)
@@ -42,13 +44,22 @@ def setup_distributed(device: str | None = None) -> DistInfo:
     else:
         dev = torch.device("cpu")
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
-    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev)
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None,
+                                timeout=timeout)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), dev)
 
 
-def cleanup_distributed() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+@contextmanager
+def distributed_session(device: str | None = None, timeout: timedelta | None = None) -> Iterator[DistInfo]:
+    """`setup_distributed` for the length of a `with` block; the process group is destroyed at
+    its end only if this call created it (a caller's own group is left alone)."""
+    owned = launched_by_torchrun() and not dist.is_initialized()
+    info = setup_distributed(device, timeout)
+    try:
+        yield info
+    finally:
+        if owned and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def barrier() -> None:

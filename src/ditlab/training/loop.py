@@ -20,7 +20,7 @@ from ditlab.seeding import TRAIN_STEP, derive_seed
 from ditlab.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from ditlab.training.config import TrainConfig, config_differences
 from ditlab.training.data import TrainingData, open_training_data
-from ditlab.training.distributed import DistInfo, all_reduce_mean, barrier, broadcast_object, setup_distributed
+from ditlab.training.distributed import DistInfo, all_reduce_mean, barrier, broadcast_object, distributed_session
 from ditlab.training.ema import make_ema
 from ditlab.training.metrics import MetricsLog
 from ditlab.training.parallel import (
@@ -82,12 +82,8 @@ def _model_for(cfg: TrainConfig, data: TrainingData) -> torch.nn.Module:
 def train(cfg: TrainConfig, device: str | None = None) -> dict[str, Any]:
     """Train until max_steps / epochs; returns a summary dict. `device` forces "cpu" or "cuda"."""
     cfg.validate()
-    info = setup_distributed(device)
-    try:
+    with distributed_session(device) as info:
         return _train(cfg, info)
-    finally:
-        if info.distributed:
-            torch.distributed.destroy_process_group()
 
 
 def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
