@@ -34,12 +34,15 @@ class Diffusion:
         self.schedule = schedule
         self.learn_sigma = learn_sigma
         self.fixed_variance = fixed_variance
-        self._set_process(betas, torch.arange(num_timesteps), torch.cumprod(1.0 - betas, dim=0))
+        self._set_process(betas, torch.arange(num_timesteps))
 
-    def _set_process(self, betas: torch.Tensor, timesteps: torch.Tensor, base_alphas_cumprod: torch.Tensor) -> None:
+    def _set_process(self, betas: torch.Tensor, timesteps: torch.Tensor,
+                     base_alphas_cumprod: torch.Tensor | None = None) -> None:  # fmt: skip
+        """The process of `betas` at original `timesteps`; the base alpha_bars default to its own."""
         self.tables = ProcessTables.from_betas(betas, timesteps)  # float64, on the CPU
         self.num_timesteps = len(betas)
-        self.base_alphas_cumprod = base_alphas_cumprod  # (T_original,) of the unspaced process
+        # (T_original,) alpha_bars of the unspaced process, what respacing starts from
+        self.base_alphas_cumprod = self.tables.alphas_cumprod if base_alphas_cumprod is None else base_alphas_cumprod
         self._device_tables: dict[torch.device, ProcessTables] = {}
         self._respaced: dict[int, Diffusion] = {}
 
@@ -138,23 +141,4 @@ class Diffusion:
         tab = self.tables_on(x0.device)
         return gaussian.training_losses(tab, model, x0, t, y, noise, self.learn_sigma, self.fixed_variance)
 
-    def sample(
-        self,
-        model: ModelFn,
-        noise: torch.Tensor,
-        y: torch.Tensor | None = None,
-        steps: int = 250,
-        sampler: str = "ddpm",
-        cfg_scale: float = 1.0,
-        guidance_channels: int | None = None,
-        eta: float = 0.0,
-        generator: torch.Generator | Sequence[torch.Generator] | None = None,
-        progress: bool = False,
-        clip_denoised: bool = False,
-    ) -> torch.Tensor:
-        """Denoise `noise` (N, C, ...) in `steps` respaced steps; see `samplers.sample`."""
-        return samplers.sample(
-            self, model, noise, y=y, steps=steps, sampler=sampler, cfg_scale=cfg_scale,
-            guidance_channels=guidance_channels, eta=eta, generator=generator, progress=progress,
-            clip_denoised=clip_denoised,
-        )  # fmt: skip
+    sample = samplers.sample  # sample(model, noise, y=None, steps=250, ...): documented there

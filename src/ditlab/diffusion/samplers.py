@@ -82,6 +82,13 @@ def _full(i: int, like: torch.Tensor) -> torch.Tensor:
     return torch.full((like.shape[0],), i, dtype=torch.long, device=like.device)  # (N,)
 
 
+def _predict(process: Diffusion, model: StepModel, x: torch.Tensor, i: int,
+             clip_denoised: bool) -> dict[str, torch.Tensor]:  # fmt: skip
+    """p_mean_variance of the model's output at step i of `process` (the model gets the ORIGINAL index)."""
+    original = int(process.timesteps[i])
+    return process.p_mean_variance(model(x, _full(original, x)), x, _full(i, x), clip_denoised=clip_denoised)
+
+
 def ddpm_step(out: dict[str, torch.Tensor], noise: torch.Tensor | None) -> torch.Tensor:
     """One ancestral step from p_mean_variance's `out`: x_{t-1} = mean + exp(log_variance / 2) * noise
     (noise (N, C, ...) standard normal; None at the last step, which adds none)."""
@@ -112,10 +119,8 @@ def ddim_step(
 def ddpm_loop(process: Diffusion, model: StepModel, x: torch.Tensor, draw: NoiseFn, eta: float,
               clip_denoised: bool, progress: bool) -> torch.Tensor:  # fmt: skip
     """Ancestral sampling with the model's (learned) variance; no noise at the last step."""
-    original = process.timesteps.tolist()
     for i in _steps(process.num_timesteps, progress):
-        out = process.p_mean_variance(model(x, _full(original[i], x)), x, _full(i, x), clip_denoised=clip_denoised)
-        x = ddpm_step(out, draw() if i > 0 else None)
+        x = ddpm_step(_predict(process, model, x, i, clip_denoised), draw() if i > 0 else None)
     return x
 
 
@@ -123,11 +128,9 @@ def ddim_loop(process: Diffusion, model: StepModel, x: torch.Tensor, draw: Noise
               clip_denoised: bool, progress: bool) -> torch.Tensor:  # fmt: skip
     """DDIM sampling (deterministic for eta = 0)."""
     tab = process.tables_on(x.device)
-    original = process.timesteps.tolist()
     for i in _steps(process.num_timesteps, progress):
-        t = _full(i, x)
-        out = process.p_mean_variance(model(x, _full(original[i], x)), x, t, clip_denoised=clip_denoised)
-        x = ddim_step(tab, out, x, t, eta, draw() if i > 0 and eta > 0 else None)
+        out = _predict(process, model, x, i, clip_denoised)
+        x = ddim_step(tab, out, x, _full(i, x), eta, draw() if i > 0 and eta > 0 else None)
     return x
 
 
@@ -145,11 +148,9 @@ def dpm_solver_2m_loop(process: Diffusion, model: StepModel, x: torch.Tensor, dr
     alpha = [math.sqrt(a) for a in ab]
     sigma = [math.sqrt(1.0 - a) for a in ab]
     lam = [math.log(a) - math.log(s) for a, s in zip(alpha, sigma)]
-    original = process.timesteps.tolist()
     prev_x0, prev_h = None, None
     for i in _steps(process.num_timesteps, progress):
-        out = process.p_mean_variance(model(x, _full(original[i], x)), x, _full(i, x), clip_denoised=clip_denoised)
-        x0 = out["pred_x0"]
+        x0 = _predict(process, model, x, i, clip_denoised)["pred_x0"]
         if i == 0:
             x = x0  # the last step lands on sigma = 0: x_0 itself (the loop ends here)
             continue
@@ -210,7 +211,7 @@ def sample(
         raise ValueError(f"guidance_channels must be between 1 and {C}, got {guidance_channels}")
     if isinstance(model, torch.nn.Module) and model.training:
         warnings.warn("sampling from a model in training mode (DiT then drops labels at random): call model.eval()",
-                      stacklevel=3)  # fmt: skip
+                      stacklevel=2)  # fmt: skip
     process = diffusion.respace(steps)
     step_model = guided_model(model, y, float(cfg_scale), guidance_channels, C)
     draw = noise_source(noise, generator)
