@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from ditlab.data.latents import INDEX_NAME
 from ditlab.models.configs import model_kwargs
 from ditlab.models.dit import DiT
 from ditlab.models.weights import check_weights, infer_config, load_weights
@@ -86,13 +87,14 @@ def torch_load(path: Path) -> Any:
 
 
 def codec_of_run(train_config: dict[str, Any] | None) -> str | None:
-    """The codec of a `ditlab train` run: pixel for digits, a latent cache's own codec, else its --vae."""
+    """The codec of a `ditlab train` run whose checkpoint does not name it (checkpoints now store
+    "vae"): pixel for digits, a latent cache's own codec (if the cache is still there), else --vae."""
     if not train_config:
         return None
     data = str(train_config.get("data", ""))
     if data == "digits":
         return "pixel"
-    index = Path(data) / "index.json"
+    index = Path(data) / INDEX_NAME
     if index.is_file():
         try:
             return json.loads(index.read_text())["codec"]

@@ -21,7 +21,8 @@ class TrainingData:
     channels: int  # channels the model sees
     size: int  # spatial size the model sees
     flip: bool  # random horizontal flips
-    codec: Any = None  # encodes images online; decodes samples for grids (None: pixel space)
+    codec_spec: str  # "pixel", or the VAE (hub id or folder) the images are, or were, encoded with
+    codec: Any = None  # the loaded VAE when images are encoded online (None otherwise)
     description: str = ""
 
     def to_model_input(self, batch: list[torch.Tensor], device: torch.device,
@@ -50,7 +51,7 @@ def open_training_data(spec: str, image_size: int, vae: str, device: torch.devic
         from ditlab.data.digits import DigitsDataset
 
         ds = DigitsDataset("train", image_size)
-        return TrainingData(ds, "pixels", ds.num_classes, ds.channels, image_size, flip=False,
+        return TrainingData(ds, "pixels", ds.num_classes, ds.channels, image_size, flip=False, codec_spec="pixel",
                             description=f"digits: {len(ds)} images {image_size}x{image_size}, pixel space")
     path = Path(spec)
     if not path.is_dir():
@@ -62,7 +63,7 @@ def open_training_data(spec: str, image_size: int, vae: str, device: torch.devic
         if ds.image_size != image_size:
             raise ValueError(f"--image-size {image_size}, but the latent cache {spec} holds {ds.image_size}px images")
         c, h, _ = ds.latent_shape
-        return TrainingData(ds, "latents", ds.num_classes, c, h, flip=True,
+        return TrainingData(ds, "latents", ds.num_classes, c, h, flip=True, codec_spec=ds.codec,
                             description=f"latent cache {spec}: {len(ds)} images, latents {c}x{h}x{h}")
     from ditlab.codecs import compute_dtype, load_codec
     from ditlab.data.images import ImageFolderDataset
@@ -70,5 +71,6 @@ def open_training_data(spec: str, image_size: int, vae: str, device: torch.devic
     ds = ImageFolderDataset(path, image_size)
     codec = load_codec(vae, device=device, dtype=compute_dtype("auto", device))  # as extract-latents encodes
     size = image_size // codec.downsample
-    return TrainingData(ds, "images", ds.num_classes, codec.latent_channels, size, flip=True, codec=codec,
+    return TrainingData(ds, "images", ds.num_classes, codec.latent_channels, size, flip=True, codec_spec=vae,
+                        codec=codec,
                         description=f"image folder {spec}: {len(ds)} images, encoded online by {vae}")

@@ -111,15 +111,15 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
                              f"on {ckpt.get('dataset_size')}: the data changed")
         step = int(ckpt["step"])
     amp_dtype = resolve_precision(cfg.precision, info.device)
-    wrapped, ema, opt = apply_parallelism(model, ema, cfg, info)
+    wrapped, opt = apply_parallelism(model, ema, cfg, info)
     if ckpt is not None:
-        load_full_state_dicts(wrapped, ema, opt, ckpt, cfg)
+        load_full_state_dicts(wrapped, ema, opt, ckpt)
         del ckpt
     train_step = TrainStep(wrapped, ema, opt, diffusion, amp_dtype, info.device, cfg.ema_decay,
                            cfg.grad_clip or None)
 
     log = MetricsLog(results, info, cfg, resume_step=step, total=total, description=data.description)
-    sample_codec = _grid_codec(cfg, data, info) if cfg.sample_every else None
+    sample_codec = _grid_codec(data, info) if cfg.sample_every else None
     started = time.time()
     while step < total:
         epoch, start = divmod(step, steps_per_epoch)
@@ -138,36 +138,35 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
             if cfg.sample_every and step % cfg.sample_every == 0:
                 _sample_grid(ema, diffusion, data, sample_codec, cfg, info, step)
             if step % cfg.ckpt_every == 0 or step == total:
-                _save(wrapped, ema, opt, cfg, info, step, steps_per_epoch, len(data.dataset), model.config)
+                _save(wrapped, ema, opt, cfg, info, step, steps_per_epoch, data, model.config)
             if step >= total:
                 break
     log.close()
     return {"step": step, "seconds": time.time() - started, "results": str(results), "rank": info.rank}
 
 
-def _save(model, ema, opt, cfg: TrainConfig, info: DistInfo, step: int, steps_per_epoch: int, n: int,
+def _save(model, ema, opt, cfg: TrainConfig, info: DistInfo, step: int, steps_per_epoch: int, data: TrainingData,
           model_config: dict[str, Any]) -> None:
-    model_sd, ema_sd, opt_sd = full_state_dicts(model, ema, opt, cfg)  # collective under FSDP
+    model_sd, ema_sd, opt_sd = full_state_dicts(model, ema, opt)  # collective under FSDP
     if info.is_main:
         state = {
             "model": model_sd, "ema": ema_sd, "opt": opt_sd, "step": step,
-            "epoch": step // steps_per_epoch, "batch_in_epoch": step % steps_per_epoch, "dataset_size": n,
-            "config": cfg.to_dict(), "model_config": model_config,
+            "epoch": step // steps_per_epoch, "batch_in_epoch": step % steps_per_epoch,
+            "dataset_size": len(data.dataset), "config": cfg.to_dict(), "model_config": model_config,
+            "vae": data.codec_spec,
         }  # fmt: skip
         save_checkpoint(Path(cfg.results) / "checkpoints", step, state, cfg.keep_last)
     barrier()
 
 
-def _grid_codec(cfg: TrainConfig, data: TrainingData, info: DistInfo):
+def _grid_codec(data: TrainingData, info: DistInfo):
     """The codec that decodes sample grids (None in pixel space)."""
-    if data.kind == "pixels":
-        return None
-    if data.codec is not None:
+    if data.kind == "pixels" or data.codec is not None:
         return data.codec
     from ditlab.codecs import load_codec
 
     try:
-        return load_codec(data.dataset.codec, device=info.device)
+        return load_codec(data.codec_spec, device=info.device)
     except (ValueError, FileNotFoundError, OSError) as e:
         raise ValueError(f"sample grids need the VAE the cache was made with ({e}); pass --sample-every 0 "
                          "to train without grids") from None

@@ -49,8 +49,9 @@ def compile_model(model: nn.Module, mode: str) -> nn.Module:
 
 
 def apply_parallelism(model: nn.Module, ema: nn.Module, cfg: TrainConfig,
-                      info: DistInfo) -> tuple[nn.Module, nn.Module, torch.optim.Optimizer]:
-    """(model to train, EMA, AdamW): checkpointing, compile per block, then DDP or FSDP2."""
+                      info: DistInfo) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """(model to train, AdamW): checkpointing, compile per block, then DDP, or FSDP2 on the model
+    and, in place, on the EMA (sharded alike, so its update stays local)."""
     model.grad_checkpointing = cfg.grad_checkpointing
     if cfg.compile:
         compile_model(model, "block")
@@ -66,7 +67,7 @@ def apply_parallelism(model: nn.Module, ema: nn.Module, cfg: TrainConfig,
         from torch.nn.parallel import DistributedDataParallel
 
         wrapped = DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
-    return wrapped, ema, make_optimizer(model, cfg.lr, info.device)
+    return wrapped, make_optimizer(model, cfg.lr, info.device)
 
 
 def make_optimizer(model: nn.Module, lr: float, device: torch.device) -> torch.optim.AdamW:
@@ -88,8 +89,7 @@ def _raw(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 
-def full_state_dicts(model: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer,
-                     cfg: TrainConfig) -> tuple[dict, dict, dict]:
+def full_state_dicts(model: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer) -> tuple[dict, dict, dict]:
     """Unsharded CPU state dicts of the model, the EMA and the optimizer (parameter names as keys).
 
     A collective under FSDP: every rank must call it."""
@@ -101,8 +101,7 @@ def full_state_dicts(model: nn.Module, ema: nn.Module, opt: torch.optim.Optimize
             get_optimizer_state_dict(raw, opt, options=opts))
 
 
-def load_full_state_dicts(model: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer, ckpt: dict[str, Any],
-                          cfg: TrainConfig) -> None:
+def load_full_state_dicts(model: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer, ckpt: dict[str, Any]) -> None:
     """Load a checkpoint's model, EMA and optimizer into (possibly sharded) modules."""
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
