@@ -37,17 +37,18 @@ class PixelCodec:
     """Pixel space: the latent is the image itself, with a posterior of zero width."""
 
     spec = PIXEL
-    latent_channels = 3
     downsample = 1
-    image_channels = 3
+
+    def __init__(self, channels: int = 3):
+        self.latent_channels = self.image_channels = channels  # 3 for RGB, 1 for the digits
 
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """images (N, 3, H, W) in [-1, 1] -> mean = the images as float32 (no copy if already), std zeros."""
+        """images (N, C, H, W) in [-1, 1] -> mean = the images as float32 (no copy if already), std zeros."""
         mean = images.float()
         return mean, torch.zeros_like(mean)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """latents (N, 3, H, W) -> the same tensor as float32 images (not clamped)."""
+        """latents (N, C, H, W) -> the same tensor as float32 images (not clamped)."""
         return latents.float()
 
     def to(self, device: torch.device | str) -> PixelCodec:
@@ -149,13 +150,14 @@ def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
 
 
 def load_codec(spec: str = DEFAULT_VAE, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-               local_files_only: bool = False) -> PixelCodec | VAECodec:
+               local_files_only: bool = False, pixel_channels: int = 3) -> PixelCodec | VAECodec:
     """The codec named by `spec`: "pixel", a Hugging Face hub id, or a local folder written by
     `AutoencoderKL.save_pretrained` (or a Stable Diffusion pipeline folder with a `vae/` in it).
 
     dtype is the VAE's compute dtype; outputs are float32 whatever it is. Loading failures raise a
-    one-line ValueError / FileNotFoundError saying how to point `--vae` at a local copy."""
+    one-line ValueError / FileNotFoundError saying how to point `--vae` at a local copy.
+    `pixel_channels` is the image channels of the "pixel" codec (1 for grayscale)."""
     if spec == PIXEL:
-        return PixelCodec()
+        return PixelCodec(pixel_channels)
     vae = _load_vae(spec, dtype, local_files_only)
     return VAECodec(vae, spec).to(device)

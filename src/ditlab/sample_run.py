@@ -146,9 +146,10 @@ def _sample(ckpt_path: str, out: Path, n: int, classes: list[int] | None, model_
     cfg = ckpt.config
     amp = resolve_precision(precision, info.device)
     codec_spec = vae or ckpt.vae or DEFAULT_VAE
-    codec = load_codec(codec_spec, device=info.device, dtype=amp if precision in ("bf16", "fp16") else torch.float32)
-    pixel = codec_spec == PIXEL
-    if not pixel and codec.latent_channels != cfg["in_channels"]:
+    codec = load_codec(codec_spec, device=info.device, dtype=amp if precision in ("bf16", "fp16") else torch.float32,
+                       pixel_channels=cfg["in_channels"])
+    pixel = codec_spec == PIXEL  # x_0 predictions are clipped to the [-1, 1] of images
+    if codec.latent_channels != cfg["in_channels"]:
         raise ValueError(f"--vae {codec_spec} makes {codec.latent_channels}-channel latents, but {ckpt.source} "
                          f"takes {cfg['in_channels']} channels")
     size = cfg["input_size"] * codec.downsample
@@ -163,11 +164,12 @@ def _sample(ckpt_path: str, out: Path, n: int, classes: list[int] | None, model_
         raise ValueError(f"--classes {bad[0]}: {ckpt.source} has classes 0 to {num_classes - 1}")
 
     net: torch.nn.Module = build_model(ckpt, info.device)
+    fmt, held = ckpt.format, ckpt.weights
+    del ckpt  # the weights now live in `net`: do not hold a second copy for the whole run
     if amp is not None:
         net = AutocastModel(net, amp).eval()
     diffusion = Diffusion(learn_sigma=cfg["learn_sigma"])
-    channels = cfg["in_channels"] if pixel else codec.image_channels
-    shape = (n, size, size, channels)  # (N, H, W, C)
+    shape = (n, size, size, codec.image_channels)  # (N, H, W, C)
     labels = None
     if num_classes:
         labels = (torch.tensor([classes[i % len(classes)] for i in range(n)]) if classes
@@ -194,7 +196,7 @@ def _sample(ckpt_path: str, out: Path, n: int, classes: list[int] | None, model_
             if len(mine):
                 images = generate(net, diffusion, labels[mine.start:mine.stop] if labels is not None else None, seed,
                                   mine, latent_shape=(cfg["in_channels"], cfg["input_size"], cfg["input_size"]),
-                                  codec=None if pixel else codec, device=info.device, steps=steps, sampler=sampler,
+                                  codec=codec, device=info.device, steps=steps, sampler=sampler,
                                   cfg_scale=cfg_scale, guidance_channels=guidance_channels, clip_denoised=pixel)
                 pixels = quantize(images)  # (b, H, W, C) uint8
                 if png_dir:
@@ -215,5 +217,5 @@ def _sample(ckpt_path: str, out: Path, n: int, classes: list[int] | None, model_
     barrier()
     seconds = time.perf_counter() - started
     return {"out": str(out), "images": n, "image_shape": list(shape[1:]), "seconds": seconds,
-            "images_per_s": n / seconds, "checkpoint_format": ckpt.format, "weights": ckpt.weights,
+            "images_per_s": n / seconds, "checkpoint_format": fmt, "weights": held,
             "vae": codec_spec, "processes": info.world_size, "rank": info.rank}
