@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from ditlab.data.latents import INDEX_NAME
+from ditlab.errors import one_line
 from ditlab.models.configs import model_kwargs
 from ditlab.models.dit import DiT
 from ditlab.models.weights import check_weights, infer_config, load_weights
@@ -60,10 +61,6 @@ class DiTCheckpoint:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _first_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
-
-
 def is_safetensors(path: Path) -> bool:
     """A safetensors file starts with the little-endian u64 length of its JSON header, then '{'."""
     with open(path, "rb") as f:
@@ -83,7 +80,7 @@ def torch_load(path: Path) -> Any:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
     except Exception as e:  # truncated, foreign or unsafe pickles
-        raise ValueError(f"{path}: cannot read it as a torch checkpoint ({_first_line(e)})") from None
+        raise ValueError(f"{path}: cannot read it as a torch checkpoint ({one_line(e)})") from None
 
 
 def codec_of_run(train_config: dict[str, Any] | None) -> str | None:
@@ -157,7 +154,7 @@ def _read_safetensors(path: Path, weights: str, model: str | None) -> DiTCheckpo
             meta = f.metadata() or {}
             sd = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:
-        raise ValueError(f"{path}: cannot read it as safetensors ({_first_line(e)})") from None
+        raise ValueError(f"{path}: cannot read it as safetensors ({one_line(e)})") from None
     if any(k.startswith("transformer_blocks.") for k in sd):
         raise ValueError(f"{path}: diffusers' weight file; pass the folder that holds it and its config.json")
     if CONFIG_METADATA_KEY in meta:
@@ -202,7 +199,7 @@ def _read_diffusers(folder: Path, weights: str) -> DiTCheckpoint:
     except FileNotFoundError:
         raise
     except (ValueError, KeyError, TypeError, OSError) as e:
-        raise ValueError(f"{folder}: cannot read it as a diffusers DiT ({_first_line(e)})") from None
+        raise ValueError(f"{folder}: cannot read it as a diffusers DiT ({one_line(e)})") from None
     return DiTCheckpoint(sd, config, "diffusers", str(root), vae=vae)
 
 
@@ -238,7 +235,7 @@ def read_checkpoint(path: str | os.PathLike, weights: str = "ema", model: str | 
             shell = DiT(**ckpt.config)
         check_weights(shell, ckpt.state_dict)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{ckpt.source}: {_first_line(e)}") from None
+        raise ValueError(f"{ckpt.source}: {one_line(e)}") from None
     return ckpt
 
 

@@ -262,7 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, KeyError) as e:
         if os.environ.get("DITLAB_TRACEBACK"):
             raise
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        from ditlab.errors import one_line
+
+        msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else one_line(e)
         print(f"ditlab {args.command}: error: {msg}", file=sys.stderr)
         return 2
 

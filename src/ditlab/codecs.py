@@ -13,6 +13,8 @@ from typing import Protocol
 
 import torch
 
+from ditlab.errors import one_line
+
 LATENT_SCALE = 0.18215  # SD VAE latents times this have roughly unit variance (LDM paper, D.1)
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
 PIXEL = "pixel"  # the codec spec of pixel space
@@ -106,10 +108,6 @@ def _how_to_fix(repo: str) -> str:
             "save_pretrained(DIR)), copy DIR here and pass --vae DIR")
 
 
-def _first_line(e: Exception) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
-
-
 def _load_vae(spec: str, dtype: torch.dtype, local_files_only: bool):
     from diffusers import AutoencoderKL
     from diffusers.utils import is_accelerate_available
@@ -124,7 +122,7 @@ def _load_vae(spec: str, dtype: torch.dtype, local_files_only: bool):
         try:
             return AutoencoderKL.from_pretrained(path, **kwargs)
         except Exception as e:  # diffusers raises OSError, ValueError, KeyError... for a bad folder
-            raise ValueError(f"--vae {spec}: cannot load an AutoencoderKL from this folder ({_first_line(e)}); "
+            raise ValueError(f"--vae {spec}: cannot load an AutoencoderKL from this folder ({one_line(e)}); "
                              f"{_how_to_fix(DEFAULT_VAE)}") from None
     if not _is_hub_id(spec):
         raise FileNotFoundError(f"--vae {spec}: no such folder (nor a hub id like {DEFAULT_VAE}); "
@@ -132,7 +130,7 @@ def _load_vae(spec: str, dtype: torch.dtype, local_files_only: bool):
     try:
         return AutoencoderKL.from_pretrained(spec, local_files_only=local_files_only, **kwargs)
     except Exception as e:  # no network, unknown repository, gated model...
-        raise ValueError(f"--vae {spec}: cannot load it from the Hugging Face hub or its cache ({_first_line(e)}); "
+        raise ValueError(f"--vae {spec}: cannot load it from the Hugging Face hub or its cache ({one_line(e)}); "
                          f"{_how_to_fix(spec)}") from None
 
 

@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ditlab.errors import one_line
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
@@ -39,8 +41,7 @@ def load_rgb(path: str) -> Image.Image:
             image = Image.open(f)
             return image.convert("RGB")  # convert() decodes every pixel, so truncation shows here
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
-        reason = " ".join(str(e).split()) or type(e).__name__
-        raise ValueError(f"cannot read image {path}: {reason}") from None
+        raise ValueError(f"cannot read image {path}: {one_line(e)}") from None
 
 
 def to_tensor(arr: np.ndarray) -> torch.Tensor:

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from ditlab.atomic import atomic_write
+from ditlab.errors import one_line
 
 CKPT_PATTERN = re.compile(r"^step-(\d{7,})\.pt$")
 
@@ -44,4 +45,4 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     except FileNotFoundError:
         raise FileNotFoundError(f"no checkpoint at {path}") from None
     except Exception as e:  # truncated or foreign files
-        raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {one_line(e)}") from None
