@@ -36,9 +36,9 @@ class DigitsJudge:
     def __init__(self, seed: int = 0):
         from sklearn.neural_network import MLPClassifier
 
-        images, labels = load_digits_arrays("train")
+        self.train_images, labels = load_digits_arrays("train")  # (1500, 1, 8, 8), also the real reference
         self.clf = MLPClassifier(hidden_layer_sizes=(128,), max_iter=500, random_state=seed)
-        self.clf.fit(self._flat(images), labels.numpy())
+        self.clf.fit(self._flat(self.train_images), labels.numpy())
 
     @staticmethod
     def _flat(images: torch.Tensor) -> np.ndarray:
@@ -67,21 +67,21 @@ class DigitsJudge:
         return float(np.mean(per_class))
 
     def frechet(self, a: torch.Tensor, b: torch.Tensor) -> float:
-        from ditlab.evaluation import frechet_distance
+        from ditlab.evaluation import feature_stats, frechet_distance
 
-        fa, fb = self.features(a), self.features(b)
-        return float(frechet_distance(fa.mean(0), np.cov(fa, rowvar=False), fb.mean(0), np.cov(fb, rowvar=False)))
+        sa, sb = feature_stats(self.features(a)), feature_stats(self.features(b))
+        return float(frechet_distance(sa.mu, sa.sigma, sb.mu, sb.sigma))
 
 
 def run_demo(out: str | Path, max_steps: int | None = None, progress: bool = True) -> dict[str, Any]:
     """Train, sample and judge; writes samples.png, samples.npz and report.json into `out`."""
     from ditlab.atomic import atomic_write_text
+    from ditlab.checkpoints import build_model, read_checkpoint
     from ditlab.diffusion import Diffusion
     from ditlab.evaluation.batches import save_samples
-    from ditlab.models import DiT
     from ditlab.sampling import generate, save_grid, to_uint8
     from ditlab.training import TrainConfig, train
-    from ditlab.training.checkpoint import list_checkpoints, load_checkpoint
+    from ditlab.training.checkpoint import list_checkpoints
 
     out = Path(out)
     cfg = TrainConfig(data="digits", results=str(out / "run"), progress=progress,
@@ -89,13 +89,10 @@ def run_demo(out: str | Path, max_steps: int | None = None, progress: bool = Tru
     summary = train(cfg, device="cpu")  # resumes (and returns at once) when `out` holds a finished run
     metrics = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
     train_seconds = metrics[-1]["wall_time"]  # of the run that trained the last steps
-    ckpt = load_checkpoint(list_checkpoints(out / "run" / "checkpoints")[-1][1])
-    ema = DiT(**ckpt["model_config"]).eval()
-    ema.load_state_dict(ckpt["ema"])
+    ema = build_model(read_checkpoint(list_checkpoints(out / "run" / "checkpoints")[-1][1]))  # EMA weights
     diffusion = Diffusion()
 
     judge = DigitsJudge()
-    real_train, _ = load_digits_arrays("train")
     real_test, real_test_labels = load_digits_arrays("test")
     labels = torch.arange(DIGITS_CLASSES).repeat_interleave(PER_CLASS)  # (200,)
     real_diversity = judge.diversity(real_test, real_test_labels)
@@ -117,7 +114,8 @@ def run_demo(out: str | Path, max_steps: int | None = None, progress: bool = Tru
     pixels = to_uint8(grid_images)  # (200, 8, 8, 1)
     save_grid(pixels, out / "samples.png", nrow=PER_CLASS)
     save_samples(str(out / "samples.npz"), pixels.repeat(3, axis=-1), labels.numpy())  # ADM's RGB layout
-    real_ref = real_train[torch.randperm(len(real_train), generator=torch.Generator().manual_seed(0))[: len(labels)]]
+    pick = torch.randperm(len(judge.train_images), generator=torch.Generator().manual_seed(0))[: len(labels)]
+    real_ref = judge.train_images[pick]
     report = {
         "samplers": results,
         "cfg_scale": CFG_SCALE,
