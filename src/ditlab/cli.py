@@ -104,6 +104,8 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 def _add_extract_latents(sub: argparse._SubParsersAction) -> None:
+    from ditlab.training.config import PRECISIONS
+
     p = sub.add_parser("extract-latents", help="encode an image folder once into a sharded latent cache",
                        description="Encode every image of an ImageNet-layout folder, and its horizontal flip, to "
                        "the posterior mean and std of the VAE, in shards that training memory-maps. Run the same "
@@ -121,20 +123,24 @@ def _add_extract_latents(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shard-size", type=int, default=1000, help="images per shard file (default 1000)")
     p.add_argument("--num-workers", type=int, default=None,
                    help="image decoding processes per rank (default min(8, CPUs / ranks))")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="VAE compute precision; auto is fp16 on CUDA, fp32 on CPU (default auto)")
     p.add_argument("--dtype", default="float16", choices=["float16", "float32"],
                    help="storage dtype of mean and std (default float16)")
 
     def run(args: argparse.Namespace) -> int:
-        from ditlab.data.extract import run_extract_latents
+        from ditlab.data.extract import extract_latents
 
-        return run_extract_latents(args)
+        extract_latents(args.data, args.out, image_size=args.image_size, vae=args.vae, batch_size=args.batch_size,
+                        skip_bad_files=args.skip_bad_files, shard_size=args.shard_size,
+                        num_workers=args.num_workers, precision=args.precision, dtype=args.dtype)
+        return 0
 
     p.set_defaults(func=run)
 
 
 def _add_sample(sub: argparse._SubParsersAction) -> None:
+    from ditlab.checkpoints import WEIGHT_SETS
     from ditlab.diffusion.samplers import SAMPLERS
     from ditlab.training.config import PRECISIONS
 
@@ -174,7 +180,7 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="autocast of the DiT forward: auto = bf16 on CUDA, fp32 on CPU (default auto); the "
                         "diffusion maths stay fp32, the VAE runs in fp32 unless bf16/fp16 is asked for")
-    p.add_argument("--weights", default="ema", choices=["ema", "model"],
+    p.add_argument("--weights", default="ema", choices=WEIGHT_SETS,
                    help="EMA or raw weights, for checkpoints that hold both (default ema)")
     p.add_argument("--nrow", type=int, default=None, help="images per row of a .png grid (default 8)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
@@ -196,6 +202,8 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_convert(sub: argparse._SubParsersAction) -> None:
+    from ditlab.checkpoints import FORMATS, WEIGHT_SETS
+
     p = sub.add_parser("convert", help="convert a DiT checkpoint between ditlab, the authors', diffusers and "
                                        "safetensors formats",
                        description="Convert a DiT checkpoint (any format `ditlab sample` reads) to another: "
@@ -204,9 +212,9 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
                        "config in its metadata). Weights are copied bit for bit; the write is atomic.")
     p.add_argument("src", help="source checkpoint file or diffusers folder")
     p.add_argument("dst", help="destination file (or folder for --to diffusers)")
-    p.add_argument("--to", required=True, choices=["ditlab", "original", "diffusers", "safetensors"],
+    p.add_argument("--to", required=True, choices=FORMATS,
                    help="the format of DST")
-    p.add_argument("--weights", default="ema", choices=["ema", "model"],
+    p.add_argument("--weights", default="ema", choices=WEIGHT_SETS,
                    help="which weights of a checkpoint that holds both (default ema)")
     p.add_argument("--model", default=None, help="named config for the authors' state dicts (see ditlab sample)")
     p.add_argument("--force", action="store_true", help="replace an existing DST")
@@ -238,9 +246,20 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from ditlab.evaluation.evaluate import run_eval
+    import json
+    import os
 
-    print(run_eval(args.samples, args.ref, args.inception, args.batch_size, args.device, args.out, sys.stderr.isatty()))
+    from ditlab.atomic import atomic_write_text
+    from ditlab.evaluation.evaluate import evaluate
+
+    folder = os.path.dirname(os.path.abspath(args.out)) if args.out else None
+    if folder and not os.path.isdir(folder):  # checked before a long evaluation, not after
+        raise NotADirectoryError(f"--out {args.out}: folder {folder} does not exist")
+    result = evaluate(args.samples, args.ref, args.inception, args.batch_size, args.device, sys.stderr.isatty())
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        atomic_write_text(args.out, text + "\n")
     return 0
 
 

@@ -8,7 +8,6 @@ horizontal flip in one batch; a shard is written when its last image is encoded.
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import time
@@ -210,10 +209,3 @@ def _flush(out: str, k: int, shard: dict[str, list], common: dict[str, Any]) -> 
     meta = {**common, "labels": shard["labels"], "paths": shard["paths"], "skipped": shard["skipped"]}
     write_shard(out, k, mean, std, meta)
 
-
-def run_extract_latents(args: argparse.Namespace) -> int:
-    """The CLI handler: flags -> extract_latents."""
-    extract_latents(args.data, args.out, image_size=args.image_size, vae=args.vae, batch_size=args.batch_size,
-                    skip_bad_files=args.skip_bad_files, shard_size=args.shard_size, num_workers=args.num_workers,
-                    precision=args.precision, dtype=args.dtype)
-    return 0

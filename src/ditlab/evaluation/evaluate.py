@@ -4,13 +4,10 @@ computed as ADM's evaluator (openai/guided-diffusion `evaluations/evaluator.py`)
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 from collections.abc import Iterator
 
 import torch
 
-from ditlab.atomic import atomic_write_text
 from ditlab.evaluation.batches import NpzImages, load_stats
 from ditlab.evaluation.inception import InceptionV3, load_inception
 from ditlab.evaluation.metrics import (
@@ -116,22 +113,3 @@ def evaluate(
         "ref_stats": "stored" if stored["ref"] else "computed",
     }
 
-
-def run_eval(
-    samples_path: str,
-    ref_path: str,
-    inception_path: str | None = None,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    device: str | None = None,
-    out: str | None = None,
-    progress: bool = False,
-) -> str:
-    """`evaluate`, as JSON text; also written atomically to `out` if given (its folder is checked
-    before any work, so a long evaluation is never lost to a typo)."""
-    folder = os.path.dirname(os.path.abspath(out)) if out else None
-    if folder and not os.path.isdir(folder):
-        raise NotADirectoryError(f"--out {out}: folder {folder} does not exist")
-    text = json.dumps(evaluate(samples_path, ref_path, inception_path, batch_size, device, progress), indent=2)
-    if out:
-        atomic_write_text(out, text + "\n")
-    return text
