@@ -1,12 +1,15 @@
 """Shared by the DiT step benchmarks: the peer (diffusers' DiTTransformer2DModel holding our
 weights, so both compute the same function), timing on the device (CUDA events, or the host
 clock on CPU), ours and the peer alternated after warm-up, peak memory, model FLOP
-utilisation against the device's bf16 peak, and a record of the conditions of the run.
+utilisation against the device's bf16 peak, a record of the conditions of the run, and the set-up
+train_step.py and sample_step.py share (a DiT with live weights, its inputs' generator).
 
-Run the benchmarks from the repository root with PYTHONPATH=src."""
+Run the benchmarks from the repository root with PYTHONPATH=src (and benchmarks/ on sys.path,
+as the scripts put it there)."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -14,10 +17,22 @@ import platform
 import statistics
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+from data_common import device_name
 from torch import nn
+
+import ditlab
+from ditlab import runtime
+from ditlab.models import count_macs
+from ditlab.training.parallel import AMP_DTYPES, resolve_precision
+
+LATENT_CHANNELS = 4  # the SD VAE's latents
+VAE_DOWNSAMPLE = 8
+NUM_CLASSES = 1000
+DTYPE_NAMES = {dtype: name for name, dtype in AMP_DTYPES.items()}  # autocast dtype (None: fp32) -> precision
 
 # Dense bf16 tensor-core peaks in TFLOP/s (the data sheets' figures without sparsity), matched as
 # substrings of torch.cuda.get_device_name(); the first match wins, so specific names come first.
@@ -38,6 +53,12 @@ PEAK_BF16_TFLOPS: list[tuple[str, float]] = [
 ]
 TRAIN_PASSES = 3  # forward + backward (two matmuls per forward one): a training step costs 3 forwards
 FLOPS_PER_MAC = 2
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA); nothing to wait for on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def peak_tflops(device: torch.device, override: float | None = None) -> float | None:
@@ -82,6 +103,57 @@ def make_peer(model: nn.Module) -> DiffusersDiT:
     peer = make_diffusers_exact(DiTTransformer2DModel(**diffusers_config(model.config)))
     peer.load_state_dict(to_diffusers({k: v.cpu() for k, v in model.state_dict().items()}), strict=True)
     return DiffusersDiT(peer, model.num_classes)
+
+
+def live_weights(model: nn.Module, seed: int) -> nn.Module:
+    """Replace the zero initialisation of the adaLN-Zero gates and the final layer by small random
+    weights, so that every path carries signal as in a model mid-training (and both models agree)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad and not p.any():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    return model
+
+
+@dataclass
+class StepSetup:
+    """What train_step.py and sample_step.py start from."""
+
+    device: torch.device
+    conditions: dict[str, Any]  # taken once the device is set up, before the model is built
+    batch: int
+    steps: int  # timed steps per call
+    latent: int  # the latent's side
+    amp: torch.dtype | None  # ours' autocast dtype (None: fp32)
+    model: nn.Module  # with live weights, on the CPU
+    macs: int  # per image and forward
+    diffusion: ditlab.Diffusion
+    generator: torch.Generator  # seeded with --seed + 1, for drawing the inputs
+
+
+def step_setup(args: argparse.Namespace, cuda_batch: int, cpu_batch: int) -> StepSetup:
+    """The set-up from the flags both step benchmarks take: the device (the oneDNN cap on CPU,
+    --threads), the defaults of --batch-size (cuda_batch on CUDA, cpu_batch elsewhere) and --steps
+    (10 on CUDA, 2 elsewhere), the precision, and --model built with live weights under --seed."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cpu":  # before the first oneDNN call of this process
+        runtime.cap_onednn_below_amx()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = conditions(device, args.threads)
+    cuda = device.type == "cuda"
+    latent = args.image_size // VAE_DOWNSAMPLE
+    amp = resolve_precision(args.precision, device)
+
+    torch.manual_seed(args.seed)
+    model = live_weights(ditlab.create_model(args.model, input_size=latent, in_channels=LATENT_CHANNELS,
+                                             num_classes=NUM_CLASSES), args.seed)  # fmt: skip
+    return StepSetup(
+        device=device, conditions=started, batch=args.batch_size or (cuda_batch if cuda else cpu_batch),
+        steps=args.steps or (10 if cuda else 2), latent=latent, amp=amp, model=model, macs=count_macs(model),
+        diffusion=ditlab.Diffusion(), generator=torch.Generator().manual_seed(args.seed + 1),
+    )  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -134,8 +206,7 @@ def alternate(runners: dict[str, Callable[[], Any]], device: torch.device, warmu
         start = time.perf_counter()
         for _ in range(warmup):
             fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        sync(device)
         log(f"{name}: warm-up {time.perf_counter() - start:.1f} s")
     times: dict[str, list[float]] = {name: [] for name in runners}
     names = list(runners)
@@ -201,8 +272,7 @@ def matmul_fraction(fn: Callable[[], Any], device: torch.device) -> float:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        sync(device)
     attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     rows = [(e.key, getattr(e, attr)) for e in prof.key_averages()]
     total = sum(t for _, t in rows)
@@ -211,11 +281,6 @@ def matmul_fraction(fn: Callable[[], Any], device: torch.device) -> float:
 
 def conditions(device: torch.device, threads: int | None) -> dict[str, Any]:
     """The machine, the software and the load the figures were taken under."""
-    import sys
-
-    sys.path.insert(0, os.path.dirname(__file__))
-    from data_common import device_name
-
     try:
         import diffusers
 

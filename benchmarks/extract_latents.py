@@ -19,10 +19,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from data_common import SD_VAE_CONFIG, device_name, make_jpeg_folder, make_sd_vae_folder  # noqa: E402
-from dit_common import write_result  # noqa: E402
+from dit_common import sync, write_result  # noqa: E402
 
-from ditlab.codecs import load_codec  # noqa: E402
-from ditlab.data.extract import compute_dtype, extract_latents  # noqa: E402
+from ditlab.codecs import compute_dtype, load_codec  # noqa: E402
+from ditlab.data.extract import extract_latents  # noqa: E402
+from ditlab.training.config import PRECISIONS  # noqa: E402
 
 
 def bare_encoder_rate(vae_dir: str, device: torch.device, dtype: torch.dtype, images: int, batch_size: int,
@@ -32,14 +33,12 @@ def bare_encoder_rate(vae_dir: str, device: torch.device, dtype: torch.dtype, im
     x = torch.rand(2 * batch_size, 3, image_size, image_size, device=device) * 2 - 1  # images and flips
     codec.encode(x[:2])  # warm-up
     batches = max(1, images // batch_size)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync(device)
     start = time.perf_counter()
     for _ in range(batches):
         mean, std = codec.encode(x)
         mean.cpu(), std.cpu()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync(device)
     return batches * batch_size / (time.perf_counter() - start)
 
 
@@ -48,7 +47,7 @@ def main() -> None:
     p.add_argument("--images", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--precision", default="auto", choices=PRECISIONS)
     p.add_argument("--num-workers", type=int, default=None)
     p.add_argument("--workdir", default=None, help="keep images and VAE here between runs (default: a temp dir)")
     p.add_argument("--out", default=None, help="also write the JSON to this file")

@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from data_common import device_name, make_jpeg_folder, make_sd_vae_folder  # noqa: E402
-from dit_common import write_result  # noqa: E402
+from dit_common import sync, write_result  # noqa: E402
 
 from ditlab.codecs import load_codec  # noqa: E402
 from ditlab.data import ImageFolderDataset, LatentCacheDataset, sample_latents  # noqa: E402
@@ -67,11 +67,6 @@ def _timed(batches, step, warmup: int = 1) -> float:
     return count / (time.perf_counter() - start)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def cache_rate(root: str, device: torch.device, batch_size: int, workers: int) -> float:
     ds = LatentCacheDataset(root)
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=workers,
@@ -81,7 +76,7 @@ def cache_rate(root: str, device: torch.device, batch_size: int, workers: int) -
     def step(batch):
         mean, std, _ = batch
         x = sample_latents(mean.to(device, non_blocking=True), std.to(device, non_blocking=True), g)
-        _sync(device)
+        sync(device)
         return len(x)
 
     return _timed(loader, step)
@@ -103,7 +98,7 @@ def online_rate(data: str, vae_dir: str | None, device: torch.device, batch_size
         if codec is not None:
             mean, std = codec.encode(x)
             x = mean + std * torch.randn(mean.shape, generator=g, device=device)
-        _sync(device)
+        sync(device)
         return len(x)
 
     return _timed(loader, step)
@@ -122,7 +117,7 @@ def consumer_rate(model_name: str, device: torch.device, batch_size: int, steps:
         with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
             out = model(x, t, y)
         out.float().square().mean().backward()
-        _sync(device)
+        sync(device)
         return batch_size
 
     return _timed(range(steps + 1), step)

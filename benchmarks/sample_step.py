@@ -25,25 +25,25 @@ import time
 sys.path.insert(0, os.path.dirname(__file__))
 import torch  # noqa: E402
 from dit_common import (  # noqa: E402
+    DTYPE_NAMES,
     FLOPS_PER_MAC,
+    LATENT_CHANNELS,
+    NUM_CLASSES,
     alternate,
-    conditions,
     held_bytes,
     make_peer,
     peak_tflops,
     step_peak_bytes,
+    step_setup,
     summarize,
     tf32,
     utilization,
     write_result,
 )
-from train_step import DTYPE_NAMES, LATENT_CHANNELS, NUM_CLASSES, VAE_DOWNSAMPLE, live_weights  # noqa: E402
 
-import ditlab  # noqa: E402
-from ditlab import runtime  # noqa: E402
 from ditlab.diffusion.samplers import SAMPLERS  # noqa: E402
-from ditlab.models import count_macs  # noqa: E402
-from ditlab.training.parallel import COMPILE_MODES, compile_model, resolve_precision  # noqa: E402
+from ditlab.training.config import PRECISIONS  # noqa: E402
+from ditlab.training.parallel import AMP_DTYPES, COMPILE_MODES, compile_model  # noqa: E402
 
 GIB = 2**30
 GUIDED_BATCH = 2  # the conditional and the null-label half
@@ -67,9 +67,9 @@ def main() -> None:
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=None, help="images N (the model sees 2N); "
                    "default 64 on CUDA, 4 on CPU")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="ours")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="ours")
     p.add_argument("--compile", default="none", choices=COMPILE_MODES, help="ours")
-    p.add_argument("--peer-precision", default="fp32", choices=["fp32", "bf16", "fp16", "none"])
+    p.add_argument("--peer-precision", default="fp32", choices=[*AMP_DTYPES, "none"])
     p.add_argument("--sampler", default="ddpm", choices=list(SAMPLERS))
     p.add_argument("--cfg-scale", type=float, default=4.0)
     p.add_argument("--steps", type=int, default=None, help="sampler steps per timed call (default 10 CUDA, 2 CPU)")
@@ -83,23 +83,9 @@ def main() -> None:
     p.add_argument("--out", default=None)
     args = p.parse_args()
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cpu":  # before the first oneDNN call of this process
-        runtime.cap_onednn_below_amx()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    started = conditions(device, args.threads)
-    batch = args.batch_size or (64 if device.type == "cuda" else 4)
-    steps = args.steps or (10 if device.type == "cuda" else 2)
-    latent = args.image_size // VAE_DOWNSAMPLE
-    amp = resolve_precision(args.precision, device)
-
-    torch.manual_seed(args.seed)
-    base = live_weights(ditlab.create_model(args.model, input_size=latent, in_channels=LATENT_CHANNELS,
-                                            num_classes=NUM_CLASSES), args.seed).eval()  # fmt: skip
-    macs = count_macs(base)
-    diffusion = ditlab.Diffusion()
-    g = torch.Generator().manual_seed(args.seed + 1)
+    setup = step_setup(args, cuda_batch=64, cpu_batch=4)
+    device, batch, steps, latent, amp = setup.device, setup.batch, setup.steps, setup.latent, setup.amp
+    base, macs, diffusion, g = setup.model.eval(), setup.macs, setup.diffusion, setup.generator
     noise = torch.randn(batch, LATENT_CHANNELS, latent, latent, generator=g).to(device)
     y = torch.randint(0, NUM_CLASSES, (batch,), generator=g).to(device)
 
@@ -110,7 +96,7 @@ def main() -> None:
     info = {"ours": {"precision": DTYPE_NAMES[amp], "precision_flag": args.precision, "compile": args.compile}}
     if args.peer_precision != "none":
         peer = make_peer(base).to(device).eval()
-        peer_amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.peer_precision]
+        peer_amp = AMP_DTYPES[args.peer_precision]
         use_tf32 = peer_amp is None and device.type == "cuda"
         runners["peer"] = sampler_call(peer, diffusion, noise, y, steps, args.sampler, args.cfg_scale, peer_amp,
                                        use_tf32)  # fmt: skip
@@ -139,7 +125,7 @@ def main() -> None:
         "gflops_per_image": macs / 1e9, "flops_per_step": flops, "peak_bf16_tflops": peak,
         "runners": results, "speedup_vs_peer": speedups,
         "settings": {"warmup": args.warmup, "rounds": args.rounds, "sampler_steps_per_call": steps, "seed": args.seed},
-        "conditions": started, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "conditions": setup.conditions, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }, args.out)  # fmt: skip
 
 

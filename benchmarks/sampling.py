@@ -24,17 +24,13 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from data_common import SD_VAE_CONFIG, device_name, make_sd_vae_folder  # noqa: E402
-from dit_common import make_peer, write_result  # noqa: E402
+from dit_common import make_peer, sync, write_result  # noqa: E402
 
 import ditlab  # noqa: E402
 from ditlab.sampling import image_generators  # noqa: E402
+from ditlab.training.parallel import AMP_DTYPES  # noqa: E402
 
 LATENT = 32  # 256x256 images through the SD VAE (downsampling by 8)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def timed(fn, repeats: int, device: torch.device) -> float:
@@ -78,8 +74,7 @@ def step_rates(name: str, batch: int, cfg_scale: float, timed_steps: int, repeat
     with torch.inference_mode(), autocast:
         step_s = timed(sample, 1, device) / timed_steps
         forward_s = timed(lambda: model(x, t, y_rows), repeats, device)
-        peer = make_peer(model.cpu()).to(device)
-        model.to(device)
+        peer = make_peer(model).to(device)
         peer_s = timed(lambda: peer(x, t, y_rows), repeats, device)
     gflops = ditlab.count_gflops(model)
     return {"model": name, "gflops_per_image_forward": round(gflops, 2), "images_per_batch": batch,
@@ -123,12 +118,12 @@ def main() -> None:
     p.add_argument("--real-steps", type=int, default=250, help="steps of the derived figures (the paper's 250)")
     p.add_argument("--e2e-images", type=int, default=2, help="DiT-S/2 end-to-end images (0: skip)")
     p.add_argument("--e2e-steps", type=int, default=20)
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--precision", default="fp32", choices=list(AMP_DTYPES))
     p.add_argument("--out", default=None, help="also write the JSON to this file")
     args = p.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+    amp = AMP_DTYPES[args.precision]
     with tempfile.TemporaryDirectory() as work:
         vae_dir = make_sd_vae_folder(os.path.join(work, "sd-vae-random"))
         decode_s = decode_rate(vae_dir, args.batch_size, 1, device)

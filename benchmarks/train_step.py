@@ -25,38 +25,38 @@ import time
 sys.path.insert(0, os.path.dirname(__file__))
 import torch  # noqa: E402
 from dit_common import (  # noqa: E402
+    DTYPE_NAMES,
     FLOPS_PER_MAC,
+    LATENT_CHANNELS,
+    NUM_CLASSES,
     TRAIN_PASSES,
     alternate,
-    conditions,
     held_bytes,
+    live_weights,  # noqa: F401  (tests import it from here)
     make_peer,
     matmul_fraction,
     peak_tflops,
     step_peak_bytes,
+    step_setup,
     summarize,
     tf32,
+    time_steps,
     utilization,
     write_result,
 )
 from torch import nn  # noqa: E402
 
 import ditlab  # noqa: E402
-from ditlab import runtime  # noqa: E402
-from ditlab.models import count_macs  # noqa: E402
+from ditlab.training.config import PRECISIONS  # noqa: E402
 from ditlab.training.ema import make_ema, update_ema  # noqa: E402
-from ditlab.training.parallel import compile_model, make_optimizer, resolve_precision  # noqa: E402
+from ditlab.training.parallel import AMP_DTYPES, compile_model, make_optimizer  # noqa: E402
 from ditlab.training.step import TrainStep  # noqa: E402
 
-LATENT_CHANNELS = 4  # the SD VAE's latents
-VAE_DOWNSAMPLE = 8
-NUM_CLASSES = 1000
 LR = 1e-4
 EMA_DECAY = 0.9999
 GIB = 2**30
 VARIANT_OPTIONS = {"eager": {}, "block": {"compile": "block"}, "model": {"compile": "model"},
                    "ckpt": {"grad_checkpointing": True}}  # fmt: skip
-DTYPE_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def parse_variant(spec: str) -> dict:
@@ -76,17 +76,6 @@ def reference_ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None
             e.mul_(decay).add_(p.detach(), alpha=1 - decay)
 
 
-def live_weights(model: nn.Module, seed: int) -> nn.Module:
-    """Replace the zero initialisation of the adaLN-Zero gates and the final layer by small random
-    weights, so that every path carries signal as in a model mid-training (and both models agree)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad and not p.any():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-    return model
-
-
 def state_of(model: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer) -> list[torch.Tensor]:
     """Every tensor a runner keeps between steps: weights, gradients, AdamW moments, EMA."""
     tensors = [*model.parameters(), *model.buffers(), *ema.parameters(), *ema.buffers()]
@@ -100,10 +89,10 @@ def main() -> None:
     p.add_argument("--model", default="DiT-S/2")
     p.add_argument("--image-size", type=int, default=256, help="pixels; the latent is image-size / 8")
     p.add_argument("--batch-size", type=int, default=None, help="per device (default 32 on CUDA, 8 on CPU)")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="ours")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="ours")
     p.add_argument("--variants", default="eager", help="ours, comma-separated: eager, block, model, ckpt, "
                    "or options joined by + (block = compile per block, model = whole model, ckpt = grad checkpointing)")
-    p.add_argument("--peer-precision", default="fp32", choices=["fp32", "bf16", "fp16", "none"],
+    p.add_argument("--peer-precision", default="fp32", choices=[*AMP_DTYPES, "none"],
                    help="fp32 (TF32 on CUDA, as the reference), or none to skip the peer")
     p.add_argument("--peer-optimizer", default="same", choices=["same", "reference"])
     p.add_argument("--warmup", type=int, default=2)
@@ -117,28 +106,14 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="also write the JSON here")
     args = p.parse_args()
-
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cpu":  # before the first oneDNN call of this process
-        runtime.cap_onednn_below_amx()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    batch = args.batch_size or (32 if device.type == "cuda" else 8)
-    steps = args.steps or (10 if device.type == "cuda" else 2)
-    latent = args.image_size // VAE_DOWNSAMPLE
     try:
         variants = {spec: parse_variant(spec) for spec in args.variants.split(",")}
     except ValueError as e:
         p.error(str(e))
-    started = conditions(device, args.threads)
-    amp = resolve_precision(args.precision, device)
 
-    torch.manual_seed(args.seed)
-    base = live_weights(ditlab.create_model(args.model, input_size=latent, in_channels=LATENT_CHANNELS,
-                                            num_classes=NUM_CLASSES), args.seed)  # fmt: skip
-    macs = count_macs(base)
-    diffusion = ditlab.Diffusion()
-    g = torch.Generator().manual_seed(args.seed + 1)
+    setup = step_setup(args, cuda_batch=32, cpu_batch=8)
+    device, batch, steps, latent, amp = setup.device, setup.batch, setup.steps, setup.latent, setup.amp
+    base, macs, diffusion, g = setup.model, setup.macs, setup.diffusion, setup.generator
     x0 = torch.randn(batch, LATENT_CHANNELS, latent, latent, generator=g).to(device)
     noise = torch.randn(x0.shape, generator=g).to(device)
     t = torch.randint(0, diffusion.num_timesteps, (batch,), generator=g).to(device)
@@ -158,7 +133,7 @@ def main() -> None:
         info[name] = {"precision": DTYPE_NAMES[amp], "precision_flag": args.precision, **opts}
     if args.peer_precision != "none":
         peer = make_peer(base).to(device).train()
-        peer_amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.peer_precision]
+        peer_amp = AMP_DTYPES[args.peer_precision]
         peer_ema = make_ema(peer)
         if args.peer_optimizer == "same":
             peer_opt, ema_update = make_optimizer(peer, LR, device), update_ema
@@ -200,7 +175,7 @@ def main() -> None:
         "runners": results, "speedup_vs_peer": speedups, "inputs_ms_per_step": inputs_ms(device, batch, latent),
         "settings": {"warmup": args.warmup, "rounds": args.rounds, "steps_per_round": steps,
                      "seed": args.seed},
-        "conditions": started,
+        "conditions": setup.conditions,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }, args.out)  # fmt: skip
 
@@ -208,18 +183,17 @@ def main() -> None:
 def inputs_ms(device: torch.device, batch: int, latent: int, reps: int = 20) -> float:
     """Median milliseconds of the trainer's per-step draws from a latent-cache batch (seeding, the
     step's generator, host-to-device copy, flip and posterior sample, timesteps, noise)."""
+    from ditlab.codecs import DEFAULT_VAE
     from ditlab.training.data import TrainingData
     from ditlab.training.loop import step_inputs
 
     data = TrainingData(dataset=None, kind="latents", num_classes=NUM_CLASSES, channels=LATENT_CHANNELS,
-                        size=latent, flip=True)  # fmt: skip
+                        size=latent, flip=True, codec_spec=DEFAULT_VAE)  # fmt: skip
     shape = (batch, 2, LATENT_CHANNELS, latent, latent)
     cache_batch = [torch.randn(shape).half(), torch.full(shape, 0.01).half(), torch.zeros(batch, dtype=torch.long)]
     if device.type == "cuda":
         cache_batch = [b.pin_memory() for b in cache_batch]
     diffusion = ditlab.Diffusion()
-    from dit_common import time_steps
-
     counter = iter(range(10**9))
     times = time_steps(lambda: step_inputs(data, cache_batch, diffusion, device, next(counter)), device, reps)
     return sorted(times)[len(times) // 2] * 1e3
