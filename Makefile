@@ -3,9 +3,14 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 # A CPU build of torch unless the machine has an NVIDIA driver: never pull a multi-GB CUDA
-# build onto a machine that cannot use it. Override with `make TORCH=... TORCH_INDEX=...`.
+# build onto a machine that cannot use it. Without a driver, PyTorch's CPU index is used when it
+# answers within 5 s; otherwise pip's own configuration decides (a local wheel, a mirror, PyPI).
+# Override with `make TORCH=... TORCH_INDEX=...`.
 TORCH ?= torch==2.13.0
-TORCH_INDEX ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,https://download.pytorch.org/whl/cpu)
+CPU_INDEX := https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?= $(shell command -v nvidia-smi >/dev/null 2>&1 || \
+	$(PYTHON) -c "import urllib.request as r; r.urlopen('$(CPU_INDEX)/', timeout=5)" >/dev/null 2>&1 && \
+	echo $(CPU_INDEX))
 
 .PHONY: demo test lint clean
 
@@ -13,7 +18,8 @@ TORCH_INDEX ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,https://download
 # (its dependencies would pull torchvision and a CUDA torch); the tests load only its module files.
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PY) -c "import torch" 2>/dev/null || { index="$(TORCH_INDEX)"; \
+		$(PY) -m pip install -q "$(TORCH)" $${index:+--index-url "$$index"}; }
 	$(PY) -m pip install -q -e '.[dev]'
 	$(PY) -m pip install -q --no-deps torch-fidelity==0.4.0
 	touch $@

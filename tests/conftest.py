@@ -1,12 +1,15 @@
 import os
 
-# Some virtual machines (this project's CI among them) advertise Intel AMX but fault on its
-# instructions; oneDNN would then crash bf16 matmuls on CPU with SIGILL. Cap oneDNN below AMX
-# for the test process (it reads the variable once, when torch first uses it).
+# Some virtual machines advertise Intel AMX but fault on its instructions (seen on one of this
+# project's Intel Xeon machines; another ran AMX fine); oneDNN would then kill the test process
+# with SIGILL at the first bf16 matmul on CPU (the bf16 autocast tests). Cap oneDNN below AMX for
+# the test process; it reads the variable once, when torch first uses it. Harmless without AMX.
 os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
-# MKL picks its GEMM kernels by matrix size, so a row's result can change with the batch it is
-# computed in; its strict conditional-reproducibility mode gives every row the same arithmetic,
-# so that tests can compare images sampled in different batch sizes exactly (MKL reads it once).
+# Several tests compare two runs of the same computation bitwise (a checkpoint round trip samples
+# the same images; a resumed run equals an uninterrupted one). MKL may pick other code paths for
+# differently aligned buffers, so that the same GEMM gives other bits run to run; its conditional
+# numerical reproducibility mode fixes the path (MKL reads the variable once). Nothing compares
+# different batch sizes bitwise without first proving that the kernels allow it (see helpers.py).
 os.environ.setdefault("MKL_CBWR", "AVX2,STRICT")
 
 
@@ -31,8 +34,8 @@ def vae_dir(tmp_path_factory):
 
 @pytest.fixture
 def batch_invariant_cpu(monkeypatch):
-    """Row-for-row the same arithmetic in any batch on CPU: MKL's strict mode (set above) for the
-    GEMMs, and the native convolution instead of oneDNN's, which picks its algorithm by batch size."""
+    """The native convolution instead of oneDNN's, which picks its algorithm by batch size: a
+    precondition of a bitwise comparison across batch sizes (which must still probe the kernels)."""
     import torch
 
     monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)

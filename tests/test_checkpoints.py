@@ -81,7 +81,7 @@ def test_diffusers_own_dit_loads_our_folder_and_agrees(tmp_path, make_dit):
     assert all(torch.equal(again.state_dict[k], v) for k, v in ours.state_dict().items())
 
 
-def test_diffusers_pipeline_folder_brings_its_vae(tmp_path, make_dit, vae_dir, batch_invariant_cpu):
+def test_diffusers_pipeline_folder_brings_its_vae(tmp_path, make_dit, vae_dir):
     model = make_dit(3)
     torch.save(model.state_dict(), tmp_path / "authors.pt")
     convert(tmp_path / "authors.pt", tmp_path / "pipe" / "transformer", "diffusers")

@@ -22,13 +22,23 @@ def numpy_alphas_cumprod(T=1000):
     return np.cumprod(1 - np.linspace(scale * 1e-4, scale * 0.02, T, dtype=np.float64))
 
 
-def adm_spacing(T, n):
-    """ADM's space_timesteps(T, str(n)) for one section: a float stride accumulated step by step."""
-    stride, cur, out = (T - 1) / (n - 1), 0.0, []
-    for _ in range(n):
-        out.append(round(cur))
-        cur += stride
-    return out
+def adm_space_timesteps(T, section_counts):
+    """ADM's space_timesteps (guided-diffusion respace.py), written out independently: the process
+    split into len(counts) sections (the first T % k one longer), a float stride accumulated in each
+    and every partial sum rounded with Python's round; "ddimN" is range(0, T, s) for the first s."""
+    if isinstance(section_counts, str) and section_counts.startswith("ddim"):
+        want = int(section_counts[4:])
+        return next(set(range(0, T, s)) for s in range(1, T) if len(range(0, T, s)) == want)
+    counts = [int(c) for c in section_counts.split(",")] if isinstance(section_counts, str) else section_counts
+    size_per, extra, start, taken = T // len(counts), T % len(counts), 0, set()
+    for i, count in enumerate(counts):
+        size = size_per + (i < extra)
+        stride, cur = (size - 1) / (count - 1) if count > 1 else 1, 0.0
+        for _ in range(count):
+            taken.add(start + round(cur))
+            cur += stride
+        start += size
+    return taken
 
 
 # ---- schedules and respacing -----------------------------------------------------------------
@@ -55,20 +65,38 @@ def test_cosine_schedule():
     assert ditlab.Diffusion(schedule="cosine").betas.equal(b)
 
 
-@pytest.mark.parametrize("n", COMMON_STEPS)
-def test_respaced_timesteps_formula(n):
-    spaced = ditlab.Diffusion().respace(n)
-    expected = [round(Fraction(i * 999, n - 1)) for i in range(n)]  # exact rational, half to even
-    assert spaced.timesteps.dtype == torch.long and spaced.timesteps.tolist() == expected
-    assert spaced.num_timesteps == n
-    # ADM's float accumulation agrees with the closed form for these common n
-    assert adm_spacing(1000, n) == expected
+def test_respaced_timesteps_are_adms_for_every_step_count():
+    """Every n of 1..1000 keeps exactly the steps ADM's float-stride accumulation keeps (a closed
+    round(i * 999 / (n - 1)) differs for 283 of them, 21, 23, 27, ... and 999, at ties)."""
+    base = ditlab.Diffusion()
+    closed_form_differs = 0
+    for n in range(1, 1001):
+        spaced = base.respace(n)
+        assert spaced.timesteps.tolist() == sorted(adm_space_timesteps(1000, [n])), n
+        assert spaced.num_timesteps == n and spaced.timesteps.dtype == torch.long
+        if n > 1:
+            closed_form_differs += spaced.timesteps.tolist() != [round(Fraction(i * 999, n - 1)) for i in range(n)]
+    assert closed_form_differs == 283
+    assert base.respace(21).timesteps[10] == 499 and base.respace(1).timesteps.tolist() == [0]
 
 
-def test_adm_accumulation_differs_at_ties():
-    """Documented difference: at n=21, i=10 the exact value 499.5 rounds to 500 (half to even),
-    while ADM's accumulated stride reaches 499.4999... and gives 499."""
-    assert spaced_timesteps(1000, 21)[10] == 500 and adm_spacing(1000, 21)[10] == 499
+@pytest.mark.parametrize("T,spacing", [(1000, "10,15,20"), (1000, "1,1,1"), (1000, "3,500"), (1000, [7, 9]),
+                                       (1000, "ddim50"), (1000, "ddim7"), (1000, "ddim1000"), (1000, "250"),
+                                       (250, "10,15,20"), (250, "4,4,4,4,4,4,4"), (250, "ddim25"), (999, "2,2")])
+def test_respacing_in_adms_section_and_ddim_forms(T, spacing):
+    spaced = ditlab.Diffusion(num_timesteps=T).respace(spacing)
+    assert spaced.timesteps.tolist() == sorted(adm_space_timesteps(T, spacing))
+
+
+def test_one_step_process_and_sampling():
+    d = ditlab.Diffusion().respace(1)
+    assert d.timesteps.tolist() == [0] and d.betas.tolist() == pytest.approx([1e-4], rel=1e-12)
+    assert torch.isfinite(d.tables.posterior_log_variance_clipped).all()
+    x = torch.randn(2, 4, 4, 4, dtype=torch.float64)
+    out = torch.cat([x, torch.zeros_like(x)], 1)  # eps = x_T, v = 0
+    x0 = ditlab.Diffusion().sample(lambda x, t, y: out.to(x.dtype), x, steps=1, sampler="ddim")
+    ab = 1 - 1e-4  # one DDIM step from t = 0 lands on the x_0 prediction
+    assert torch.allclose(x0, (x - math.sqrt(1 - ab) * x) / math.sqrt(ab), rtol=1e-12)
 
 
 @pytest.mark.parametrize("n", [10, 250])
@@ -81,7 +109,7 @@ def test_respace_keeps_marginals_and_recomputes_betas(n):
     expected_betas = 1 - ab / np.concatenate([[1.0], ab[:-1]])
     np.testing.assert_allclose(spaced.betas.numpy(), expected_betas, rtol=1e-10)
     assert base.respace(n) is spaced  # cached
-    assert base.respace(1000) is base and base.timesteps.equal(torch.arange(1000))
+    assert base.respace(1000) is base and base.respace("ddim1000") is base and base.timesteps.equal(torch.arange(1000))
     twice = base.respace(250).respace(n)  # respacing a respaced process keeps original indices
     assert twice.timesteps.equal(base.respace(250).timesteps[spaced_timesteps(250, n)])
 
@@ -89,12 +117,18 @@ def test_respace_keeps_marginals_and_recomputes_betas(n):
 def test_respace_to_and_errors():
     d = ditlab.Diffusion().respace_to([0, 100, 900])
     np.testing.assert_allclose(d.alphas_cumprod.numpy(), numpy_alphas_cumprod()[[0, 100, 900]], rtol=1e-12)
-    for bad in ([5], [3, 3, 9], [0, 1000], [-1, 4]):
+    assert ditlab.Diffusion().respace_to([5]).timesteps.tolist() == [5]
+    for bad in ([], [3, 3, 9], [0, 1000], [-1, 4]):
         with pytest.raises(ValueError, match="strictly ascending"):
             ditlab.Diffusion().respace_to(bad)
-    for n in (0, 1, 1001):
-        with pytest.raises(ValueError, match="between 2 and the process length 1000"):
+    for n in (0, -3, 1001, "500,501", [0, 5]):
+        with pytest.raises(ValueError, match="between 1 and the process length 1000"):
             ditlab.Diffusion().respace(n)
+    with pytest.raises(ValueError, match="section 0 has 333 steps, fewer than 334"):
+        ditlab.Diffusion(num_timesteps=999).respace("334,1,1")
+    for bad in ("ddim600", "ten", "ddimx", "10,,5"):
+        with pytest.raises(ValueError, match=f"spacing {bad!r}"):
+            ditlab.Diffusion().respace(bad)
     with pytest.raises(ValueError, match="unknown noise schedule 'quad'"):
         ditlab.Diffusion(schedule="quad")
     with pytest.raises(ValueError, match="unknown fixed variance"):

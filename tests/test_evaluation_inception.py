@@ -162,6 +162,7 @@ def _frechet_from_features(x: torch.Tensor, y: torch.Tensor) -> float:
     return float(((x.mean(0) - y.mean(0)) ** 2).sum() + (a * a).sum() + (b * b).sum() - 2 * nuclear)
 
 
+@pytest.mark.slow
 def test_cli_eval_end_to_end(tmp_path, capsys, weights, model):
     samples, ref = _write_batches(tmp_path)
     # ADM's reference batches store the statistics of a larger set than their images: here those

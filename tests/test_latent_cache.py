@@ -158,6 +158,7 @@ def test_bad_flags_are_one_line_errors(tmp_path, vae_dir, capsys):
     assert "--data" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_two_ranks_under_torchrun_match_one_process(tmp_path):
     data = make_images(tmp_path / "img", "garbage")
     common = ["extract-latents", "--data", data, "--image-size", "8", "--vae", "pixel", "--shard-size", "3",

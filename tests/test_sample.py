@@ -38,8 +38,9 @@ def no_leftovers(folder):
 
 
 @pytest.mark.parametrize("cfg_scale", ["1.0", "1.5"])
-def test_bulk_images_do_not_depend_on_batch_size(tmp_path, make_dit, batch_invariant_cpu, cfg_scale):
-    ckpt = save_ditlab(tmp_path / "run.pt", make_dit(in_channels=3))
+def test_bulk_images_do_not_depend_on_batch_size(tmp_path, make_dit, cfg_scale):
+    model = make_dit(in_channels=3)
+    ckpt = save_ditlab(tmp_path / "run.pt", model)
     runs = {}
     for name, n, batch, seed in [("b1", 9, 1, 5), ("b7", 9, 7, 5), ("prefix", 4, 3, 5), ("other", 4, 4, 6)]:
         out = tmp_path / f"{name}.npz"
@@ -48,23 +49,99 @@ def test_bulk_images_do_not_depend_on_batch_size(tmp_path, make_dit, batch_invar
         runs[name] = load(out)
     b1, b7 = runs["b1"], runs["b7"]
     assert sorted(b1) == ["arr_0", "arr_1"] and b1["arr_0"].shape == (9, 8, 8, 3) and b1["arr_0"].dtype == np.uint8
-    assert np.array_equal(b1["arr_0"], b7["arr_0"]) and np.array_equal(b1["arr_1"], b7["arr_1"])
-    # image i and its label depend on (seed, i) only: not on how many images the run makes
-    assert np.array_equal(runs["prefix"]["arr_0"], b1["arr_0"][:4])
-    assert np.array_equal(runs["prefix"]["arr_1"], b1["arr_1"][:4])
-    assert not np.array_equal(runs["other"]["arr_0"], b1["arr_0"][:4])
+    # labels are ditlab's own draws: bitwise. Pixels go through the network, whose rows may round
+    # differently in other batch sizes on some BLAS builds: within one level of 255 everywhere.
+    assert np.array_equal(b1["arr_1"], b7["arr_1"]) and np.array_equal(runs["prefix"]["arr_1"], b1["arr_1"][:4])
+    assert levels_apart(b1["arr_0"], b7["arr_0"]) <= 1 and levels_apart(runs["prefix"]["arr_0"], b1["arr_0"][:4]) <= 1
+    assert levels_apart(runs["other"]["arr_0"], b1["arr_0"][:4]) > 16  # another seed: other images
     assert len({im.tobytes() for im in b1["arr_0"]}) == 9  # every image its own noise
     # random labels: uniform over the 10 classes, from the stream keyed by (seed, index)
     expected = [np.random.default_rng([IMAGE_LABELS, 5, i]).integers(10) for i in range(9)]
     assert b1["arr_1"].tolist() == expected and b1["arr_1"].dtype == np.int64
 
 
+def levels_apart(a, b):
+    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
+
+
+def test_image_noise_and_labels_are_bitwise_functions_of_seed_and_index():
+    """What per-image seeding guarantees exactly, on any machine: image i's initial noise and random
+    label depend on (seed, i) alone, whatever the batch size or the number of ranks."""
+    from ditlab.sample_run import rank_indices
+    from ditlab.sampling import image_generators, initial_noise, random_labels
+
+    n, shape = 11, (4, 8, 8)
+    alone = torch.cat([initial_noise(shape, image_generators(3, [i], "cpu"), "cpu") for i in range(n)])
+    labels = torch.cat([random_labels(3, [i], 1000) for i in range(n)])
+    assert len({row.sum().item() for row in alone}) == n and len(set(labels.tolist())) > 5
+    for world in (1, 2, 3):
+        for batch in (1, 4, 7):
+            parts = [rank_indices(n, batch, r, world, k) for k in range(-(-n // (world * batch))) for r in range(world)]
+            assert sorted(i for p in parts for i in p) == list(range(n))
+            for p in filter(len, parts):
+                assert torch.equal(initial_noise(shape, image_generators(3, p, "cpu"), "cpu"), alone[p.start:p.stop])
+                assert torch.equal(random_labels(3, p, 1000), labels[p.start:p.stop])
+    assert not torch.equal(initial_noise(shape, image_generators(4, [0], "cpu"), "cpu"), alone[:1])
+
+
+@pytest.mark.parametrize("sampler,eta", [("ddpm", 0.0), ("ddim", 1.0)])
+def test_step_noise_of_each_image_is_bitwise_independent_of_the_batch(monkeypatch, make_dit, sampler, eta):
+    """The noise every ancestral (or eta > 0 DDIM) step adds to image i, recorded inside real sampling
+    runs, is the same bits in a batch of 7 as alone: it comes from image i's own generator."""
+    from ditlab.diffusion import samplers
+    from ditlab.sampling import generate
+
+    recorded = []
+    step = {"ddpm": samplers.ddpm_step, "ddim": samplers.ddim_step}[sampler]
+
+    def record(*args):
+        noise = args[-1]
+        recorded.append(None if noise is None else noise.clone())
+        return step(*args)
+
+    monkeypatch.setattr(samplers, f"{sampler}_step", record)
+    model, diffusion, labels = make_dit(), ditlab.Diffusion(), torch.tensor([3, 1, 4, 1, 5, 9, 2])
+    kw = dict(latent_shape=(4, 8, 8), steps=5, sampler=sampler, eta=eta, cfg_scale=1.5)
+    generate(model, diffusion, labels, 11, range(7), **kw)
+    together, recorded[:] = list(recorded), []
+    for i in range(7):
+        generate(model, diffusion, labels[i:i + 1], 11, [i], **kw)
+    alone = [recorded[s::5] for s in range(5)]  # step s of images 0..6
+    assert together[-1] is None and len(together) == 5  # no noise at the last step
+    for s in range(4):
+        assert torch.equal(together[s], torch.cat(alone[s])), s
+
+
 @pytest.mark.parametrize("cfg_scale", [1.0, 1.5])
-def test_generated_latents_are_bitwise_equal_in_batches_of_1_and_7(make_dit, batch_invariant_cpu, cfg_scale):
-    """Stricter than the uint8 images above: the float latents themselves."""
+def test_generated_latents_agree_in_batches_of_1_and_7(make_dit, cfg_scale):
+    """The float latents through the network: equal to floating-point rounding relative to their
+    scale (the network's rows may round differently in other batch sizes on some BLAS builds)."""
+    from helpers import NearlyExact
+
+    from ditlab.sampling import generate
+
+    model, diffusion, labels = NearlyExact(make_dit()), ditlab.Diffusion(), torch.tensor([3, 1, 4, 1, 5, 9, 2, 6])
+    kw = dict(latent_shape=(4, 8, 8), steps=4, cfg_scale=cfg_scale)
+    ones = torch.cat([generate(model, diffusion, labels[i:i + 1], 11, [i], **kw) for i in range(8)])
+    sevens = torch.cat([generate(model, diffusion, labels[:7], 11, range(7), **kw),
+                        generate(model, diffusion, labels[7:], 11, [7], **kw)])
+    scale = ones.abs().max().item()
+    assert 0.5 < scale < 10 and ones.std() > 0.1  # O(1) samples, so that the tolerance means something
+    assert (ones - sevens).abs().max().item() <= 1e-5 * scale
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 1.5])
+def test_generated_latents_are_bitwise_equal_where_the_kernels_are_batch_invariant(make_dit, batch_invariant_cpu,
+                                                                                   cfg_scale):
+    """Bitwise, but only once this machine's kernels are shown to give each row of the network the
+    same bits in every batch size the run uses (true of MKL's strict mode on the Intel CPUs we
+    measured; not of an AMD EPYC Zen 4 machine, where this test skips)."""
+    from helpers import skip_unless_rows_batch_invariant
+
     from ditlab.sampling import generate
 
     model, diffusion, labels = make_dit(), ditlab.Diffusion(), torch.tensor([3, 1, 4, 1, 5, 9, 2, 6])
+    skip_unless_rows_batch_invariant(model, (4, 8, 8), sizes=(1, 2, 7, 14), num_classes=10)
     kw = dict(latent_shape=(4, 8, 8), steps=4, cfg_scale=cfg_scale)
     ones = torch.cat([generate(model, diffusion, labels[i:i + 1], 11, [i], **kw) for i in range(8)])
     sevens = torch.cat([generate(model, diffusion, labels[:7], 11, range(7), **kw),
@@ -83,11 +160,12 @@ def test_torchrun_two_processes_write_what_one_writes(tmp_path, make_dit):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     one, two = load(tmp_path / "one.npz"), load(tmp_path / "two.npz")
-    assert np.array_equal(one["arr_0"], two["arr_0"]) and np.array_equal(one["arr_1"], two["arr_1"])
+    # labels bitwise; pixels within a level (this process and the ranks may run other thread counts)
+    assert np.array_equal(one["arr_1"], two["arr_1"]) and levels_apart(one["arr_0"], two["arr_0"]) <= 1
     pngs = sorted(os.listdir(tmp_path / "pngs"))
     assert pngs == [f"{i:06d}.png" for i in range(5)]  # rank 0 wrote 0, 1, 4; rank 1 wrote 2, 3
     for i, name in enumerate(pngs):
-        assert np.array_equal(np.asarray(Image.open(tmp_path / "pngs" / name)), one["arr_0"][i])
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "pngs" / name)), two["arr_0"][i])
     assert proc.stdout.count("5 images 8x8x3") == 1 and no_leftovers(tmp_path)
 
 
@@ -104,20 +182,20 @@ def test_a_failing_rank_leaves_no_npz_and_no_temporary_file(tmp_path, make_dit):
     assert sorted(os.listdir(tmp_path)) == ["pngs", "run.pt"] and no_leftovers(tmp_path)
 
 
+@pytest.mark.slow
 def test_sigterm_under_torchrun_removes_the_temporary_file(tmp_path, make_dit):
     """torchrun's agent SIGTERMs the other ranks when one fails: they leave no temporary .npz."""
     import signal
-    import socket
     import time
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     ckpt = save_ditlab(tmp_path / "run.pt", make_dit(in_channels=3))
+    # A one-rank process group whose store takes any free port (port 0: no port picked and released
+    # beforehand); a run of a million images, which cannot end before the signal however fast the CPU.
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1", "RANK": "0", "WORLD_SIZE": "1",
-           "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    cmd = [sys.executable, "-m", "ditlab", "sample", "--ckpt", ckpt, "--num-samples", "400", "--batch-size", "1",
-           "--steps", "50", "--no-progress", "--device", "cpu", "--out", str(tmp_path / "samples.npz")]
+           "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "0"}
+    cmd = [sys.executable, "-m", "ditlab", "sample", "--ckpt", ckpt, "--classes", "3", "--num-samples", "1000000",
+           "--batch-size", "1", "--steps", "50", "--no-progress", "--device", "cpu",
+           "--out", str(tmp_path / "samples.npz")]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 120
@@ -131,7 +209,7 @@ def test_sigterm_under_torchrun_removes_the_temporary_file(tmp_path, make_dit):
     assert sorted(os.listdir(tmp_path)) == ["run.pt"]
 
 
-def test_authors_pt_samples_through_a_local_vae(tmp_path, vae_dir, make_dit, batch_invariant_cpu):
+def test_authors_pt_samples_through_a_local_vae(tmp_path, vae_dir, make_dit):
     diffusers = pytest.importorskip("diffusers")
     model = make_dit()
     pt = tmp_path / "DiT-tiny.pt"
@@ -148,7 +226,9 @@ def test_authors_pt_samples_through_a_local_vae(tmp_path, vae_dir, make_dit, bat
     images, labels = arrays["arr_0"], arrays["arr_1"]
     assert images.shape == (5, 16, 16, 3) and images.dtype == np.uint8
     assert labels.tolist() == [np.random.default_rng([IMAGE_LABELS, 3, i]).integers(10) for i in range(5)]
-    # image 2 computed independently: its own generator, diffusers' VAE, ADM's quantisation
+    # image 2 computed independently, alone (the run sampled it in a batch of 5): its own generator,
+    # diffusers' VAE, ADM's quantisation; within a level of 255 (the network's rows may round
+    # differently in another batch size on some BLAS builds)
     vae = diffusers.AutoencoderKL.from_pretrained(vae_dir).eval()
     g = torch.Generator().manual_seed(image_seed(3, 2))
     noise = torch.randn(1, 4, 8, 8, generator=g)
@@ -156,8 +236,8 @@ def test_authors_pt_samples_through_a_local_vae(tmp_path, vae_dir, make_dit, bat
     with torch.no_grad():
         x = vae.decode(z / 0.18215).sample[0].permute(1, 2, 0).numpy()  # (16, 16, 3)
     expected = np.clip(127.5 * x + 128, 0, 255).astype(np.uint8)
-    assert 0 < expected.std() and np.array_equal(images[2], expected)
-    assert np.array_equal(np.asarray(Image.open(tmp_path / "pngs" / "000002.png")), expected)
+    assert 0 < expected.std() and levels_apart(images[2], expected) <= 1
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "pngs" / "000002.png")), images[2])
 
 
 def test_ditlab_checkpoint_to_grid_and_npz(tmp_path, make_dit):

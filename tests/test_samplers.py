@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import randomize
+from helpers import NearlyExact, randomize
 
 import ditlab
 from ditlab.diffusion.samplers import ddim_step, ddpm_step
@@ -242,13 +242,17 @@ def test_ddpm_reproducible_with_a_seed_and_different_across_seeds():
 
 @pytest.mark.parametrize("sampler,cfg_scale", [("ddpm", 1.0), ("ddpm", 4.0), ("ddim", 1.5)])
 def test_per_image_generators_make_images_independent_of_the_batch(sampler, cfg_scale):
-    model, d = tiny_dit(), ditlab.Diffusion()
+    """To rounding relative to the samples' scale: the network's rows may round differently in
+    other batch sizes on some BLAS builds (the step noise itself is bitwise: see test_sample.py)."""
+    model, d = NearlyExact(tiny_dit()), ditlab.Diffusion()
     noise, y = torch.randn(3, 4, 8, 8, generator=seeded(14)), torch.tensor([0, 4, 7])
     kw = dict(steps=6, sampler=sampler, cfg_scale=cfg_scale, eta=1.0 if sampler == "ddim" else 0.0)
     together = d.sample(model, noise, y=y, generator=seeded(100, 3), **kw)
+    scale = together.abs().max().item()
+    assert 0.5 < scale < 10  # O(1) samples, so that the tolerance means something
     for i in range(3):
         alone = d.sample(model, noise[i : i + 1], y=y[i : i + 1], generator=[seeded(100 + i)], **kw)
-        assert torch.allclose(together[i : i + 1], alone, rtol=1e-5, atol=1e-5)
+        assert (together[i : i + 1] - alone).abs().max().item() <= 1e-5 * scale
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++2m"])
@@ -277,7 +281,7 @@ def test_progress_bar(capsys):
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(steps=1001), "between 2 and the process length 1000, got 1001"),
+    (dict(steps=1001), "between 1 and the process length 1000, got 1001"),
     (dict(sampler="euler"), "unknown sampler 'euler'; choose one of ddpm, ddim, dpm\\+\\+2m"),
     (dict(y=None), "class-conditional \\(10 classes\\): pass labels y"),
     (dict(y=None, cfg_scale=4.0), "class-conditional"),

@@ -98,7 +98,7 @@ def _check_request(out: Path, classes: list[int] | None, num_samples: int | None
     n = len(classes) if num_samples is None else num_samples
     checks = [(n >= 1, f"--num-samples {n} must be positive"), (batch_size >= 1, f"--batch-size {batch_size} must "
               "be positive"), (seed >= 0, f"--seed {seed} must be non-negative"),
-              (2 <= steps <= 1000, f"--steps {steps} must be between 2 and 1000"),
+              (1 <= steps <= 1000, f"--steps {steps} must be between 1 and 1000"),
               (sampler in SAMPLERS, f"--sampler {sampler}: choose one of {', '.join(SAMPLERS)}"),
               (precision in PRECISIONS, f"--precision {precision}: choose one of {', '.join(PRECISIONS)}"),
               (out.suffix.lower() != ".png" or n <= MAX_GRID_IMAGES,

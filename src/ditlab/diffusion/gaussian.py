@@ -49,6 +49,8 @@ class ProcessTables:
         ab = torch.cumprod(alphas, dim=0)
         ab_prev = torch.cat([ab.new_ones(1), ab[:-1]])
         posterior_variance = betas * (1.0 - ab_prev) / (1.0 - ab)  # DDPM eq. 7
+        # beta~_0 = 0 is replaced by beta~_1 (ADM); a one-step process has no beta~_1: its beta_0 then
+        first = posterior_variance[1:2] if len(betas) > 1 else betas[:1]
         return cls(
             timesteps=timesteps.to(torch.long),
             betas=betas,
@@ -61,8 +63,8 @@ class ProcessTables:
             sqrt_recipm1_alphas_cumprod=torch.sqrt(1.0 / ab - 1.0),
             posterior_mean_coef1=betas * torch.sqrt(ab_prev) / (1.0 - ab),
             posterior_mean_coef2=(1.0 - ab_prev) * torch.sqrt(alphas) / (1.0 - ab),
-            posterior_log_variance_clipped=torch.log(torch.cat([posterior_variance[1:2], posterior_variance[1:]])),
-            fixed_large_log_variance=torch.log(torch.cat([posterior_variance[1:2], betas[1:]])),
+            posterior_log_variance_clipped=torch.log(torch.cat([first, posterior_variance[1:]])),
+            fixed_large_log_variance=torch.log(torch.cat([first, betas[1:]])),
         )
 
     def to(self, device: torch.device) -> ProcessTables:

@@ -44,7 +44,7 @@ class Diffusion:
         # (T_original,) alpha_bars of the unspaced process, what respacing starts from
         self.base_alphas_cumprod = self.tables.alphas_cumprod if base_alphas_cumprod is None else base_alphas_cumprod
         self._device_tables: dict[torch.device, ProcessTables] = {}
-        self._respaced: dict[int, Diffusion] = {}
+        self._respaced: dict[int | str | tuple[int, ...], Diffusion] = {}
 
     def __repr__(self) -> str:
         return (
@@ -76,23 +76,26 @@ class Diffusion:
 
     # ---- respacing ----------------------------------------------------------------------------
 
-    def respace(self, n: int) -> Diffusion:
-        """A Diffusion over n of this process's steps, evenly spaced (ADM's "n" spacing,
-        round(i * (T - 1) / (n - 1))), its betas recomputed from the kept alpha_bars."""
-        if n == self.num_timesteps:
-            return self
-        if n not in self._respaced:
-            kept = spaced_timesteps(self.num_timesteps, n)
-            self._respaced[n] = self.respace_to(self.timesteps[kept].tolist())
-        return self._respaced[n]
+    def respace(self, spacing: int | str | Sequence[int]) -> Diffusion:
+        """A Diffusion over the steps of this process that ADM's `space_timesteps` keeps: n evenly
+        spaced ones for an int n (both ends kept; n = 1 keeps step 0), or ADM's section counts
+        ("10,15,20") and "ddimN" forms (see `schedule.spaced_timesteps`). Its betas are recomputed
+        from the kept alpha_bars; its steps keep their ORIGINAL indices (`timesteps`)."""
+        key = spacing if isinstance(spacing, int | str) else tuple(int(c) for c in spacing)
+        if key not in self._respaced:
+            kept = spaced_timesteps(self.num_timesteps, spacing)
+            if len(kept) == self.num_timesteps:
+                return self
+            self._respaced[key] = self.respace_to(self.timesteps[kept].tolist())
+        return self._respaced[key]
 
     def respace_to(self, timesteps: Sequence[int]) -> Diffusion:
         """A Diffusion over the given ORIGINAL timestep indices (strictly ascending)."""
         ts = [int(s) for s in timesteps]
         base_len = len(self.base_alphas_cumprod)
-        if len(ts) < 2 or any(b <= a for a, b in zip(ts, ts[1:])) or ts[0] < 0 or ts[-1] >= base_len:
+        if not ts or any(b <= a for a, b in zip(ts, ts[1:])) or ts[0] < 0 or ts[-1] >= base_len:
             shown = ts if len(ts) <= 8 else [*ts[:4], "...", *ts[-4:]]
-            raise ValueError(f"timesteps must be at least 2 strictly ascending indices in [0, {base_len}), got {shown}")
+            raise ValueError(f"timesteps must be strictly ascending indices in [0, {base_len}), got {shown}")
         spaced = copy.copy(self)  # the same settings; the process itself is replaced below
         betas = respaced_betas(self.base_alphas_cumprod, ts)
         spaced._set_process(betas, torch.tensor(ts, dtype=torch.long), self.base_alphas_cumprod)

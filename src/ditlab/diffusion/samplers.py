@@ -196,8 +196,8 @@ def sample(
     labels in training mode)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    if not isinstance(steps, int) or not 2 <= steps <= diffusion.num_timesteps:
-        raise ValueError(f"steps must be between 2 and the process length {diffusion.num_timesteps}, got {steps}")
+    if not isinstance(steps, int) or not 1 <= steps <= diffusion.num_timesteps:
+        raise ValueError(f"steps must be between 1 and the process length {diffusion.num_timesteps}, got {steps}")
     if eta < 0 or (eta != 0 and sampler != "ddim"):
         raise ValueError(f"eta={eta} is only meaningful for sampler 'ddim' (eta >= 0)")
     if noise.ndim < 2:

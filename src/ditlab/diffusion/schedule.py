@@ -52,17 +52,62 @@ def get_betas(schedule: str, num_timesteps: int) -> torch.Tensor:
     return BETA_SCHEDULES[schedule](num_timesteps)
 
 
-def spaced_timesteps(num_timesteps: int, n: int) -> list[int]:
-    """n of range(T) evenly spaced, both ends kept: round(i * (T - 1) / (n - 1)), i = 0 .. n - 1.
+def _section(size: int, count: int) -> list[int]:
+    """`count` of range(size) as ADM takes them: a float stride (size - 1) / (count - 1) is added
+    up step by step and each partial sum rounded with Python's round (half to even); a section of
+    count 1 keeps its first index. The accumulated float is the reference's arithmetic: at ties it
+    rounds differently from the exact rational i * (size - 1) / (count - 1) (e.g. count 21 of
+    1000 keeps 499, not 500), so it must not be written in closed form."""
+    stride = 1.0 if count <= 1 else (size - 1) / (count - 1)
+    cur, kept = 0.0, []
+    for _ in range(count):
+        kept.append(round(cur))
+        cur += stride
+    return kept
 
-    This is ADM's "n" spacing written in closed form. Python's round (half to even) of the
-    correctly rounded quotient equals the exact rational rounding for every n <= T = 1000.
-    ADM itself accumulates a float stride, which differs from the closed form at exact ties
-    for some odd n (21, 23, 27, 35, ...; one or a few indices moved by 1); for n in 10, 20, 25,
-    50, 100, 250, 500 and 1000 the two agree."""
-    if not 2 <= n <= num_timesteps:
-        raise ValueError(f"steps must be between 2 and the process length {num_timesteps}, got {n}")
-    return [round(i * (num_timesteps - 1) / (n - 1)) for i in range(n)]
+
+def spaced_timesteps(num_timesteps: int, spacing: int | str | Sequence[int]) -> list[int]:
+    """The kept steps of range(T), ascending, exactly as ADM's `space_timesteps` keeps them.
+
+    spacing: n (an int or "n") keeps n evenly spaced steps, both ends included (one section);
+    "10,15,20" or [10, 15, 20] splits the process into that many equal sections (the first
+    T % k one step longer) and keeps that many steps of each; "ddimN" keeps range(0, T, s) for
+    the smallest stride s that gives N steps."""
+    T = num_timesteps
+    if isinstance(spacing, str) and spacing.startswith("ddim"):
+        desired = _parse_count(spacing[len("ddim"):], spacing)
+        for stride in range(1, T):
+            if len(range(0, T, stride)) == desired:
+                return list(range(0, T, stride))
+        raise ValueError(f"spacing {spacing!r}: no integer stride gives {desired} of {T} steps")
+    if isinstance(spacing, str):
+        counts = [_parse_count(c, spacing) for c in spacing.split(",")]
+    elif isinstance(spacing, int):
+        counts = [spacing]
+    else:
+        counts = [int(c) for c in spacing]
+    if not counts or any(c < 1 for c in counts) or sum(counts) > T:
+        raise ValueError(f"steps must be between 1 and the process length {T}, got {_show(spacing)}")
+    size_per, extra = divmod(T, len(counts))
+    start, kept = 0, []
+    for i, count in enumerate(counts):
+        size = size_per + (1 if i < extra else 0)
+        if size < count:
+            raise ValueError(f"spacing {_show(spacing)}: section {i} has {size} steps, fewer than {count}")
+        kept += [start + k for k in _section(size, count)]
+        start += size
+    return sorted(set(kept))
+
+
+def _parse_count(text: str, spacing: str) -> int:
+    try:
+        return int(text)
+    except ValueError as e:
+        raise ValueError(f"spacing {spacing!r}: expected a step count like 250, \"10,15,20\" or \"ddim50\"") from e
+
+
+def _show(spacing: int | str | Sequence[int]) -> str:
+    return str(spacing) if isinstance(spacing, int) else repr(spacing if isinstance(spacing, str) else list(spacing))
 
 
 def respaced_betas(alphas_cumprod: torch.Tensor, kept: Sequence[int]) -> torch.Tensor:
