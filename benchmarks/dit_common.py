@@ -25,8 +25,8 @@ from data_common import device_name
 from torch import nn
 
 import ditlab
-from ditlab import runtime
 from ditlab.models import count_macs
+from ditlab.runtime import precision as runtime
 from ditlab.training.parallel import AMP_DTYPES, resolve_precision
 
 LATENT_CHANNELS = 4  # the SD VAE's latents
@@ -307,6 +307,6 @@ def write_result(result: dict[str, Any], out: str | None) -> None:
     text = json.dumps(result, indent=1)
     print(text)
     if out:
-        from ditlab.atomic import atomic_write_text
+        from ditlab.runtime.files import atomic_write_text
 
         atomic_write_text(out, text + "\n")

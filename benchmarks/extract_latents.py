@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from data_common import SD_VAE_CONFIG, device_name, make_jpeg_folder, make_sd_vae_folder  # noqa: E402
 from dit_common import sync, write_result  # noqa: E402
 
-from ditlab.codecs import compute_dtype, load_codec  # noqa: E402
+from ditlab.data.codecs import compute_dtype, load_codec  # noqa: E402
 from ditlab.data.extract import extract_latents  # noqa: E402
 from ditlab.training.config import PRECISIONS  # noqa: E402
 

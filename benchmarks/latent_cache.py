@@ -26,8 +26,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 from data_common import device_name, make_jpeg_folder, make_sd_vae_folder  # noqa: E402
 from dit_common import sync, write_result  # noqa: E402
 
-from ditlab.codecs import load_codec  # noqa: E402
 from ditlab.data import ImageFolderDataset, LatentCacheDataset, sample_latents  # noqa: E402
+from ditlab.data.codecs import load_codec  # noqa: E402
 from ditlab.data.latents import write_index, write_shard  # noqa: E402
 
 LATENT = (4, 32, 32)  # 256x256 images through the SD VAE

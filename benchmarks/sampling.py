@@ -27,7 +27,7 @@ from data_common import SD_VAE_CONFIG, device_name, make_sd_vae_folder  # noqa: 
 from dit_common import make_peer, sync, write_result  # noqa: E402
 
 import ditlab  # noqa: E402
-from ditlab.sampling import image_generators  # noqa: E402
+from ditlab.sampling.generate import image_generators  # noqa: E402
 from ditlab.training.parallel import AMP_DTYPES  # noqa: E402
 
 LATENT = 32  # 256x256 images through the SD VAE (downsampling by 8)
@@ -85,7 +85,7 @@ def step_rates(name: str, batch: int, cfg_scale: float, timed_steps: int, repeat
 
 def decode_rate(vae_dir: str, batch: int, repeats: int, device: torch.device) -> float:
     """Seconds per image of the SD VAE decoder (its architecture, random weights) at 256x256."""
-    from ditlab.codecs import load_codec
+    from ditlab.data.codecs import load_codec
 
     codec = load_codec(vae_dir, device=device)
     z = torch.randn(batch, 4, LATENT, LATENT, device=device)
@@ -96,7 +96,7 @@ def decode_rate(vae_dir: str, batch: int, repeats: int, device: torch.device) ->
 def end_to_end(vae_dir: str, work: str, images: int, steps: int, batch: int, cfg_scale: float,
                device: torch.device) -> dict:
     """`ditlab sample` on a DiT-S/2 in the authors' format (random weights) through the SD VAE architecture."""
-    from ditlab.sample_run import sample_to_files
+    from ditlab.sampling.run import sample_to_files
 
     ckpt = os.path.join(work, "DiT-S-2-random.pt")
     torch.save(random_dit("DiT-S/2").state_dict(), ckpt)

@@ -183,7 +183,7 @@ def main() -> None:
 def inputs_ms(device: torch.device, batch: int, latent: int, reps: int = 20) -> float:
     """Median milliseconds of the trainer's per-step draws from a latent-cache batch (seeding, the
     step's generator, host-to-device copy, flip and posterior sample, timesteps, noise)."""
-    from ditlab.codecs import DEFAULT_VAE
+    from ditlab.data.codecs import DEFAULT_VAE
     from ditlab.training.data import TrainingData
     from ditlab.training.loop import step_inputs
 

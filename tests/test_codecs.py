@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ditlab.codecs import LATENT_SCALE, PixelCodec, VAECodec, load_codec
+from ditlab.data.codecs import LATENT_SCALE, PixelCodec, VAECodec, load_codec
 
 diffusers = pytest.importorskip("diffusers")
 

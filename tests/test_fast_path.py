@@ -175,9 +175,9 @@ def test_guidance_calls_the_model_once_per_step_with_both_halves():
 @cuda
 @pytest.mark.parametrize("precision,clip", [(torch.bfloat16, None), (None, 1.0)])
 def test_a_training_step_never_waits_for_the_host(tmp_path, precision, clip):
+    from ditlab.runtime.distributed import DistInfo
     from ditlab.training import TrainConfig
     from ditlab.training.data import TrainingData
-    from ditlab.training.distributed import DistInfo
     from ditlab.training.loop import step_inputs
     from ditlab.training.metrics import MetricsLog
 

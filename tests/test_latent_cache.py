@@ -12,8 +12,8 @@ from PIL import Image
 
 import ditlab.data.extract as extract_module
 from ditlab.cli import main
-from ditlab.codecs import load_codec
 from ditlab.data import LatentCacheDataset, center_crop_arr, is_latent_cache, sample_latents
+from ditlab.data.codecs import load_codec
 from ditlab.data.extract import extract_latents
 from ditlab.data.images import to_tensor
 

@@ -1,4 +1,4 @@
-"""ditlab.runtime: the CPU bf16 probe behind --precision auto."""
+"""ditlab.runtime.precision: the CPU bf16 probe behind --precision auto."""
 
 import os
 import signal
@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from ditlab import runtime
+from ditlab.runtime import precision as runtime
 from ditlab.training.parallel import resolve_precision
 
 CPU = torch.device("cpu")

@@ -14,8 +14,8 @@ from PIL import Image
 
 import ditlab
 from ditlab.cli import main
-from ditlab.sampling import NpzWriter, image_seed
-from ditlab.seeding import IMAGE_LABELS
+from ditlab.runtime.seeds import IMAGE_LABELS
+from ditlab.sampling.generate import NpzWriter, image_seed
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--steps", "4", "--cfg-scale", "1.5", "--no-progress", "--device", "cpu"]
@@ -67,8 +67,8 @@ def levels_apart(a, b):
 def test_image_noise_and_labels_are_bitwise_functions_of_seed_and_index():
     """What per-image seeding guarantees exactly, on any machine: image i's initial noise and random
     label depend on (seed, i) alone, whatever the batch size or the number of ranks."""
-    from ditlab.sample_run import rank_indices
-    from ditlab.sampling import image_generators, initial_noise, random_labels
+    from ditlab.sampling.generate import image_generators, initial_noise, random_labels
+    from ditlab.sampling.run import rank_indices
 
     n, shape = 11, (4, 8, 8)
     alone = torch.cat([initial_noise(shape, image_generators(3, [i], "cpu"), "cpu") for i in range(n)])
@@ -89,7 +89,7 @@ def test_step_noise_of_each_image_is_bitwise_independent_of_the_batch(monkeypatc
     """The noise every ancestral (or eta > 0 DDIM) step adds to image i, recorded inside real sampling
     runs, is the same bits in a batch of 7 as alone: it comes from image i's own generator."""
     from ditlab.diffusion import samplers
-    from ditlab.sampling import generate
+    from ditlab.sampling.generate import generate
 
     recorded = []
     step = {"ddpm": samplers.ddpm_step, "ddim": samplers.ddim_step}[sampler]
@@ -118,7 +118,7 @@ def test_generated_latents_agree_in_batches_of_1_and_7(make_dit, cfg_scale):
     scale (the network's rows may round differently in other batch sizes on some BLAS builds)."""
     from helpers import NearlyExact
 
-    from ditlab.sampling import generate
+    from ditlab.sampling.generate import generate
 
     model, diffusion, labels = NearlyExact(make_dit()), ditlab.Diffusion(), torch.tensor([3, 1, 4, 1, 5, 9, 2, 6])
     kw = dict(latent_shape=(4, 8, 8), steps=4, cfg_scale=cfg_scale)
@@ -138,7 +138,7 @@ def test_generated_latents_are_bitwise_equal_where_the_kernels_are_batch_invaria
     measured; not of an AMD EPYC Zen 4 machine, where this test skips)."""
     from helpers import skip_unless_rows_batch_invariant
 
-    from ditlab.sampling import generate
+    from ditlab.sampling.generate import generate
 
     model, diffusion, labels = make_dit(), ditlab.Diffusion(), torch.tensor([3, 1, 4, 1, 5, 9, 2, 6])
     skip_unless_rows_batch_invariant(model, (4, 8, 8), sizes=(1, 2, 7, 14), num_classes=10)
@@ -261,12 +261,12 @@ def test_ditlab_checkpoint_to_grid_and_npz(tmp_path, make_dit):
 
 
 def test_failed_run_leaves_nothing_and_keeps_the_old_file(tmp_path, make_dit, monkeypatch):
-    import ditlab.sampling
+    from ditlab.sampling import generate as generation
 
     ckpt = save_ditlab(tmp_path / "run.pt", make_dit(in_channels=3))
     out = tmp_path / "samples.npz"
     out.write_bytes(b"an earlier result")
-    real, calls = ditlab.sampling.generate, []
+    real, calls = generation.generate, []
 
     def failing(*args, **kwargs):
         calls.append(1)
@@ -274,7 +274,7 @@ def test_failed_run_leaves_nothing_and_keeps_the_old_file(tmp_path, make_dit, mo
             raise RuntimeError("out of memory")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ditlab.sampling, "generate", failing)
+    monkeypatch.setattr(generation, "generate", failing)
     with pytest.raises(RuntimeError, match="out of memory"):
         main(["sample", "--ckpt", ckpt, "--num-samples", "4", "--batch-size", "2", "--out", str(out), *FAST])
     assert out.read_bytes() == b"an earlier result" and sorted(os.listdir(tmp_path)) == ["run.pt", "samples.npz"]

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import ditlab
+from ditlab.checkpoints.state import list_checkpoints, load_checkpoint
 from ditlab.cli import main
 from ditlab.training import TrainConfig, train
-from ditlab.training.checkpoint import list_checkpoints, load_checkpoint
 
 TINY = dict(model="DiT-S/2", depth=2, hidden_size=32, num_heads=2, image_size=8, global_batch_size=16,
             num_workers=0, sample_every=0, log_every=5, progress=False, ema_decay=0.9, lr=1e-3)

@@ -7,10 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
+from ditlab.checkpoints.state import list_checkpoints, load_checkpoint
 from ditlab.cli import main
 from ditlab.data.extract import extract_latents
 from ditlab.training import TrainConfig, train
-from ditlab.training.checkpoint import list_checkpoints, load_checkpoint
 from ditlab.training.data import open_training_data
 
 SMALL = dict(model="DiT-S/2", depth=1, hidden_size=32, num_heads=2, image_size=16, global_batch_size=4,

@@ -140,7 +140,7 @@ def _add_extract_latents(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_sample(sub: argparse._SubParsersAction) -> None:
-    from ditlab.checkpoints import WEIGHT_SETS
+    from ditlab.checkpoints.formats import WEIGHT_SETS
     from ditlab.diffusion.samplers import SAMPLERS
     from ditlab.training.config import PRECISIONS
 
@@ -187,7 +187,7 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
     def run(args: argparse.Namespace) -> int:
-        from ditlab.sample_run import sample_to_files
+        from ditlab.sampling.run import sample_to_files
 
         kwargs = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
         summary = sample_to_files(**kwargs)
@@ -202,7 +202,7 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_convert(sub: argparse._SubParsersAction) -> None:
-    from ditlab.checkpoints import FORMATS, WEIGHT_SETS
+    from ditlab.checkpoints.formats import FORMATS, WEIGHT_SETS
 
     p = sub.add_parser("convert", help="convert a DiT checkpoint between ditlab, the authors', diffusers and "
                                        "safetensors formats",
@@ -220,7 +220,7 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="replace an existing DST")
 
     def run(args: argparse.Namespace) -> int:
-        from ditlab.checkpoint_writers import convert
+        from ditlab.checkpoints.writers import convert
 
         ckpt = convert(args.src, args.dst, args.to, weights=args.weights, model=args.model, force=args.force)
         c = ckpt.config
@@ -249,8 +249,8 @@ def _run_eval(args: argparse.Namespace) -> int:
     import json
     import os
 
-    from ditlab.atomic import atomic_write_text
     from ditlab.evaluation.evaluate import evaluate
+    from ditlab.runtime.files import atomic_write_text
 
     folder = os.path.dirname(os.path.abspath(args.out)) if args.out else None
     if folder and not os.path.isdir(folder):  # checked before a long evaluation, not after

@@ -75,13 +75,13 @@ class DigitsJudge:
 
 def run_demo(out: str | Path, max_steps: int | None = None, progress: bool = True) -> dict[str, Any]:
     """Train, sample and judge; writes samples.png, samples.npz and report.json into `out`."""
-    from ditlab.atomic import atomic_write_text
-    from ditlab.checkpoints import build_model, read_checkpoint
+    from ditlab.checkpoints.formats import build_model, read_checkpoint
+    from ditlab.checkpoints.state import list_checkpoints
     from ditlab.diffusion import Diffusion
     from ditlab.evaluation.batches import save_samples
-    from ditlab.sampling import generate, save_grid, to_uint8
+    from ditlab.runtime.files import atomic_write_text
+    from ditlab.sampling.generate import generate, save_grid, to_uint8
     from ditlab.training import TrainConfig, train
-    from ditlab.training.checkpoint import list_checkpoints
 
     out = Path(out)
     cfg = TrainConfig(data="digits", results=str(out / "run"), progress=progress,

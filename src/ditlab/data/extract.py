@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ditlab.codecs import DEFAULT_VAE, compute_dtype, load_codec
+from ditlab.data.codecs import DEFAULT_VAE, compute_dtype, load_codec
 from ditlab.data.images import ImageFolderDataset
 from ditlab.data.latents import STORAGE_DTYPES, read_shard_meta, shard_name, write_index, write_shard
-from ditlab.training.distributed import barrier, broadcast_object, distributed_session
+from ditlab.runtime.distributed import barrier, broadcast_object, distributed_session
 
 BARRIER_TIMEOUT = timedelta(hours=6)  # ranks may finish their shards far apart after a resume
 SHARD_SETTINGS = ("image_size", "codec", "dtype", "latent_shape", "shard_size")  # recorded in every shard

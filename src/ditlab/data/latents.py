@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ditlab.atomic import atomic_write, atomic_write_text
+from ditlab.runtime.files import atomic_write, atomic_write_text
 
 INDEX_NAME = "index.json"
 LABELS_NAME = "labels.npy"

@@ -12,9 +12,9 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from ditlab.atomic import atomic_write
 from ditlab.evaluation.inception import POOL_DIM, SPATIAL_DIM
 from ditlab.evaluation.metrics import FeatureStats
+from ditlab.runtime.files import atomic_write
 
 IMAGES_KEY = "arr_0"
 LABELS_KEY = "arr_1"

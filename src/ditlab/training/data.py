@@ -65,7 +65,7 @@ def open_training_data(spec: str, image_size: int, vae: str, device: torch.devic
         c, h, _ = ds.latent_shape
         return TrainingData(ds, "latents", ds.num_classes, c, h, flip=True, codec_spec=ds.codec,
                             description=f"latent cache {spec}: {len(ds)} images, latents {c}x{h}x{h}")
-    from ditlab.codecs import compute_dtype, load_codec
+    from ditlab.data.codecs import compute_dtype, load_codec
     from ditlab.data.images import ImageFolderDataset
 
     ds = ImageFolderDataset(path, image_size)

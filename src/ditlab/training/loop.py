@@ -15,21 +15,21 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from ditlab.checkpoints.state import list_checkpoints, load_checkpoint, save_checkpoint
 from ditlab.models import create_model
-from ditlab.seeding import TRAIN_STEP, derive_seed
-from ditlab.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from ditlab.runtime.distributed import DistInfo, all_reduce_mean, barrier, broadcast_object, distributed_session
+from ditlab.runtime.seeds import TRAIN_STEP, derive_seed
 from ditlab.training.config import TrainConfig, config_differences
 from ditlab.training.data import TrainingData, open_training_data
-from ditlab.training.distributed import DistInfo, all_reduce_mean, barrier, broadcast_object, distributed_session
 from ditlab.training.ema import make_ema
 from ditlab.training.metrics import MetricsLog
+from ditlab.training.order import RankBatchSampler
 from ditlab.training.parallel import (
     apply_parallelism,
     full_state_dicts,
     load_full_state_dicts,
     resolve_precision,
 )
-from ditlab.training.sampler import RankBatchSampler
 from ditlab.training.step import TrainStep
 
 
@@ -163,7 +163,7 @@ def _grid_codec(data: TrainingData, info: DistInfo):
     """The codec that decodes sample grids (None in pixel space)."""
     if data.kind == "pixels" or data.codec is not None:
         return data.codec
-    from ditlab.codecs import load_codec
+    from ditlab.data.codecs import load_codec
 
     try:
         return load_codec(data.codec_spec, device=info.device)
@@ -178,7 +178,7 @@ def _sample_grid(ema, diffusion, data: TrainingData, codec, cfg: TrainConfig, in
     Rank 0 samples alone, except under FSDP where the sharded EMA needs every rank."""
     if not (info.is_main or cfg.fsdp):
         return
-    from ditlab.sampling import generate, save_grid, to_uint8
+    from ditlab.sampling.generate import generate, save_grid, to_uint8
 
     classes = min(8, data.num_classes) if ema.num_classes else 0
     per = 8

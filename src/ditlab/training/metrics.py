@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from ditlab.atomic import atomic_write_text
+from ditlab.runtime.distributed import DistInfo
+from ditlab.runtime.files import atomic_write_text
 from ditlab.training.config import TrainConfig
-from ditlab.training.distributed import DistInfo
 
 TERMS = ("loss", "mse", "vb")
 

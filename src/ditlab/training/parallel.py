@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ditlab.runtime.distributed import DistInfo
 from ditlab.training.config import TrainConfig
-from ditlab.training.distributed import DistInfo
 
 # The autocast dtype of each explicit --precision ("fp32": no autocast).
 AMP_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -19,9 +19,9 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     """The autocast dtype of a --precision choice (None: plain fp32).
 
     auto is bf16 where the hardware does bf16 well: CUDA devices that support it, and CPUs whose
-    bf16 matmuls run through working AMX (asked once of a subprocess, see ditlab.runtime); fp32
+    bf16 matmuls run through working AMX (asked once of a subprocess, see ditlab.runtime.precision); fp32
     elsewhere, since without AMX a bf16 matmul on a CPU is slower than an fp32 one."""
-    from ditlab import runtime
+    from ditlab.runtime import precision as runtime
 
     if precision == "auto":
         if device.type == "cuda":

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import Sampler
 
-from ditlab.seeding import DATA_ORDER, derive_seed
+from ditlab.runtime.seeds import DATA_ORDER, derive_seed
 
 
 def epoch_permutation(num_items: int, seed: int, epoch: int) -> torch.Tensor:

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from ditlab.checkpoints import (
+from ditlab.checkpoints.formats import (
     CODEC_METADATA_KEY,
     CONFIG_METADATA_KEY,
     DIFFUSERS_CONFIG,
@@ -23,6 +22,7 @@ from ditlab.checkpoints import (
     read_checkpoint,
 )
 from ditlab.models.weights import infer_config
+from ditlab.runtime.files import atomic_replace
 
 DIFFUSERS_MIN_VERSION = "0.30.0"  # the first diffusers with DiTTransformer2DModel
 
@@ -114,37 +114,6 @@ WRITERS: dict[str, Callable[[DiTCheckpoint, Path], None]] = {
 }
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
-
-
-def write_atomic(dst: Path, write: Callable[[Path], None], force: bool = False) -> None:
-    """Run write(tmp) for a temporary path beside `dst`, then rename it onto `dst`. An existing
-    `dst` is refused unless `force`, then moved aside and removed only once the new one is in place."""
-    if (dst.exists() or dst.is_symlink()) and not force:
-        raise FileExistsError(f"{dst} exists: pass --force to replace it")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-    try:
-        write(tmp)
-        if dst.exists() or dst.is_symlink():
-            os.replace(dst, old)
-            try:
-                os.replace(tmp, dst)
-            except BaseException:
-                os.replace(old, dst)
-                raise
-            _remove(old)
-        else:
-            os.replace(tmp, dst)
-    finally:
-        _remove(tmp)
-
-
 def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, weights: str = "ema",
             model: str | None = None, force: bool = False) -> DiTCheckpoint:
     """Convert the DiT checkpoint `src` (any readable format) to `dst` in format `to`; returns what
@@ -156,7 +125,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, weights: st
         raise FileExistsError(f"{dst} exists: pass --force to replace it")
     ckpt = read_checkpoint(src, weights=weights, model=model)
     try:
-        write_atomic(dst, lambda tmp: WRITERS[to](ckpt, tmp), force)
+        atomic_replace(dst, lambda tmp: WRITERS[to](ckpt, tmp))
     except ValueError as e:
         raise ValueError(f"--to {to}: {e}; {dst} not written") from None
     return ckpt

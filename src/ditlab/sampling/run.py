@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ditlab.training.distributed import DistInfo, barrier, distributed_session, launched_by_torchrun
+from ditlab.runtime.distributed import DistInfo, barrier, distributed_session, launched_by_torchrun
 
 MAX_GRID_IMAGES = 1024  # a .png grid beyond this is a mistake: use .npz or --png-dir
 OUT_KINDS = (".png", ".npz")
@@ -136,10 +136,10 @@ def _sample(ckpt_path: str, out: Path, n: int, classes: list[int] | None, model_
             png_dir: str | None, nrow: int | None, progress: bool, info: DistInfo) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
-    from ditlab.checkpoints import build_model, read_checkpoint
-    from ditlab.codecs import DEFAULT_VAE, PIXEL, load_codec
+    from ditlab.checkpoints.formats import build_model, read_checkpoint
+    from ditlab.data.codecs import DEFAULT_VAE, PIXEL, load_codec
     from ditlab.diffusion import Diffusion
-    from ditlab.sampling import NpzWriter, generate, quantize, random_labels, save_grid, save_pngs
+    from ditlab.sampling.generate import NpzWriter, generate, quantize, random_labels, save_grid, save_pngs
     from ditlab.training.parallel import resolve_precision
 
     ckpt = read_checkpoint(ckpt_path, weights=weights, model=model_name)

@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ditlab.atomic import atomic_write
-from ditlab.seeding import IMAGE_LABELS, IMAGE_NOISE, derive_seed
+from ditlab.runtime.files import atomic_write
+from ditlab.runtime.seeds import IMAGE_LABELS, IMAGE_NOISE, derive_seed
 
 
 def image_seed(seed: int, index: int) -> int:

@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from ditlab.atomic import atomic_write
 from ditlab.errors import one_line
+from ditlab.runtime.files import atomic_write
 
 CKPT_PATTERN = re.compile(r"^step-(\d{7,})\.pt$")
 

@@ -1,0 +1,1 @@
+"""DiT checkpoints: the training-state schema (`state`) and every format's read and write (`formats`)."""
