@@ -27,7 +27,7 @@ from torch import nn
 import ditlab
 from ditlab.models import count_macs
 from ditlab.runtime import precision as runtime
-from ditlab.training.parallel import AMP_DTYPES, resolve_precision
+from ditlab.runtime.precision import AMP_DTYPES, resolve_precision
 
 LATENT_CHANNELS = 4  # the SD VAE's latents
 VAE_DOWNSAMPLE = 8

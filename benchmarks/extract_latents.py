@@ -21,9 +21,10 @@ sys.path.insert(0, os.path.dirname(__file__))
 from data_common import SD_VAE_CONFIG, device_name, make_jpeg_folder, make_sd_vae_folder  # noqa: E402
 from dit_common import sync, write_result  # noqa: E402
 
-from ditlab.data.codecs import compute_dtype, load_codec  # noqa: E402
+from ditlab.data.codecs import load_codec  # noqa: E402
 from ditlab.data.extract import extract_latents  # noqa: E402
-from ditlab.training.config import PRECISIONS  # noqa: E402
+from ditlab.options import PRECISIONS  # noqa: E402
+from ditlab.runtime.precision import vae_dtype  # noqa: E402
 
 
 def bare_encoder_rate(vae_dir: str, device: torch.device, dtype: torch.dtype, images: int, batch_size: int,
@@ -58,7 +59,7 @@ def main() -> None:
         data = make_jpeg_folder(os.path.join(work, "images"), args.images)
         vae_dir = make_sd_vae_folder(os.path.join(work, "sd-vae-random"))
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = compute_dtype(args.precision, device)
+        dtype = vae_dtype(args.precision, device)
         out = os.path.join(tmp, "cache")  # always fresh, so every image is encoded
         summary = extract_latents(data, out, image_size=args.image_size, vae=vae_dir, batch_size=args.batch_size,
                                   num_workers=args.num_workers, precision=args.precision, progress=False,

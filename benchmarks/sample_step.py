@@ -42,8 +42,9 @@ from dit_common import (  # noqa: E402
 )
 
 from ditlab.diffusion.samplers import SAMPLERS  # noqa: E402
-from ditlab.training.config import PRECISIONS  # noqa: E402
-from ditlab.training.parallel import AMP_DTYPES, COMPILE_MODES, compile_model  # noqa: E402
+from ditlab.options import PRECISIONS  # noqa: E402
+from ditlab.runtime.precision import AMP_DTYPES  # noqa: E402
+from ditlab.training.parallel import COMPILE_MODES, compile_model  # noqa: E402
 
 GIB = 2**30
 GUIDED_BATCH = 2  # the conditional and the null-label half

@@ -27,8 +27,8 @@ from data_common import SD_VAE_CONFIG, device_name, make_sd_vae_folder  # noqa: 
 from dit_common import make_peer, sync, write_result  # noqa: E402
 
 import ditlab  # noqa: E402
+from ditlab.runtime.precision import AMP_DTYPES  # noqa: E402
 from ditlab.sampling.generate import image_generators  # noqa: E402
-from ditlab.training.parallel import AMP_DTYPES  # noqa: E402
 
 LATENT = 32  # 256x256 images through the SD VAE (downsampling by 8)
 

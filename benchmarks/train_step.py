@@ -47,9 +47,10 @@ from dit_common import (  # noqa: E402
 from torch import nn  # noqa: E402
 
 import ditlab  # noqa: E402
-from ditlab.training.config import PRECISIONS  # noqa: E402
+from ditlab.options import PRECISIONS  # noqa: E402
+from ditlab.runtime.precision import AMP_DTYPES  # noqa: E402
 from ditlab.training.ema import make_ema, update_ema  # noqa: E402
-from ditlab.training.parallel import AMP_DTYPES, compile_model, make_optimizer  # noqa: E402
+from ditlab.training.parallel import compile_model, make_optimizer  # noqa: E402
 from ditlab.training.step import TrainStep  # noqa: E402
 
 LR = 1e-4

@@ -11,6 +11,16 @@ os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
 # numerical reproducibility mode fixes the path (MKL reads the variable once). Nothing compares
 # different batch sizes bitwise without first proving that the kernels allow it (see helpers.py).
 os.environ.setdefault("MKL_CBWR", "AVX2,STRICT")
+# The compile tests get a kernel cache of their own: torch's inductor keys its on-disk cache without
+# the CPU capability in use, so kernels another process compiled under other ISA settings were
+# loaded as they were (an ATEN_CPU_CAPABILITY=avx2 run then computed NaN, the next run crashed).
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="ditlab-test-inductor-")
+    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
 
 
 import pytest  # noqa: E402

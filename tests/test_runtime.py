@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ditlab.runtime import precision as runtime
-from ditlab.training.parallel import resolve_precision
+from ditlab.runtime.precision import resolve_precision
 
 CPU = torch.device("cpu")
 

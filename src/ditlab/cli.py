@@ -10,6 +10,8 @@ import argparse
 import os
 import sys
 
+from ditlab.errors import UserError, UserNotADirectoryError, one_line
+
 
 def _add_flops(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("flops", help="table of the 12 DiT configs: parameters, tokens, Gflops")
@@ -29,7 +31,8 @@ def _run_flops(args: argparse.Namespace) -> int:
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    from ditlab.training.config import PRECISIONS, TrainConfig
+    from ditlab.options import PRECISIONS
+    from ditlab.training.config import TrainConfig
 
     d = TrainConfig(data="", results="")
     p = sub.add_parser("train", help="train a DiT (the paper's recipe; run again to resume)",
@@ -104,7 +107,7 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 def _add_extract_latents(sub: argparse._SubParsersAction) -> None:
-    from ditlab.training.config import PRECISIONS
+    from ditlab.options import PRECISIONS
 
     p = sub.add_parser("extract-latents", help="encode an image folder once into a sharded latent cache",
                        description="Encode every image of an ImageNet-layout folder, and its horizontal flip, to "
@@ -142,7 +145,7 @@ def _add_extract_latents(sub: argparse._SubParsersAction) -> None:
 def _add_sample(sub: argparse._SubParsersAction) -> None:
     from ditlab.checkpoints.formats import WEIGHT_SETS
     from ditlab.diffusion.samplers import SAMPLERS
-    from ditlab.training.config import PRECISIONS
+    from ditlab.options import PRECISIONS
 
     p = sub.add_parser(
         "sample", help="sample a DiT checkpoint to a PNG grid or ADM's .npz (FID sets; torchrun splits the work)",
@@ -254,7 +257,7 @@ def _run_eval(args: argparse.Namespace) -> int:
 
     folder = os.path.dirname(os.path.abspath(args.out)) if args.out else None
     if folder and not os.path.isdir(folder):  # checked before a long evaluation, not after
-        raise NotADirectoryError(f"--out {args.out}: folder {folder} does not exist")
+        raise UserNotADirectoryError(f"--out {args.out}: folder {folder} does not exist")
     result = evaluate(args.samples, args.ref, args.inception, args.batch_size, args.device, sys.stderr.isatty())
     text = json.dumps(result, indent=2)
     print(text)
@@ -278,13 +281,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, KeyError) as e:
+    except UserError as e:  # a mistake of the user's: one line; anything else is a bug and shows its traceback
         if os.environ.get("DITLAB_TRACEBACK"):
             raise
-        from ditlab.errors import one_line
-
-        msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else one_line(e)
-        print(f"ditlab {args.command}: error: {msg}", file=sys.stderr)
+        print(f"ditlab {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
 
 

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ditlab.data.latents import INDEX_NAME
-from ditlab.errors import one_line
+from ditlab.errors import UserError, UserFileNotFoundError, one_line
 from ditlab.models.configs import model_kwargs
 from ditlab.models.dit import DiT
 from ditlab.models.weights import check_weights, infer_config, load_weights
@@ -80,7 +80,7 @@ def torch_load(path: Path) -> Any:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
     except Exception as e:  # truncated, foreign or unsafe pickles
-        raise ValueError(f"{path}: cannot read it as a torch checkpoint ({one_line(e)})") from None
+        raise UserError(f"{path}: cannot read it as a torch checkpoint ({one_line(e)})") from e
 
 
 def codec_of_run(train_config: dict[str, Any] | None) -> str | None:
@@ -105,7 +105,7 @@ def _pick(obj: dict[str, Any], weights: str, path: Path, what: str) -> dict[str,
     if not isinstance(sd, dict):
         held = [k for k in WEIGHT_SETS if isinstance(obj.get(k), dict)]
         hint = f"; pass --weights {held[0]}" if held else ""
-        raise ValueError(f"{path}: {what} without {weights!r} weights (it holds {', '.join(held) or 'none'}){hint}")
+        raise UserError(f"{path}: {what} without {weights!r} weights (it holds {', '.join(held) or 'none'}){hint}")
     return sd
 
 
@@ -116,13 +116,13 @@ def _authors_config(sd: dict[str, torch.Tensor], name: str | None, path: Path) -
         return infer_config(sd, num_heads=heads)
     except ValueError as e:
         hint = " (pass --model)" if "num_heads" in str(e) else ""
-        raise ValueError(f"{path}: {e}{hint}") from None
+        raise UserError(f"{path}: {e}{hint}") from e
 
 
 def _read_torch(path: Path, weights: str, model: str | None) -> DiTCheckpoint:
     obj = torch_load(path)
     if not isinstance(obj, dict):
-        raise ValueError(f"{path}: holds a {type(obj).__name__}, not a DiT checkpoint ({KNOWN})")
+        raise UserError(f"{path}: holds a {type(obj).__name__}, not a DiT checkpoint ({KNOWN})")
     if "model_config" in obj:
         sd = _pick(obj, weights, path, "a ditlab checkpoint")
         vae = obj.get("vae") or codec_of_run(obj.get("config"))
@@ -136,12 +136,12 @@ def _read_torch(path: Path, weights: str, model: str | None) -> DiTCheckpoint:
         _single_set(path, weights)
         return DiTCheckpoint(obj, _authors_config(obj, model, path), "original", str(path))
     keys = ", ".join(list(obj)[:4])
-    raise ValueError(f"{path}: a dict with keys {keys}..., not a DiT checkpoint ({KNOWN})")
+    raise UserError(f"{path}: a dict with keys {keys}..., not a DiT checkpoint ({KNOWN})")
 
 
 def _single_set(path: Path, weights: str) -> None:
     if weights != "ema":
-        raise ValueError(f"{path} holds one set of weights: --weights {weights} applies only to checkpoints with "
+        raise UserError(f"{path} holds one set of weights: --weights {weights} applies only to checkpoints with "
                          "both EMA and raw weights")
 
 
@@ -154,9 +154,9 @@ def _read_safetensors(path: Path, weights: str, model: str | None) -> DiTCheckpo
             meta = f.metadata() or {}
             sd = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:
-        raise ValueError(f"{path}: cannot read it as safetensors ({one_line(e)})") from None
+        raise UserError(f"{path}: cannot read it as safetensors ({one_line(e)})") from e
     if any(k.startswith("transformer_blocks.") for k in sd):
-        raise ValueError(f"{path}: diffusers' weight file; pass the folder that holds it and its config.json")
+        raise UserError(f"{path}: diffusers' weight file; pass the folder that holds it and its config.json")
     if CONFIG_METADATA_KEY in meta:
         config = json.loads(meta[CONFIG_METADATA_KEY])
     else:
@@ -174,7 +174,7 @@ def _diffusers_weights(folder: Path) -> dict[str, torch.Tensor]:
         return {k: v for shard in shards for k, v in load_file(str(folder / shard)).items()}
     if (folder / DIFFUSERS_BIN).is_file():
         return torch_load(folder / DIFFUSERS_BIN)
-    raise FileNotFoundError(f"{folder}: no {DIFFUSERS_SAFETENSORS}, {DIFFUSERS_INDEX} or {DIFFUSERS_BIN}")
+    raise UserFileNotFoundError(f"{folder}: no {DIFFUSERS_SAFETENSORS}, {DIFFUSERS_INDEX} or {DIFFUSERS_BIN}")
 
 
 def _read_diffusers(folder: Path, weights: str) -> DiTCheckpoint:
@@ -186,20 +186,20 @@ def _read_diffusers(folder: Path, weights: str) -> DiTCheckpoint:
         folder = folder / "transformer"  # a whole DiTPipeline folder: use its VAE too
         vae = str(root / "vae") if (root / "vae" / DIFFUSERS_CONFIG).is_file() else None
     if not (folder / DIFFUSERS_CONFIG).is_file():
-        raise ValueError(f"{root}: a folder without {DIFFUSERS_CONFIG}, so not a diffusers DiT ({KNOWN})")
+        raise UserError(f"{root}: a folder without {DIFFUSERS_CONFIG}, so not a diffusers DiT ({KNOWN})")
     try:
         dconfig = json.loads((folder / DIFFUSERS_CONFIG).read_text())
         cls = dconfig.get("_class_name")
         norm = dconfig.get("norm_type", "ada_norm_zero" if cls == DIFFUSERS_CLASSES[0] else None)
         if cls not in DIFFUSERS_CLASSES or norm != "ada_norm_zero":
-            raise ValueError(f"a {cls} with norm_type {norm}, not diffusers' DiT")
+            raise UserError(f"a {cls} with norm_type {norm}, not diffusers' DiT")
         config = {"mlp_ratio": DIFFUSERS_MLP_RATIO, "class_dropout_prob": DIFFUSERS_LABEL_DROPOUT,
                   **config_from_diffusers(dconfig)}
         sd = from_diffusers(_diffusers_weights(folder), config["input_size"], config["patch_size"])
     except FileNotFoundError:
         raise
     except (ValueError, KeyError, TypeError, OSError) as e:
-        raise ValueError(f"{folder}: cannot read it as a diffusers DiT ({one_line(e)})") from None
+        raise UserError(f"{folder}: cannot read it as a diffusers DiT ({one_line(e)})") from e
     return DiTCheckpoint(sd, config, "diffusers", str(root), vae=vae)
 
 
@@ -208,7 +208,7 @@ def _check_named(ckpt: DiTCheckpoint, name: str) -> None:
     diffs = [f"{k} {ckpt.config[k]} (a {name} has {named[k]})" for k in ("depth", "hidden_size", "patch_size",
                                                                            "num_heads") if ckpt.config[k] != named[k]]
     if diffs:
-        raise ValueError(f"{ckpt.source} does not hold a {name}: {', '.join(diffs)}")
+        raise UserError(f"{ckpt.source} does not hold a {name}: {', '.join(diffs)}")
 
 
 def read_checkpoint(path: str | os.PathLike, weights: str = "ema", model: str | None = None) -> DiTCheckpoint:
@@ -218,12 +218,12 @@ def read_checkpoint(path: str | os.PathLike, weights: str = "ema", model: str | 
 
     Unknown, corrupt or mismatching files raise a one-line ValueError naming the file."""
     if weights not in WEIGHT_SETS:
-        raise ValueError(f"--weights {weights}: choose {' or '.join(WEIGHT_SETS)}")
+        raise UserError(f"--weights {weights}: choose {' or '.join(WEIGHT_SETS)}")
     p = Path(path).expanduser()
     if p.is_dir():
         ckpt = _read_diffusers(p, weights)
     elif not p.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint file or folder")
+        raise UserFileNotFoundError(f"{path}: no such checkpoint file or folder")
     elif is_safetensors(p):
         ckpt = _read_safetensors(p, weights, model)
     else:
@@ -235,7 +235,7 @@ def read_checkpoint(path: str | os.PathLike, weights: str = "ema", model: str | 
             shell = DiT(**ckpt.config)
         check_weights(shell, ckpt.state_dict)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{ckpt.source}: {one_line(e)}") from None
+        raise UserError(f"{ckpt.source}: {one_line(e)}") from e
     return ckpt
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ditlab.errors import one_line
+from ditlab.errors import UserError, UserFileNotFoundError, one_line
 from ditlab.runtime.files import atomic_write
 
 CKPT_PATTERN = re.compile(r"^step-(\d{7,})\.pt$")
@@ -42,7 +42,7 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     """Load a checkpoint written by `save_checkpoint` (weights_only: no code is unpickled)."""
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no checkpoint at {path}") from None
+    except FileNotFoundError as e:
+        raise UserFileNotFoundError(f"no checkpoint at {path}") from e
     except Exception as e:  # truncated or foreign files
-        raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {one_line(e)}") from None
+        raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {one_line(e)}") from e

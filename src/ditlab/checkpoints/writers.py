@@ -21,6 +21,7 @@ from ditlab.checkpoints.formats import (
     DiTCheckpoint,
     read_checkpoint,
 )
+from ditlab.errors import UserError, UserFileExistsError
 from ditlab.models.weights import infer_config
 from ditlab.runtime.files import atomic_replace
 
@@ -59,16 +60,16 @@ def write_original(ckpt: DiTCheckpoint, path: Path) -> None:
     back from the weights alone (`infer_config`) are accepted."""
     config = ckpt.config
     if config["block"] != "adaln-zero":
-        raise ValueError(f"the authors' format holds adaLN-Zero DiTs only, not {config['block']!r}")
+        raise UserError(f"the authors' format holds adaLN-Zero DiTs only, not {config['block']!r}")
     if config["num_classes"] and not config["class_dropout_prob"]:
-        raise ValueError("the authors' format assumes a null-label row (label dropout > 0); this DiT has none")
+        raise UserError("the authors' format assumes a null-label row (label dropout > 0); this DiT has none")
     try:
         inferred = infer_config(ckpt.state_dict)
     except ValueError as e:
-        raise ValueError(f"the authors' format cannot describe this DiT: {e}") from None
+        raise UserError(f"the authors' format cannot describe this DiT: {e}") from e
     for key, value in config.items():
         if key != "class_dropout_prob" and inferred[key] != value:
-            raise ValueError(f"the authors' format stores no config and {key} would read back as "
+            raise UserError(f"the authors' format stores no config and {key} would read back as "
                              f"{inferred[key]}, not {value}")
     _save_torch(dict(ckpt.state_dict), path)
 
@@ -89,7 +90,7 @@ def write_diffusers(ckpt: DiTCheckpoint, path: Path) -> None:
 
     config = ckpt.config
     if config["num_classes"] and not config["class_dropout_prob"]:
-        raise ValueError("diffusers' DiT has a null-label row; this DiT (label dropout 0) has none")
+        raise UserError("diffusers' DiT has a null-label row; this DiT (label dropout 0) has none")
     dconfig = {"_class_name": "DiTTransformer2DModel", "_diffusers_version": _diffusers_version(),
                "norm_type": "ada_norm_zero", **diffusers_config(config)}
     sd = to_diffusers(ckpt.state_dict)
@@ -119,13 +120,13 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, weights: st
     """Convert the DiT checkpoint `src` (any readable format) to `dst` in format `to`; returns what
     was read. `weights` and `model` are as in `read_checkpoint`."""
     if to not in WRITERS:
-        raise ValueError(f"--to {to}: choose one of {', '.join(WRITERS)}")
+        raise UserError(f"--to {to}: choose one of {', '.join(WRITERS)}")
     dst = Path(dst).expanduser()
     if (dst.exists() or dst.is_symlink()) and not force:  # before the (slow) read
-        raise FileExistsError(f"{dst} exists: pass --force to replace it")
+        raise UserFileExistsError(f"{dst} exists: pass --force to replace it")
     ckpt = read_checkpoint(src, weights=weights, model=model)
     try:
         atomic_replace(dst, lambda tmp: WRITERS[to](ckpt, tmp))
     except ValueError as e:
-        raise ValueError(f"--to {to}: {e}; {dst} not written") from None
+        raise UserError(f"--to {to}: {e}; {dst} not written") from e
     return ckpt

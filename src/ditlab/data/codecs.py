@@ -13,7 +13,7 @@ from typing import Protocol
 
 import torch
 
-from ditlab.errors import one_line
+from ditlab.errors import UserError, UserFileNotFoundError, one_line
 
 LATENT_SCALE = 0.18215  # SD VAE latents times this have roughly unit variance (LDM paper, D.1)
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
@@ -117,34 +117,21 @@ def _load_vae(spec: str, dtype: torch.dtype, local_files_only: bool):
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
             if not os.path.isfile(os.path.join(path, "vae", "config.json")):
-                raise ValueError(f"--vae {spec}: folder has no config.json; {_how_to_fix(DEFAULT_VAE)}")
+                raise UserError(f"--vae {spec}: folder has no config.json; {_how_to_fix(DEFAULT_VAE)}")
             kwargs["subfolder"] = "vae"  # a whole Stable Diffusion pipeline folder
         try:
             return AutoencoderKL.from_pretrained(path, **kwargs)
         except Exception as e:  # diffusers raises OSError, ValueError, KeyError... for a bad folder
-            raise ValueError(f"--vae {spec}: cannot load an AutoencoderKL from this folder ({one_line(e)}); "
-                             f"{_how_to_fix(DEFAULT_VAE)}") from None
+            raise UserError(f"--vae {spec}: cannot load an AutoencoderKL from this folder ({one_line(e)}); "
+                             f"{_how_to_fix(DEFAULT_VAE)}") from e
     if not _is_hub_id(spec):
-        raise FileNotFoundError(f"--vae {spec}: no such folder (nor a hub id like {DEFAULT_VAE}); "
+        raise UserFileNotFoundError(f"--vae {spec}: no such folder (nor a hub id like {DEFAULT_VAE}); "
                                 f"{_how_to_fix(DEFAULT_VAE)}")
     try:
         return AutoencoderKL.from_pretrained(spec, local_files_only=local_files_only, **kwargs)
     except Exception as e:  # no network, unknown repository, gated model...
-        raise ValueError(f"--vae {spec}: cannot load it from the Hugging Face hub or its cache ({one_line(e)}); "
-                         f"{_how_to_fix(spec)}") from None
-
-
-VAE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """The VAE's dtype: "auto" is fp16 on CUDA (the SD VAE encoder is safe in it, with three more
-    mantissa bits than bf16) and fp32 on CPU (where half-precision convolutions are slow)."""
-    if precision == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    if precision not in VAE_DTYPES:
-        raise ValueError(f"--precision {precision}: choose auto, {', '.join(VAE_DTYPES)}")
-    return VAE_DTYPES[precision]
+        raise UserError(f"--vae {spec}: cannot load it from the Hugging Face hub or its cache ({one_line(e)}); "
+                         f"{_how_to_fix(spec)}") from e
 
 
 def load_codec(spec: str = DEFAULT_VAE, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,

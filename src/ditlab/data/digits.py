@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from ditlab.errors import UserError
+
 DIGITS_SIZE = 8  # native resolution
 DIGITS_MAX = 16.0  # pixel values run from 0 to 16
 DIGITS_CLASSES = 10
@@ -21,12 +23,12 @@ def load_digits_arrays(split: str = "train", image_size: int = DIGITS_SIZE) -> t
     from sklearn.datasets import load_digits
 
     if image_size % DIGITS_SIZE or image_size < DIGITS_SIZE:
-        raise ValueError(f"--image-size {image_size}: the digits are trained at a multiple of 8 pixels")
+        raise UserError(f"--image-size {image_size}: the digits are trained at a multiple of 8 pixels")
     bunch = load_digits()
     order = np.random.RandomState(SPLIT_SEED).permutation(len(bunch.target))
     pick = {"train": order[HELD_OUT:], "test": order[:HELD_OUT], "all": np.arange(len(order))}.get(split)
     if pick is None:
-        raise ValueError(f"unknown digits split {split!r}: train, test or all")
+        raise UserError(f"unknown digits split {split!r}: train, test or all")
     images = torch.from_numpy(bunch.images[pick]).float() / DIGITS_MAX * 2 - 1  # (N, 8, 8) in [-1, 1]
     images = images.unsqueeze(1)  # (N, 1, 8, 8)
     if image_size != DIGITS_SIZE:

@@ -18,10 +18,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from ditlab.data.codecs import DEFAULT_VAE, compute_dtype, load_codec
+from ditlab.data.codecs import DEFAULT_VAE, load_codec
 from ditlab.data.images import ImageFolderDataset
 from ditlab.data.latents import STORAGE_DTYPES, read_shard_meta, shard_name, write_index, write_shard
+from ditlab.errors import UserError
 from ditlab.runtime.distributed import barrier, broadcast_object, distributed_session
+from ditlab.runtime.precision import vae_dtype
 
 BARRIER_TIMEOUT = timedelta(hours=6)  # ranks may finish their shards far apart after a resume
 SHARD_SETTINGS = ("image_size", "codec", "dtype", "latent_shape", "shard_size")  # recorded in every shard
@@ -51,9 +53,9 @@ def _check_done(meta: dict[str, Any], settings: dict[str, Any], files: list[str]
     want = {k: settings[k] for k in made}
     if made != want:
         diff = ", ".join(f"{k} {made[k]} (now {want[k]})" for k in made if made[k] != want[k])
-        raise ValueError(f"{out}/{name}.json was made with other settings: {diff}; use a new --out or the same flags")
+        raise UserError(f"{out}/{name}.json was made with other settings: {diff}; use a new --out or the same flags")
     if sorted(meta["paths"] + [s["path"] for s in meta["skipped"]]) != sorted(files):
-        raise ValueError(f"{out}/{name}.json was made from other files (the image folder or --shard-size "
+        raise UserError(f"{out}/{name}.json was made from other files (the image folder or --shard-size "
                          "changed); use a new --out")
 
 
@@ -75,7 +77,7 @@ def _pending(out: str, settings: dict[str, Any], shard_files: Callable[[int], li
             msg = [None, str(e)]
     todo, error = broadcast_object(msg)
     if error is not None:
-        raise ValueError(error)
+        raise UserError(error)
     return todo
 
 
@@ -86,7 +88,7 @@ def _to_storage(x: torch.Tensor, dtype: str, paths: list[str], what: str) -> np.
     for arr, hint in ((computed, "--precision fp32"), (stored, "--dtype float32")):
         bad = ~np.isfinite(arr.reshape(len(arr), -1)).all(axis=1)  # (B,)
         if bad.any():
-            raise ValueError(f"non-finite latent {what} for {paths[int(np.argmax(bad))]}; try {hint}")
+            raise UserError(f"non-finite latent {what} for {paths[int(np.argmax(bad))]}; try {hint}")
     return stored
 
 
@@ -100,15 +102,15 @@ def extract_latents(data: str, out: str, image_size: int = 256, vae: str = DEFAU
     "seconds", "images_per_s" (this rank), "skipped" (all skipped files of the cache, on rank 0)."""
     for flag, value in (("--batch-size", batch_size), ("--shard-size", shard_size), ("--image-size", image_size)):
         if value < 1:
-            raise ValueError(f"{flag} {value} must be positive")
+            raise UserError(f"{flag} {value} must be positive")
     if dtype not in STORAGE_DTYPES:
-        raise ValueError(f"--dtype {dtype}: choose {', '.join(STORAGE_DTYPES)}")
+        raise UserError(f"--dtype {dtype}: choose {', '.join(STORAGE_DTYPES)}")
     with distributed_session(timeout=BARRIER_TIMEOUT) as info:
         rank, world, device = info.rank, info.world_size, info.device
         images = ImageFolderDataset(data, image_size)
-        codec = load_codec(vae, device=device, dtype=compute_dtype(precision, device))
+        codec = load_codec(vae, device=device, dtype=vae_dtype(precision, device))
         if image_size % codec.downsample:
-            raise ValueError(f"--image-size {image_size} is not a multiple of {codec.downsample}, the downsampling "
+            raise UserError(f"--image-size {image_size} is not a multiple of {codec.downsample}, the downsampling "
                              f"factor of --vae {vae}")
         h = image_size // codec.downsample
         codec_id = os.path.abspath(os.path.expanduser(vae)) if os.path.isdir(os.path.expanduser(vae)) else vae
@@ -137,7 +139,7 @@ def extract_latents(data: str, out: str, image_size: int = 256, vae: str = DEFAU
             metas = [read_shard_meta(out, k) for k in range(num_shards)]
             missing = [shard_name(k) for k, m in enumerate(metas) if m is None]
             if missing:
-                raise ValueError(f"{out}: shards {', '.join(missing[:3])} are missing after all ranks finished")
+                raise UserError(f"{out}: shards {', '.join(missing[:3])} are missing after all ranks finished")
             index = write_index(out, settings, metas)
             summary.update(num_samples=index["num_samples"], skipped=index["skipped"])
             where = " on rank 0" if world > 1 else ""
@@ -184,7 +186,7 @@ def _encode_shards(images: ImageFolderDataset, codec, device: torch.device, shar
             for i, j in enumerate(index):
                 k = j // size
                 if error[i] and not skip_bad_files:
-                    raise ValueError(f"{error[i]}; {shard_name(k)} not written (finished shards are kept): "
+                    raise UserError(f"{error[i]}; {shard_name(k)} not written (finished shards are kept): "
                                      "fix or remove the file, or pass --skip-bad-files")
                 if error[i]:
                     shard["skipped"].append({"path": paths[i], "error": error[i]})

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ditlab.errors import one_line
+from ditlab.errors import UserError, UserFileNotFoundError, one_line
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -41,7 +41,7 @@ def load_rgb(path: str) -> Image.Image:
             image = Image.open(f)
             return image.convert("RGB")  # convert() decodes every pixel, so truncation shows here
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
-        raise ValueError(f"cannot read image {path}: {one_line(e)}") from None
+        raise UserError(f"cannot read image {path}: {one_line(e)}") from e
 
 
 def to_tensor(arr: np.ndarray) -> torch.Tensor:
@@ -55,10 +55,10 @@ def scan_image_folder(root: str) -> tuple[list[str], list[tuple[str, int]]]:
     """(classes, samples): sorted class folder names, and (path relative to root, label) for
     every file with an image extension (case-insensitive), in class then path order."""
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"--data {root}: no such folder")
+        raise UserFileNotFoundError(f"--data {root}: no such folder")
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     if not classes:
-        raise ValueError(f"--data {root}: no class subfolders; expected the ImageNet layout {root}/<class>/<image>")
+        raise UserError(f"--data {root}: no class subfolders; expected the ImageNet layout {root}/<class>/<image>")
     samples = []
     for label, name in enumerate(classes):
         found = []
@@ -67,7 +67,7 @@ def scan_image_folder(root: str) -> tuple[list[str], list[tuple[str, int]]]:
             found += [os.path.relpath(os.path.join(folder, f), root) for f in files
                       if f.lower().endswith(IMAGE_EXTENSIONS)]
         if not found:
-            raise ValueError(f"--data {root}: class folder {name!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+            raise UserError(f"--data {root}: class folder {name!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
         samples += [(path, label) for path in sorted(found)]
     return classes, samples
 
@@ -81,7 +81,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     def __init__(self, root: str, image_size: int):
         if image_size < 1:
-            raise ValueError(f"--image-size {image_size} must be positive")
+            raise UserError(f"--image-size {image_size} must be positive")
         self.root = root
         self.image_size = image_size
         self.classes, self.samples = scan_image_folder(root)

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ditlab.errors import UserError, UserFileNotFoundError
 from ditlab.runtime.files import atomic_write, atomic_write_text
 
 INDEX_NAME = "index.json"
@@ -87,11 +88,12 @@ def read_index(root: str) -> dict[str, Any]:
     """The index of the cache at `root`; a one-line error if it is missing or not ours."""
     path = os.path.join(root, INDEX_NAME)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{root}: not a latent cache (no {INDEX_NAME}; make one with `ditlab extract-latents`)")
+        raise UserFileNotFoundError(f"{root}: not a latent cache (no {INDEX_NAME}; make one with "
+                                    "`ditlab extract-latents`)")
     with open(path) as f:
         index = json.load(f)
     if index.get("format") != FORMAT or index.get("version") != VERSION:
-        raise ValueError(f"{path}: not a {FORMAT} version {VERSION} index")
+        raise UserError(f"{path}: not a {FORMAT} version {VERSION} index")
     return index
 
 
@@ -115,7 +117,7 @@ class LatentCacheDataset(torch.utils.data.Dataset):
         self._starts = np.concatenate([[0], np.cumsum(counts)])  # (num_shards + 1,)
         self.labels = np.load(os.path.join(root, LABELS_NAME))  # (num_samples,) int64
         if len(self.labels) != self._starts[-1] or self._starts[-1] != self.index["num_samples"]:
-            raise ValueError(f"{root}: {LABELS_NAME} holds {len(self.labels)} labels, the index "
+            raise UserError(f"{root}: {LABELS_NAME} holds {len(self.labels)} labels, the index "
                              f"{self.index['num_samples']} samples; re-run `ditlab extract-latents`")
         self._shards: dict[int, np.ndarray] = {}
 
@@ -132,7 +134,7 @@ class LatentCacheDataset(torch.utils.data.Dataset):
             arr = np.load(path, mmap_mode="r")
             want = (self.index["shards"][k]["count"], 2, 2, *self.latent_shape)
             if arr.shape != want or arr.dtype != STORAGE_DTYPES[self.dtype]:
-                raise ValueError(f"{path}: holds {arr.dtype} {arr.shape}, the index says {self.dtype} {want}")
+                raise UserError(f"{path}: holds {arr.dtype} {arr.shape}, the index says {self.dtype} {want}")
             self._shards[k] = arr
         return arr
 

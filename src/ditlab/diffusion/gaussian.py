@@ -14,6 +14,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from ditlab.errors import UserError
+
 BIN_WIDTH = 1.0 / 255.0  # half the spacing of 256 pixel levels rescaled to [-1, 1]
 EDGE = 0.999  # data beyond +-EDGE is the first / last pixel level: the open-ended bins
 LOG_FLOOR = 1e-12  # probabilities are clamped here before the log
@@ -137,7 +139,7 @@ def p_mean_variance(
     x_t, model_output = x_t.to(dtype), model_output.to(dtype)
     if learn_sigma:
         if model_output.shape != (x_t.shape[0], 2 * C, *x_t.shape[2:]):
-            raise ValueError(
+            raise UserError(
                 f"with learned sigma the model output must have {2 * C} channels (eps and v) for an input of "
                 f"shape {tuple(x_t.shape)}, got {tuple(model_output.shape)}"
             )
@@ -148,11 +150,11 @@ def p_mean_variance(
         log_variance = frac * max_log + (1 - frac) * min_log
     else:
         if model_output.shape != x_t.shape:
-            raise ValueError(
+            raise UserError(
                 f"the model output must have the input's shape {tuple(x_t.shape)}, got {tuple(model_output.shape)}"
             )
         if fixed_variance not in FIXED_VARIANCES:
-            raise ValueError(f"unknown fixed variance {fixed_variance!r}; choose one of {', '.join(FIXED_VARIANCES)}")
+            raise UserError(f"unknown fixed variance {fixed_variance!r}; choose one of {', '.join(FIXED_VARIANCES)}")
         eps = model_output
         table = tab.fixed_large_log_variance if fixed_variance == "large" else tab.posterior_log_variance_clipped
         log_variance = extract(table, t, x_t).expand_as(x_t)  # (N, C, ...)
@@ -217,7 +219,7 @@ def training_losses(
     x0 = x0.to(dtype)
     noise = torch.randn_like(x0) if noise is None else noise.to(dtype)
     if noise.shape != x0.shape:
-        raise ValueError(f"noise of shape {tuple(noise.shape)} does not match x0 of shape {tuple(x0.shape)}")
+        raise UserError(f"noise of shape {tuple(noise.shape)} does not match x0 of shape {tuple(x0.shape)}")
     x_t = q_sample(tab, x0, t, noise)
     model_output = model(x_t, tab.timesteps[t], y).to(dtype)  # (N, 2C or C, ...)
     C = x0.shape[1]

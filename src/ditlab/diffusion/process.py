@@ -12,6 +12,7 @@ import torch
 from ditlab.diffusion import gaussian, samplers
 from ditlab.diffusion.gaussian import FIXED_VARIANCES, ModelFn, ProcessTables
 from ditlab.diffusion.schedule import get_betas, respaced_betas, spaced_timesteps
+from ditlab.errors import UserError
 
 
 class Diffusion:
@@ -29,7 +30,7 @@ class Diffusion:
         fixed_variance: str = "large",
     ):
         if fixed_variance not in FIXED_VARIANCES:
-            raise ValueError(f"unknown fixed variance {fixed_variance!r}; choose one of {', '.join(FIXED_VARIANCES)}")
+            raise UserError(f"unknown fixed variance {fixed_variance!r}; choose one of {', '.join(FIXED_VARIANCES)}")
         betas = get_betas(schedule, num_timesteps)
         self.schedule = schedule
         self.learn_sigma = learn_sigma
@@ -95,7 +96,7 @@ class Diffusion:
         base_len = len(self.base_alphas_cumprod)
         if not ts or any(b <= a for a, b in zip(ts, ts[1:])) or ts[0] < 0 or ts[-1] >= base_len:
             shown = ts if len(ts) <= 8 else [*ts[:4], "...", *ts[-4:]]
-            raise ValueError(f"timesteps must be strictly ascending indices in [0, {base_len}), got {shown}")
+            raise UserError(f"timesteps must be strictly ascending indices in [0, {base_len}), got {shown}")
         spaced = copy.copy(self)  # the same settings; the process itself is replaced below
         betas = respaced_betas(self.base_alphas_cumprod, ts)
         spaced._set_process(betas, torch.tensor(ts, dtype=torch.long), self.base_alphas_cumprod)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ditlab.diffusion.gaussian import ModelFn, ProcessTables, extract, predict_eps_from_x0
+from ditlab.errors import UserError
 
 if TYPE_CHECKING:
     from ditlab.diffusion.process import Diffusion
@@ -36,10 +37,10 @@ def guided_model(
     if cfg_scale == 1.0:
         return lambda x, t: model(x, t, y)
     if y is None:
-        raise ValueError(f"classifier-free guidance (cfg_scale={cfg_scale}) needs class labels y")
+        raise UserError(f"classifier-free guidance (cfg_scale={cfg_scale}) needs class labels y")
     null_class = getattr(model, "null_class", None)
     if null_class is None:
-        raise ValueError(f"classifier-free guidance (cfg_scale={cfg_scale}) needs a model with a null class")
+        raise UserError(f"classifier-free guidance (cfg_scale={cfg_scale}) needs a model with a null class")
     k = channels if guidance_channels is None else guidance_channels
     y_both = torch.cat([y, torch.full_like(y, null_class)])  # (2N,)
 
@@ -63,7 +64,7 @@ def noise_source(like: torch.Tensor, generator: Generators) -> NoiseFn:
         return lambda: torch.randn(shape, generator=g, dtype=dtype, device=g.device).to(device)
     gens = list(generator)
     if len(gens) != shape[0]:
-        raise ValueError(f"got {len(gens)} generators for a batch of {shape[0]}: pass one per image")
+        raise UserError(f"got {len(gens)} generators for a batch of {shape[0]}: pass one per image")
     row = (1, *shape[1:])
     return lambda: torch.cat([torch.randn(row, generator=g, dtype=dtype, device=g.device).to(device) for g in gens])
 
@@ -195,20 +196,20 @@ def sample(
     (pixel space; DiT samples latents without). The model should be in eval mode (DiT drops
     labels in training mode)."""
     if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        raise UserError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     if not isinstance(steps, int) or not 1 <= steps <= diffusion.num_timesteps:
-        raise ValueError(f"steps must be between 1 and the process length {diffusion.num_timesteps}, got {steps}")
+        raise UserError(f"steps must be between 1 and the process length {diffusion.num_timesteps}, got {steps}")
     if eta < 0 or (eta != 0 and sampler != "ddim"):
-        raise ValueError(f"eta={eta} is only meaningful for sampler 'ddim' (eta >= 0)")
+        raise UserError(f"eta={eta} is only meaningful for sampler 'ddim' (eta >= 0)")
     if noise.ndim < 2:
-        raise ValueError(f"noise must be (N, C, ...), got shape {tuple(noise.shape)}")
+        raise UserError(f"noise must be (N, C, ...), got shape {tuple(noise.shape)}")
     N, C = noise.shape[:2]
     if y is None and getattr(model, "num_classes", 0):
-        raise ValueError(f"the model is class-conditional ({model.num_classes} classes): pass labels y")
+        raise UserError(f"the model is class-conditional ({model.num_classes} classes): pass labels y")
     if y is not None and tuple(y.shape) != (N,):
-        raise ValueError(f"y must have shape ({N},) to match the noise, got {tuple(y.shape)}")
+        raise UserError(f"y must have shape ({N},) to match the noise, got {tuple(y.shape)}")
     if guidance_channels is not None and not 1 <= guidance_channels <= C:
-        raise ValueError(f"guidance_channels must be between 1 and {C}, got {guidance_channels}")
+        raise UserError(f"guidance_channels must be between 1 and {C}, got {guidance_channels}")
     if isinstance(model, torch.nn.Module) and model.training:
         warnings.warn("sampling from a model in training mode (DiT then drops labels at random): call model.eval()",
                       stacklevel=2)  # fmt: skip

@@ -11,6 +11,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from ditlab.errors import UserError
+
 LINEAR_BETA_START = 1e-4  # Ho et al. (2020), for a 1000-step process
 LINEAR_BETA_END = 0.02
 LINEAR_REFERENCE_STEPS = 1000  # the linear endpoints are scaled by 1000 / T
@@ -46,9 +48,9 @@ BETA_SCHEDULES: dict[str, Callable[[int], torch.Tensor]] = {
 def get_betas(schedule: str, num_timesteps: int) -> torch.Tensor:
     """The named schedule's betas (T,) float64."""
     if schedule not in BETA_SCHEDULES:
-        raise ValueError(f"unknown noise schedule {schedule!r}; choose one of {', '.join(BETA_SCHEDULES)}")
+        raise UserError(f"unknown noise schedule {schedule!r}; choose one of {', '.join(BETA_SCHEDULES)}")
     if num_timesteps < 2:
-        raise ValueError(f"num_timesteps must be at least 2, got {num_timesteps}")
+        raise UserError(f"num_timesteps must be at least 2, got {num_timesteps}")
     return BETA_SCHEDULES[schedule](num_timesteps)
 
 
@@ -79,7 +81,7 @@ def spaced_timesteps(num_timesteps: int, spacing: int | str | Sequence[int]) -> 
         for stride in range(1, T):
             if len(range(0, T, stride)) == desired:
                 return list(range(0, T, stride))
-        raise ValueError(f"spacing {spacing!r}: no integer stride gives {desired} of {T} steps")
+        raise UserError(f"spacing {spacing!r}: no integer stride gives {desired} of {T} steps")
     if isinstance(spacing, str):
         counts = [_parse_count(c, spacing) for c in spacing.split(",")]
     elif isinstance(spacing, int):
@@ -87,13 +89,13 @@ def spaced_timesteps(num_timesteps: int, spacing: int | str | Sequence[int]) -> 
     else:
         counts = [int(c) for c in spacing]
     if not counts or any(c < 1 for c in counts) or sum(counts) > T:
-        raise ValueError(f"steps must be between 1 and the process length {T}, got {_show(spacing)}")
+        raise UserError(f"steps must be between 1 and the process length {T}, got {_show(spacing)}")
     size_per, extra = divmod(T, len(counts))
     start, kept = 0, []
     for i, count in enumerate(counts):
         size = size_per + (1 if i < extra else 0)
         if size < count:
-            raise ValueError(f"spacing {_show(spacing)}: section {i} has {size} steps, fewer than {count}")
+            raise UserError(f"spacing {_show(spacing)}: section {i} has {size} steps, fewer than {count}")
         kept += [start + k for k in _section(size, count)]
         start += size
     return sorted(set(kept))
@@ -103,7 +105,7 @@ def _parse_count(text: str, spacing: str) -> int:
     try:
         return int(text)
     except ValueError as e:
-        raise ValueError(f"spacing {spacing!r}: expected a step count like 250, \"10,15,20\" or \"ddim50\"") from e
+        raise UserError(f"spacing {spacing!r}: expected a step count like 250, \"10,15,20\" or \"ddim50\"") from e
 
 
 def _show(spacing: int | str | Sequence[int]) -> str:

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from ditlab.errors import UserError, UserFileNotFoundError
 from ditlab.evaluation.inception import POOL_DIM, SPATIAL_DIM
 from ditlab.evaluation.metrics import FeatureStats
 from ditlab.runtime.files import atomic_write
@@ -24,12 +25,12 @@ STATS_DIMS = {"pool": POOL_DIM, "spatial": SPATIAL_DIM}
 
 def _npz_members(path: str) -> list[str]:
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file")
+        raise UserFileNotFoundError(f"{path}: no such file")
     try:
         with zipfile.ZipFile(path) as z:
             return z.namelist()
-    except zipfile.BadZipFile:
-        raise ValueError(f"{path}: not an .npz archive") from None
+    except zipfile.BadZipFile as e:
+        raise UserError(f"{path}: not an .npz archive") from e
 
 
 class NpzImages:
@@ -40,15 +41,15 @@ class NpzImages:
     def __init__(self, path: str):
         self.path = path
         if IMAGES_KEY + ".npy" not in _npz_members(path):
-            raise ValueError(f"{path}: no {IMAGES_KEY} (ADM batches hold uint8 images (N, H, W, 3) in {IMAGES_KEY})")
+            raise UserError(f"{path}: no {IMAGES_KEY} (ADM batches hold uint8 images (N, H, W, 3) in {IMAGES_KEY})")
         with zipfile.ZipFile(path) as z, z.open(IMAGES_KEY + ".npy") as f:
             shape, fortran, dtype = self._read_header(f)
         if dtype != np.uint8:
-            raise ValueError(f"{path}: {IMAGES_KEY} is {dtype}, expected uint8 images in [0, 255]")
+            raise UserError(f"{path}: {IMAGES_KEY} is {dtype}, expected uint8 images in [0, 255]")
         if len(shape) != 4 or shape[3] != 3 or shape[0] == 0:
-            raise ValueError(f"{path}: {IMAGES_KEY} has shape {shape}, expected uint8 (N, H, W, 3) with N >= 1")
+            raise UserError(f"{path}: {IMAGES_KEY} has shape {shape}, expected uint8 (N, H, W, 3) with N >= 1")
         if fortran:
-            raise ValueError(f"{path}: {IMAGES_KEY} is stored in Fortran order; save it C-contiguous")
+            raise UserError(f"{path}: {IMAGES_KEY} is stored in Fortran order; save it C-contiguous")
         self.num_images, self.shape = shape[0], tuple(shape[1:])
 
     def _read_header(self, f) -> tuple[tuple[int, ...], bool, np.dtype]:
@@ -56,10 +57,10 @@ class NpzImages:
         try:
             version = np.lib.format.read_magic(f)
             if version not in readers:
-                raise ValueError(f"unsupported .npy format version {version}")
+                raise UserError(f"unsupported .npy format version {version}")
             return readers[version](f)
         except ValueError as e:
-            raise ValueError(f"{self.path}: {IMAGES_KEY} is not a readable .npy array ({e})") from None
+            raise UserError(f"{self.path}: {IMAGES_KEY} is not a readable .npy array ({e})") from e
 
     def batches(self, batch_size: int) -> Iterator[np.ndarray]:
         """uint8 batches (B, H, W, 3) in file order; the last one may be shorter."""
@@ -70,7 +71,7 @@ class NpzImages:
                 count = min(batch_size, self.num_images - start)
                 batch = np.empty((count, *self.shape), dtype=np.uint8)  # (B, H, W, 3)
                 if f.readinto(memoryview(batch).cast("B")) != count * per_image:
-                    raise ValueError(f"{self.path}: {IMAGES_KEY} is truncated after {start} images")
+                    raise UserError(f"{self.path}: {IMAGES_KEY} is truncated after {start} images")
                 yield batch
 
 
@@ -84,7 +85,7 @@ def load_stats(path: str) -> dict[str, FeatureStats] | None:
         return None
     if len(present) != len(names):
         missing = [n for n in names if n not in members]
-        raise ValueError(f"{path}: has {', '.join(present)} but not {', '.join(missing)}")
+        raise UserError(f"{path}: has {', '.join(present)} but not {', '.join(missing)}")
     with np.load(path) as z:
         stats = {}
         for kind, (mu_key, sigma_key) in STATS_KEYS.items():
@@ -96,14 +97,14 @@ def _checked_stats(kind: str, mu: np.ndarray, sigma: np.ndarray, where: str) -> 
     mu, sigma, d = np.asarray(mu, np.float64), np.asarray(sigma, np.float64), STATS_DIMS[kind]
     if mu.shape != (d,) or sigma.shape != (d, d):
         mu_key, sigma_key = STATS_KEYS[kind]
-        raise ValueError(f"{where}: {mu_key} {mu.shape} / {sigma_key} {sigma.shape}, expected ({d},) / ({d}, {d})")
+        raise UserError(f"{where}: {mu_key} {mu.shape} / {sigma_key} {sigma.shape}, expected ({d},) / ({d}, {d})")
     return FeatureStats(mu, sigma)
 
 
 def _check_images(images: np.ndarray) -> np.ndarray:
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3:
-        raise ValueError(f"images must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
+        raise UserError(f"images must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
     return np.ascontiguousarray(images)
 
 
@@ -113,7 +114,7 @@ def save_samples(path: str, images: np.ndarray, labels: np.ndarray | None = None
     if labels is not None:
         labels = np.asarray(labels)
         if labels.shape != (arrays[IMAGES_KEY].shape[0],):
-            raise ValueError(f"labels must be (N,) with N = {arrays[IMAGES_KEY].shape[0]}, got {labels.shape}")
+            raise UserError(f"labels must be (N,) with N = {arrays[IMAGES_KEY].shape[0]}, got {labels.shape}")
         arrays[LABELS_KEY] = labels
     atomic_write(path, lambda f: np.savez(f, **arrays))
 

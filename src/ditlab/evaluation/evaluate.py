@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import torch
 
+from ditlab.errors import UserError
 from ditlab.evaluation.batches import NpzImages, load_stats
 from ditlab.evaluation.inception import InceptionV3, load_inception
 from ditlab.evaluation.metrics import (
@@ -39,10 +40,10 @@ def _device(name: str | None) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name}: not a torch device (cpu, cuda, cuda:1, ...)") from None
+    except RuntimeError as e:
+        raise UserError(f"--device {name}: not a torch device (cpu, cuda, cuda:1, ...)") from e
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available here")
+        raise UserError(f"--device {name}: CUDA is not available here")
     return device
 
 
@@ -83,13 +84,13 @@ def evaluate(
     both files (ADM's reference batches hold 10K images for this). Returns a JSON-ready dict:
     fid, sfid, is, precision, recall, and how many images and which statistics were used."""
     if batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
     files = {"samples": samples_path, "ref": ref_path}
     images = {name: NpzImages(path) for name, path in files.items()}  # layout errors before any compute
     stored = {name: load_stats(path) for name, path in files.items()}
     for imgs in images.values():
         if imgs.num_images <= PR_NEIGHBOURS:
-            raise ValueError(f"{imgs.path}: {imgs.num_images} images; precision/recall need more than {PR_NEIGHBOURS}")
+            raise UserError(f"{imgs.path}: {imgs.num_images} images; precision/recall need more than {PR_NEIGHBOURS}")
     model = load_inception(inception_path, _device(device))
 
     feats = {name: extract_features(model, imgs, batch_size, progress) for name, imgs in images.items()}

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ditlab.errors import UserError, UserFileNotFoundError
+
 WEIGHTS_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + WEIGHTS_FILENAME
 INPUT_SIZE = 299  # the graph resizes every image to 299x299
@@ -209,7 +211,7 @@ class InceptionV3(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """images (N, 3, H, W) uint8 -> pool_3 (N, 2048), spatial (N, 17 * 17 * 7), float32."""
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"expected uint8 images (N, 3, H, W), got {images.dtype} {tuple(images.shape)}")
+            raise UserError(f"expected uint8 images (N, 3, H, W), got {images.dtype} {tuple(images.shape)}")
         x = resize_bilinear_tf1(images.to(self.fc.weight.dtype), INPUT_SIZE)  # (N, 3, 299, 299)
         x = (x - PIXEL_CENTER) / PIXEL_CENTER
         if images.is_cuda:
@@ -241,26 +243,26 @@ def load_inception(path: str | None = None, device: str | torch.device = "cpu") 
     mode on `device`. A missing file raises a one-line FileNotFoundError saying where to get it."""
     path = path or default_weights_path()
     if not os.path.isfile(path):
-        raise FileNotFoundError(
+        raise UserFileNotFoundError(
             f"Inception weights not found at {path}: download {WEIGHTS_URL} and put it there or pass --inception PATH"
         )
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file: say which
-        raise ValueError(f"{path}: not a readable PyTorch weights file ({type(e).__name__}: {e})") from None
+        raise UserError(f"{path}: not a readable PyTorch weights file ({type(e).__name__}: {e})") from e
     model = InceptionV3()
     if not isinstance(state_dict, dict):
-        raise ValueError(f"{path}: expected a state dict, got {type(state_dict).__name__}")
+        raise UserError(f"{path}: expected a state dict, got {type(state_dict).__name__}")
     # The converted TF weights carry no BN step counters; they are unused in eval mode.
     own = {k for k in model.state_dict() if not k.endswith("num_batches_tracked")}
     given = {k for k in state_dict if not k.endswith("num_batches_tracked")}
     if own != given:
         diff = sorted(own ^ given)
-        raise ValueError(f"{path}: not the InceptionV3 of {WEIGHTS_FILENAME}: {len(diff)} keys differ, e.g. {diff[0]}")
+        raise UserError(f"{path}: not the InceptionV3 of {WEIGHTS_FILENAME}: {len(diff)} keys differ, e.g. {diff[0]}")
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as e:
-        raise ValueError(f"{path}: {str(e).splitlines()[-1].strip()}") from None
+        raise UserError(f"{path}: {str(e).splitlines()[-1].strip()}") from e
     device = torch.device(device)
     model = model.to(device).eval().requires_grad_(False)
     if device.type == "cuda":

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ditlab.errors import UserError
+
 IS_SPLIT_SIZE = 5000  # ADM scores the samples in consecutive splits of 5000, in file order
 PR_NEIGHBOURS = 3  # k of the k-NN manifold radii
 PR_BATCH = 10_000  # rows and columns of one block of pairwise distances (ADM's block size)
@@ -34,7 +36,7 @@ def feature_stats(features: torch.Tensor | np.ndarray, chunk: int = 8192) -> Fea
     x = torch.as_tensor(features)
     n = x.shape[0]
     if x.dim() != 2 or n < 2:
-        raise ValueError(f"need features (N, D) with N >= 2 for a covariance, got {tuple(x.shape)}")
+        raise UserError(f"need features (N, D) with N >= 2 for a covariance, got {tuple(x.shape)}")
     mu = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
     for i in range(0, n, chunk):
         mu += x[i : i + chunk].to(torch.float64).sum(0)
@@ -79,7 +81,7 @@ def frechet_distance(
     mu1, mu2, s1, s2 = torch.atleast_1d(mu1), torch.atleast_1d(mu2), torch.atleast_2d(s1), torch.atleast_2d(s2)
     d = mu1.shape[0]
     if mu1.shape != (d,) or mu2.shape != (d,) or s1.shape != (d, d) or s2.shape != (d, d):
-        raise ValueError(
+        raise UserError(
             f"statistics do not match: mu {tuple(mu1.shape)} and {tuple(mu2.shape)}, "
             f"sigma {tuple(s1.shape)} and {tuple(s2.shape)}"
         )
@@ -97,7 +99,7 @@ def inception_score(logits: torch.Tensor | np.ndarray, split_size: int = IS_SPLI
     and the mean of the split scores. Zero probabilities contribute 0 (0 log 0 = 0)."""
     x = torch.as_tensor(logits).to(torch.float64)
     if x.dim() != 2 or x.shape[0] == 0:
-        raise ValueError(f"need logits (N, C) with N >= 1, got {tuple(x.shape)}")
+        raise UserError(f"need logits (N, C) with N >= 1, got {tuple(x.shape)}")
     scores = []
     for part in x.split(split_size):
         log_p = torch.log_softmax(part, dim=1)  # (B, C)
@@ -122,7 +124,7 @@ def manifold_radii(features: torch.Tensor, k: int = PR_NEIGHBOURS, batch: int = 
     Returns (N,) float32. Blocks of `batch` x `batch` distances keep 50K x 50K in memory."""
     n = features.shape[0]
     if n <= k:
-        raise ValueError(f"need more than k={k} feature vectors for k-NN radii, got {n}")
+        raise UserError(f"need more than k={k} feature vectors for k-NN radii, got {n}")
     radii = torch.empty(n, dtype=torch.float32, device=features.device)
     for i in range(0, n, batch):
         rows = features[i : i + batch]
@@ -144,7 +146,7 @@ def precision_recall(
     recall: the fraction of reference vectors within the k-NN radius of at least one sample.
     A point on a sphere's boundary counts as inside (distance <= radius)."""
     if ref.dim() != 2 or samples.dim() != 2 or ref.shape[1] != samples.shape[1]:
-        raise ValueError(f"features must be (N, D) with the same D, got {tuple(ref.shape)} and {tuple(samples.shape)}")
+        raise UserError(f"features must be (N, D) with the same D, got {tuple(ref.shape)} and {tuple(samples.shape)}")
     ref_radii = manifold_radii(ref, k, batch)  # (N,)
     sample_radii = manifold_radii(samples, k, batch)  # (M,)
     ref_covered = torch.zeros(ref.shape[0], dtype=torch.bool, device=ref.device)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ditlab.errors import UserError
 from ditlab.models.dit import DiT
 
 # (depth, hidden size, heads) of each model size, as in the paper's Table 1.
@@ -26,7 +27,7 @@ MODEL_CONFIGS: dict[str, dict[str, int]] = {
 def model_kwargs(name: str, **overrides: Any) -> dict[str, Any]:
     """The DiT constructor arguments of a named config, with overrides applied."""
     if name not in MODEL_CONFIGS:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_CONFIGS)}")
+        raise UserError(f"unknown model {name!r}; choose one of {', '.join(MODEL_CONFIGS)}")
     kwargs: dict[str, Any] = dict(MODEL_CONFIGS[name])
     kwargs.update({k: v for k, v in overrides.items() if v is not None})
     return kwargs

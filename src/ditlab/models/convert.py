@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from ditlab.errors import UserError
+
 DIFFUSERS_DOWNSCALE_FREQ_SHIFT = 0  # our timestep frequencies divide by half, not half - 1
 DIFFUSERS_NORM_EPS = 1e-6  # the reference LayerNorm epsilon (diffusers' default is 1e-5)
 
@@ -41,7 +43,7 @@ def to_diffusers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     """An adaLN-Zero DiT state dict (ours = the authors') -> diffusers' DiTTransformer2DModel."""
     sd = dict(state_dict)
     if "y_embedder.embedding_table.weight" not in sd:
-        raise ValueError("diffusers' DiTTransformer2DModel is class-conditional only; this DiT is unconditional")
+        raise UserError("diffusers' DiTTransformer2DModel is class-conditional only; this DiT is unconditional")
     out: dict[str, torch.Tensor] = {}
     for ours, theirs in _TOP_RENAMES:
         for kind in ("weight", "bias"):
@@ -60,7 +62,7 @@ def to_diffusers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
             for ours, theirs in _BLOCK_RENAMES:
                 out[f"{dst}{theirs}.{kind}"] = sd.pop(f"{src}{ours}.{kind}")
     if sd:
-        raise ValueError(f"cannot convert to diffusers' layout: unexpected keys {sorted(sd)[:5]}")
+        raise UserError(f"cannot convert to diffusers' layout: unexpected keys {sorted(sd)[:5]}")
     return out
 
 
@@ -86,14 +88,14 @@ def from_diffusers(state_dict: dict[str, torch.Tensor], input_size: int, patch_s
                 if i == 0:
                     out[name] = value
                 elif not torch.equal(value, out[name]):
-                    raise ValueError(f"diffusers checkpoint: block {i}'s copy of {theirs} differs from block 0's")
+                    raise UserError(f"diffusers checkpoint: block {i}'s copy of {theirs} differs from block 0's")
         for kind in ("weight", "bias"):
             qkv = [sd.pop(f"{src}attn1.to_{n}.{kind}") for n in "qkv"]
             out[f"{dst}attn.qkv.{kind}"] = torch.cat(qkv, dim=0)
             for ours, theirs in _BLOCK_RENAMES:
                 out[f"{dst}{ours}.{kind}"] = sd.pop(f"{src}{theirs}.{kind}")
     if sd:
-        raise ValueError(f"not a diffusers DiTTransformer2DModel state dict: unexpected keys {sorted(sd)[:5]}")
+        raise UserError(f"not a diffusers DiTTransformer2DModel state dict: unexpected keys {sorted(sd)[:5]}")
     hidden = out["x_embedder.proj.weight"].shape[0]
     grid = input_size // patch_size
     dtype = out["x_embedder.proj.weight"].dtype  # the table in the weights' dtype, as a cast state dict holds it
@@ -104,9 +106,9 @@ def from_diffusers(state_dict: dict[str, torch.Tensor], input_size: int, patch_s
 def diffusers_config(config: dict[str, Any]) -> dict[str, Any]:
     """The DiTTransformer2DModel config that matches one of our adaLN-Zero DiT configs."""
     if config["block"] != "adaln-zero":
-        raise ValueError(f"diffusers' DiT has only the adaLN-Zero design, not {config['block']!r}")
+        raise UserError(f"diffusers' DiT has only the adaLN-Zero design, not {config['block']!r}")
     if config["mlp_ratio"] != 4.0:
-        raise ValueError("diffusers' DiT has a fixed MLP ratio of 4")
+        raise UserError("diffusers' DiT has a fixed MLP ratio of 4")
     hidden, heads = config["hidden_size"], config["num_heads"]
     return {
         "num_attention_heads": heads,

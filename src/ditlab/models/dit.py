@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ditlab.errors import UserError
 from ditlab.models.layers import (
     Attention,
     CrossAttention,
@@ -152,9 +153,9 @@ class DiT(nn.Module):
     ):
         super().__init__()
         if block not in BLOCKS:
-            raise ValueError(f"unknown block design {block!r}; choose one of {', '.join(BLOCKS)}")
+            raise UserError(f"unknown block design {block!r}; choose one of {', '.join(BLOCKS)}")
         if num_classes < 0 or depth < 1 or hidden_size < 1:
-            raise ValueError(f"invalid DiT size: depth={depth} hidden_size={hidden_size} num_classes={num_classes}")
+            raise UserError(f"invalid DiT size: depth={depth} hidden_size={hidden_size} num_classes={num_classes}")
         self.config: dict[str, Any] = dict(
             input_size=input_size, patch_size=patch_size, in_channels=in_channels,
             hidden_size=hidden_size, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
@@ -229,10 +230,10 @@ class DiT(nn.Module):
         t_emb = self.t_embedder(t)  # (N, D)
         if self.y_embedder is None:
             if y is not None:
-                raise ValueError("this DiT is unconditional (num_classes=0): call it with y=None")
+                raise UserError("this DiT is unconditional (num_classes=0): call it with y=None")
             return t_emb, t_emb.unsqueeze(1)  # (N, D), (N, 1, D)
         if y is None:
-            raise ValueError(f"this DiT is class-conditional ({self.num_classes} classes): pass labels y")
+            raise UserError(f"this DiT is class-conditional ({self.num_classes} classes): pass labels y")
         y_emb = self.y_embedder(y, self.training)  # (N, D)
         return t_emb + y_emb, torch.stack([t_emb, y_emb], dim=1)  # (N, D), (N, 2, D)
 
@@ -240,7 +241,7 @@ class DiT(nn.Module):
         """x (N, C, H, W) noised input, t (N,) original timestep index, y (N,) labels
         (num_classes is the null label) -> (N, C_out, H, W), C_out = 2C with learned sigma."""
         if x.ndim != 4 or x.shape[1] != self.in_channels or x.shape[-2:] != (self.input_size,) * 2:
-            raise ValueError(
+            raise UserError(
                 f"DiT expects input of shape (N, {self.in_channels}, {self.input_size}, {self.input_size}), "
                 f"got {tuple(x.shape)}"
             )

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ditlab.errors import UserError
+
 TIMESTEP_FREQUENCIES = 256  # size of the sinusoidal timestep features fed to the MLP
 MAX_PERIOD = 10_000  # longest wavelength of the timestep and position sinusoids
 
@@ -37,7 +39,7 @@ def sincos_2d(dim: int, grid_size: int) -> torch.Tensor:
     The first half of each row encodes the token's column, the second half its row, as the
     reference implementation does (MAE's table)."""
     if dim % 4:
-        raise ValueError(f"hidden size {dim} must be a multiple of 4 for the 2-D sin-cos table")
+        raise UserError(f"hidden size {dim} must be a multiple of 4 for the 2-D sin-cos table")
     coords = torch.arange(grid_size, dtype=torch.float64)
     row, col = torch.meshgrid(coords, coords, indexing="ij")  # (G, G) each
     return torch.cat([sincos_1d(dim // 2, col), sincos_1d(dim // 2, row)], dim=1)  # (G*G, dim)
@@ -49,7 +51,7 @@ class PatchEmbed(nn.Module):
     def __init__(self, input_size: int, patch_size: int, in_channels: int, hidden_size: int):
         super().__init__()
         if input_size % patch_size:
-            raise ValueError(f"patch size {patch_size} does not divide the input size {input_size}")
+            raise UserError(f"patch size {patch_size} does not divide the input size {input_size}")
         self.patch_size = patch_size
         self.grid_size = input_size // patch_size
         self.num_patches = self.grid_size**2
@@ -68,7 +70,7 @@ class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
         if dim % num_heads:
-            raise ValueError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
+            raise UserError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
         self.proj = nn.Linear(dim, dim, bias=True)
@@ -90,7 +92,7 @@ class CrossAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
         if dim % num_heads:
-            raise ValueError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
+            raise UserError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.q = nn.Linear(dim, dim, bias=True)
         self.kv = nn.Linear(dim, dim * 2, bias=True)

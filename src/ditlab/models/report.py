@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ditlab.errors import UserError
 from ditlab.models.configs import MODEL_CONFIGS, create_model
 from ditlab.models.flops import count_gflops
 
@@ -12,7 +13,7 @@ def flops_rows(image_size: int = 256, block: str = "adaln-zero", latent_factor: 
                in_channels: int = 4) -> list[dict]:
     """One row per named config, counted on the meta device (no weights allocated)."""
     if image_size % latent_factor:
-        raise ValueError(f"--image-size {image_size} is not a multiple of the latent factor {latent_factor}")
+        raise UserError(f"--image-size {image_size} is not a multiple of the latent factor {latent_factor}")
     input_size = image_size // latent_factor
     rows = []
     for name in MODEL_CONFIGS:

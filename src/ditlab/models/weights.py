@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from ditlab.errors import UserError
 from ditlab.models.configs import SIZES
 from ditlab.models.dit import DiT
 
@@ -32,7 +33,7 @@ def check_weights(model: DiT, state_dict: dict[str, torch.Tensor]) -> None:
             parts.append(f"{len(unexpected)} unexpected keys, e.g. {unexpected[0]}")
         c = model.config
         desc = f"depth {c['depth']}, hidden {c['hidden_size']}, patch {c['patch_size']}, input {c['input_size']}"
-        raise ValueError(f"state dict does not fit this DiT ({desc}): " + "; ".join(parts))
+        raise UserError(f"state dict does not fit this DiT ({desc}): " + "; ".join(parts))
 
 
 def load_weights(model: DiT, state_dict: dict[str, torch.Tensor], assign: bool = False) -> None:
@@ -54,15 +55,15 @@ def infer_config(state_dict: dict[str, torch.Tensor], num_heads: int | None = No
         pos = state_dict["pos_embed"]  # (1, T, D)
         final = state_dict["final_layer.linear.weight"]  # (p * p * C_out, D)
     except KeyError as e:
-        raise ValueError(f"not a DiT state dict: no {e.args[0]!r}") from None
+        raise UserError(f"not a DiT state dict: no {e.args[0]!r}") from e
     hidden, in_channels, patch = proj.shape[0], proj.shape[1], proj.shape[2]
     grid = math.isqrt(pos.shape[1])
     depth = len({k.split(".")[1] for k in state_dict if k.startswith("blocks.")})
     heads = num_heads or {d["hidden_size"]: d["num_heads"] for d in SIZES.values()}.get(hidden)
     if heads is None:
-        raise ValueError(f"hidden size {hidden} matches no named DiT config: give num_heads explicitly")
+        raise UserError(f"hidden size {hidden} matches no named DiT config: give num_heads explicitly")
     if hidden % heads:
-        raise ValueError(f"hidden size {hidden} is not divisible into {heads} heads")
+        raise UserError(f"hidden size {hidden} is not divisible into {heads} heads")
     table = state_dict.get("y_embedder.embedding_table.weight")
     num_classes, dropout = 0, 0.0
     if table is not None:

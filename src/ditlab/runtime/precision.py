@@ -1,4 +1,6 @@
-"""Whether bf16 pays on this CPU, for --precision auto. Nothing here runs at import.
+"""Every precision rule of ditlab: the --precision choices, the autocast dtype of the DiT, the
+VAE's compute dtype, and whether bf16 pays on this CPU (for --precision auto). Nothing here runs
+at import.
 
 bf16 on a CPU is fast only through Intel AMX: with AVX512-BF16 alone a bf16 matmul measured
 slower than fp32 (oneDNN's avx512_core_bf16 kernel, a 4096x384 @ 384x1536 linear on one thread:
@@ -17,6 +19,14 @@ from dataclasses import dataclass
 
 import torch
 
+from ditlab.errors import UserError
+from ditlab.options import PRECISIONS
+
+# The autocast dtype of each explicit --precision ("fp32": no autocast).
+AMP_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# The VAE's compute dtype of each explicit --precision.
+VAE_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
 ONEDNN_ISA_VAR = "ONEDNN_MAX_CPU_ISA"
 ONEDNN_SAFE_ISA = "AVX512_CORE_BF16"  # the highest oneDNN ISA below AMX
 ONEDNN_UNCAPPED = ("", "ALL", "DEFAULT")
@@ -26,6 +36,7 @@ PROBE_TIMEOUT_S = 300.0
 
 _PROBE = f"""
 import time, torch
+from ditlab.errors import UserError
 torch.set_num_threads(1)
 a, b = torch.randn({PROBE_SIZE}, {PROBE_SIZE}), torch.randn({PROBE_SIZE}, {PROBE_SIZE})
 def best(x, y):
@@ -97,7 +108,7 @@ def check_cpu_bf16(flag: str = "--precision bf16") -> None:
     """Refuse bf16 on a CPU where it would kill the process, with the way out in one line."""
     found = cpu_bf16()
     if not found.usable:
-        raise ValueError(f"{flag}: {found.detail}; set {ONEDNN_ISA_VAR}={ONEDNN_SAFE_ISA} in the environment "
+        raise UserError(f"{flag}: {found.detail}; set {ONEDNN_ISA_VAR}={ONEDNN_SAFE_ISA} in the environment "
                          "before starting (bf16 then runs without AMX, slower than fp32)")
 
 
@@ -107,3 +118,40 @@ def cap_onednn_below_amx() -> None:
     if not cpu_bf16().usable:
         os.environ[ONEDNN_ISA_VAR] = ONEDNN_SAFE_ISA
         cpu_bf16.cache_clear()
+
+
+def check_precision(precision: str, flag: str = "--precision") -> None:
+    if precision not in PRECISIONS:
+        raise UserError(f"{flag} {precision!r}: choose one of {', '.join(PRECISIONS)}")
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of the DiT for a --precision choice (None: plain fp32).
+
+    auto is bf16 where the hardware does bf16 well: CUDA devices that support it, and CPUs whose
+    bf16 matmuls run through working AMX (asked once of a subprocess, see `cpu_bf16`); fp32
+    elsewhere, since without AMX a bf16 matmul on a CPU is slower than an fp32 one."""
+    check_precision(precision)
+    if precision == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+        return torch.bfloat16 if device.type == "cpu" and cpu_bf16().fast else None
+    if precision == "bf16" and device.type == "cpu":
+        check_cpu_bf16()
+    return AMP_DTYPES[precision]
+
+
+def vae_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The VAE's compute dtype: "auto" is fp16 on CUDA (the SD VAE encoder is safe in it, with three
+    more mantissa bits than bf16) and fp32 on CPU (where half-precision convolutions are slow)."""
+    check_precision(precision)
+    if precision == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return VAE_DTYPES[precision]
+
+
+def sampling_vae_dtype(precision: str) -> torch.dtype:
+    """The VAE's dtype when sampling: fp32 unless bf16 or fp16 is asked for explicitly (decoding is
+    a small part of sampling, and fp32 keeps the pixels of --precision auto exact)."""
+    check_precision(precision)
+    return VAE_DTYPES[precision] if precision in ("bf16", "fp16") else torch.float32

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ditlab.errors import UserError
+
 # Stream keys: one per kind of randomness, so that no two kinds share a generator state.
 IMAGE_NOISE = 0x1A6E
 IMAGE_LABELS = 0x1AB3
@@ -18,5 +20,5 @@ DATA_ORDER = 0xDA7A
 def derive_seed(stream: int, seed: int, *index: int) -> int:
     """A 64-bit seed for `torch.Generator.manual_seed` / `torch.manual_seed` from the key."""
     if seed < 0 or any(i < 0 for i in index):
-        raise ValueError(f"seeds and indices must be non-negative, got seed {seed}, index {index}")
+        raise UserError(f"seeds and indices must be non-negative, got seed {seed}, index {index}")
     return int(np.random.SeedSequence([stream, seed, *index]).generate_state(1, dtype=np.uint64)[0])

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ditlab.errors import UserError
 from ditlab.runtime.files import atomic_write
 from ditlab.runtime.seeds import IMAGE_LABELS, IMAGE_NOISE, derive_seed
 
@@ -32,7 +33,7 @@ def random_labels(seed: int, indices: list[int] | range, num_classes: int) -> to
     """(N,) long: image i's class, uniform over [0, num_classes), drawn from a stream of its own
     keyed by (seed, i), so it depends on nothing else (and not on the noise generators)."""
     if seed < 0:
-        raise ValueError(f"--seed {seed} must be non-negative")
+        raise UserError(f"--seed {seed} must be non-negative")
     draws = [np.random.default_rng([IMAGE_LABELS, seed, i]).integers(num_classes) for i in indices]
     return torch.tensor(draws, dtype=torch.long)
 
@@ -116,17 +117,17 @@ class NpzWriter:
     def write(self, images: np.ndarray) -> None:
         """Append (n, H, W, C) uint8 images."""
         if images.dtype != np.uint8 or images.shape[1:] != self.shape[1:]:
-            raise ValueError(f"{self.path}: expected uint8 images (n, {', '.join(map(str, self.shape[1:]))}), "
+            raise UserError(f"{self.path}: expected uint8 images (n, {', '.join(map(str, self.shape[1:]))}), "
                              f"got {images.dtype} {images.shape}")
         if self.written + len(images) > self.shape[0]:
-            raise ValueError(f"{self.path}: more than the {self.shape[0]} images announced")
+            raise UserError(f"{self.path}: more than the {self.shape[0]} images announced")
         self._entry.write(np.ascontiguousarray(images).reshape(-1).data)
         self.written += len(images)
 
     def close(self, labels: np.ndarray | None) -> None:
         """Finish arr_0, add arr_1 = labels (N,) (None: none, as for an unconditional model), rename."""
         if self.written != self.shape[0]:
-            raise ValueError(f"{self.path}: {self.written} of {self.shape[0]} images written")
+            raise UserError(f"{self.path}: {self.written} of {self.shape[0]} images written")
         self._entry.close()
         if labels is not None:
             with self._zip.open("arr_1.npy", "w", force_zip64=True) as f:

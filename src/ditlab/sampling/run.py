@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ditlab.errors import UserError
 from ditlab.runtime.distributed import DistInfo, barrier, distributed_session, launched_by_torchrun
 
 MAX_GRID_IMAGES = 1024  # a .png grid beyond this is a mistake: use .npz or --png-dir
@@ -89,12 +90,12 @@ def _check_request(out: Path, classes: list[int] | None, num_samples: int | None
                    seed: int, batch_size: int, precision: str) -> int:
     """Cheap checks before anything is loaded; returns the number of images."""
     from ditlab.diffusion import SAMPLERS
-    from ditlab.training.config import PRECISIONS
+    from ditlab.options import PRECISIONS
 
     if out.suffix.lower() not in OUT_KINDS:
-        raise ValueError(f"--out {out}: give a .png (one grid) or a .npz (ADM's sample format) file")
+        raise UserError(f"--out {out}: give a .png (one grid) or a .npz (ADM's sample format) file")
     if not classes and num_samples is None:
-        raise ValueError("give --classes C ... (a grid of those classes) or --num-samples N")
+        raise UserError("give --classes C ... (a grid of those classes) or --num-samples N")
     n = len(classes) if num_samples is None else num_samples
     checks = [(n >= 1, f"--num-samples {n} must be positive"), (batch_size >= 1, f"--batch-size {batch_size} must "
               "be positive"), (seed >= 0, f"--seed {seed} must be non-negative"),
@@ -105,7 +106,7 @@ def _check_request(out: Path, classes: list[int] | None, num_samples: int | None
                f"--out {out}: a grid of {n} images; above {MAX_GRID_IMAGES} write a .npz or use --png-dir")]
     for ok, message in checks:
         if not ok:
-            raise ValueError(message)
+            raise UserError(message)
     return n
 
 
@@ -124,7 +125,7 @@ def sample_to_files(ckpt: str, out: str, *, classes: list[int] | None = None, nu
     out_path = Path(out).expanduser()
     n = _check_request(out_path, classes, num_samples, steps, sampler, seed, batch_size, precision)
     if nrow is not None and nrow < 1:
-        raise ValueError(f"--nrow {nrow} must be positive")
+        raise UserError(f"--nrow {nrow} must be positive")
     with distributed_session(device) as info, sigterm_exits():
         return _sample(ckpt, out_path, n, classes, model, image_size, vae, steps, sampler, cfg_scale,
                        guidance_channels, seed, batch_size, precision, weights, png_dir, nrow, progress, info)
@@ -139,29 +140,29 @@ def _sample(ckpt_path: str, out: Path, n: int, classes: list[int] | None, model_
     from ditlab.checkpoints.formats import build_model, read_checkpoint
     from ditlab.data.codecs import DEFAULT_VAE, PIXEL, load_codec
     from ditlab.diffusion import Diffusion
+    from ditlab.runtime.precision import resolve_precision, sampling_vae_dtype
     from ditlab.sampling.generate import NpzWriter, generate, quantize, random_labels, save_grid, save_pngs
-    from ditlab.training.parallel import resolve_precision
 
     ckpt = read_checkpoint(ckpt_path, weights=weights, model=model_name)
     cfg = ckpt.config
     amp = resolve_precision(precision, info.device)
     codec_spec = vae or ckpt.vae or DEFAULT_VAE
-    codec = load_codec(codec_spec, device=info.device, dtype=amp if precision in ("bf16", "fp16") else torch.float32,
+    codec = load_codec(codec_spec, device=info.device, dtype=sampling_vae_dtype(precision),
                        pixel_channels=cfg["in_channels"])
     pixel = codec_spec == PIXEL  # x_0 predictions are clipped to the [-1, 1] of images
     if codec.latent_channels != cfg["in_channels"]:
-        raise ValueError(f"--vae {codec_spec} makes {codec.latent_channels}-channel latents, but {ckpt.source} "
+        raise UserError(f"--vae {codec_spec} makes {codec.latent_channels}-channel latents, but {ckpt.source} "
                          f"takes {cfg['in_channels']} channels")
     size = cfg["input_size"] * codec.downsample
     if image_size is not None and image_size != size:
-        raise ValueError(f"--image-size {image_size}: {ckpt.source} makes {size}x{size} images "
+        raise UserError(f"--image-size {image_size}: {ckpt.source} makes {size}x{size} images "
                          f"({cfg['input_size']}x{cfg['input_size']} latents, --vae {codec_spec})")
     num_classes = cfg["num_classes"]
     if classes and not num_classes:
-        raise ValueError(f"--classes: {ckpt.source} holds an unconditional DiT")
+        raise UserError(f"--classes: {ckpt.source} holds an unconditional DiT")
     bad = [c for c in classes or [] if not 0 <= c < num_classes]
     if bad:
-        raise ValueError(f"--classes {bad[0]}: {ckpt.source} has classes 0 to {num_classes - 1}")
+        raise UserError(f"--classes {bad[0]}: {ckpt.source} has classes 0 to {num_classes - 1}")
 
     net: torch.nn.Module = build_model(ckpt, info.device)
     fmt, held = ckpt.format, ckpt.weights
@@ -178,7 +179,7 @@ def _sample(ckpt_path: str, out: Path, n: int, classes: list[int] | None, model_
         try:
             Path(png_dir).mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise ValueError(f"--png-dir {png_dir}: cannot make the folder ({e})") from None
+            raise UserError(f"--png-dir {png_dir}: cannot make the folder ({e})") from e
     barrier()
 
     per_round = info.world_size * batch_size
@@ -186,7 +187,7 @@ def _sample(ckpt_path: str, out: Path, n: int, classes: list[int] | None, model_
     try:
         npz = NpzWriter(out, shape) if info.is_main and out.suffix.lower() == ".npz" else None
     except OSError as e:
-        raise ValueError(f"--out {out}: cannot write it ({e})") from None
+        raise UserError(f"--out {out}: cannot write it ({e})") from e
     started = time.perf_counter()
     with npz or contextlib.nullcontext(), torch.inference_mode(), \
             tqdm(total=n, unit="img", desc="sampling", disable=not (progress and info.is_main)) as bar:
@@ -203,7 +204,7 @@ def _sample(ckpt_path: str, out: Path, n: int, classes: list[int] | None, model_
                     try:
                         save_pngs(pixels.cpu().numpy(), mine, png_dir)
                     except OSError as e:
-                        raise ValueError(f"--png-dir {png_dir}: cannot write an image ({e})") from None
+                        raise UserError(f"--png-dir {png_dir}: cannot write an image ({e})") from e
             gathered = gather_round(pixels, n, batch_size, info, k)
             if gathered is not None and npz is not None:
                 npz.write(gathered)

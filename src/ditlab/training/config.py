@@ -6,7 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+from ditlab.errors import UserError
+from ditlab.options import PRECISIONS
 
 
 @dataclass(kw_only=True)
@@ -77,16 +78,16 @@ class TrainConfig:
 
     def validate(self) -> None:
         if self.precision not in PRECISIONS:
-            raise ValueError(f"--precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
+            raise UserError(f"--precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
         if self.global_batch_size < 1:
-            raise ValueError(f"--global-batch-size {self.global_batch_size} must be positive")
+            raise UserError(f"--global-batch-size {self.global_batch_size} must be positive")
         if self.max_steps is None and self.epochs is None:
-            raise ValueError("give --max-steps or --epochs: the run needs an end")
+            raise UserError("give --max-steps or --epochs: the run needs an end")
         for name in ("ckpt_every", "log_every"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1")
         if not 0.0 <= self.ema_decay <= 1.0:
-            raise ValueError(f"--ema-decay {self.ema_decay} must lie in [0, 1]")
+            raise UserError(f"--ema-decay {self.ema_decay} must lie in [0, 1]")
 
 
 # Settings that may differ between the stored run and the command that resumes it.

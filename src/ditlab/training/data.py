@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from ditlab.errors import UserError, UserFileNotFoundError
+
 
 @dataclass
 class TrainingData:
@@ -55,21 +57,22 @@ def open_training_data(spec: str, image_size: int, vae: str, device: torch.devic
                             description=f"digits: {len(ds)} images {image_size}x{image_size}, pixel space")
     path = Path(spec)
     if not path.is_dir():
-        raise FileNotFoundError(f"--data {spec}: no such folder (use 'digits', an image folder or a latent cache)")
+        raise UserFileNotFoundError(f"--data {spec}: no such folder (use 'digits', an image folder or a latent cache)")
     from ditlab.data.latents import LatentCacheDataset, is_latent_cache
 
     if is_latent_cache(path):
         ds = LatentCacheDataset(str(path))
         if ds.image_size != image_size:
-            raise ValueError(f"--image-size {image_size}, but the latent cache {spec} holds {ds.image_size}px images")
+            raise UserError(f"--image-size {image_size}, but the latent cache {spec} holds {ds.image_size}px images")
         c, h, _ = ds.latent_shape
         return TrainingData(ds, "latents", ds.num_classes, c, h, flip=True, codec_spec=ds.codec,
                             description=f"latent cache {spec}: {len(ds)} images, latents {c}x{h}x{h}")
-    from ditlab.data.codecs import compute_dtype, load_codec
+    from ditlab.data.codecs import load_codec
     from ditlab.data.images import ImageFolderDataset
+    from ditlab.runtime.precision import vae_dtype
 
     ds = ImageFolderDataset(path, image_size)
-    codec = load_codec(vae, device=device, dtype=compute_dtype("auto", device))  # as extract-latents encodes
+    codec = load_codec(vae, device=device, dtype=vae_dtype("auto", device))  # as extract-latents encodes
     size = image_size // codec.downsample
     return TrainingData(ds, "images", ds.num_classes, codec.latent_channels, size, flip=True, codec_spec=vae,
                         codec=codec,

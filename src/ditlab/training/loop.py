@@ -16,20 +16,17 @@ import torch
 from torch.utils.data import DataLoader
 
 from ditlab.checkpoints.state import list_checkpoints, load_checkpoint, save_checkpoint
+from ditlab.errors import UserError
 from ditlab.models import create_model
 from ditlab.runtime.distributed import DistInfo, all_reduce_mean, barrier, broadcast_object, distributed_session
+from ditlab.runtime.precision import resolve_precision
 from ditlab.runtime.seeds import TRAIN_STEP, derive_seed
 from ditlab.training.config import TrainConfig, config_differences
 from ditlab.training.data import TrainingData, open_training_data
 from ditlab.training.ema import make_ema
 from ditlab.training.metrics import MetricsLog
 from ditlab.training.order import RankBatchSampler
-from ditlab.training.parallel import (
-    apply_parallelism,
-    full_state_dicts,
-    load_full_state_dicts,
-    resolve_precision,
-)
+from ditlab.training.parallel import apply_parallelism, full_state_dicts, load_full_state_dicts
 from ditlab.training.step import TrainStep
 
 
@@ -65,7 +62,7 @@ def _resume_state(cfg: TrainConfig, info: DistInfo) -> dict[str, Any] | None:
     if stored_cfg is not None:
         diffs = config_differences(stored_cfg, cfg)
         if diffs:
-            raise ValueError(f"{results} holds a run with another config ({'; '.join(diffs)}): "
+            raise UserError(f"{results} holds a run with another config ({'; '.join(diffs)}): "
                              "use a new --results folder or the stored settings")
     return ckpt
 
@@ -91,13 +88,13 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
 
     results = Path(cfg.results)
     if cfg.global_batch_size % info.world_size:
-        raise ValueError(f"--global-batch-size {cfg.global_batch_size} is not divisible by "
+        raise UserError(f"--global-batch-size {cfg.global_batch_size} is not divisible by "
                          f"the {info.world_size} processes")
     ckpt = _resume_state(cfg, info)
     data = open_training_data(cfg.data, cfg.image_size, cfg.vae, info.device)
     steps_per_epoch = len(data.dataset) // cfg.global_batch_size
     if steps_per_epoch == 0:
-        raise ValueError(f"--global-batch-size {cfg.global_batch_size} exceeds the {len(data.dataset)} training images")
+        raise UserError(f"--global-batch-size {cfg.global_batch_size} exceeds the {len(data.dataset)} training images")
     total = min(cfg.max_steps or math.inf, (cfg.epochs or math.inf) * steps_per_epoch)
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank and every run of this config
@@ -107,7 +104,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     step = 0
     if ckpt is not None:
         if ckpt.get("dataset_size") != len(data.dataset):
-            raise ValueError(f"--data {cfg.data} has {len(data.dataset)} items, the run in {results} was trained "
+            raise UserError(f"--data {cfg.data} has {len(data.dataset)} items, the run in {results} was trained "
                              f"on {ckpt.get('dataset_size')}: the data changed")
         step = int(ckpt["step"])
     amp_dtype = resolve_precision(cfg.precision, info.device)
@@ -168,8 +165,8 @@ def _grid_codec(data: TrainingData, info: DistInfo):
     try:
         return load_codec(data.codec_spec, device=info.device)
     except (ValueError, FileNotFoundError, OSError) as e:
-        raise ValueError(f"sample grids need the VAE the cache was made with ({e}); pass --sample-every 0 "
-                         "to train without grids") from None
+        raise UserError(f"sample grids need the VAE the cache was made with ({e}); pass --sample-every 0 "
+                         "to train without grids") from e
 
 
 def _sample_grid(ema, diffusion, data: TrainingData, codec, cfg: TrainConfig, info: DistInfo, step: int) -> None:

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import Sampler
 
+from ditlab.errors import UserError
 from ditlab.runtime.seeds import DATA_ORDER, derive_seed
 
 
@@ -25,7 +26,7 @@ class RankBatchSampler(Sampler[list[int]]):
     def __init__(self, num_items: int, global_batch: int, rank: int, world_size: int, seed: int, epoch: int,
                  start: int = 0):
         if global_batch % world_size:
-            raise ValueError(f"--global-batch-size {global_batch} is not divisible by the {world_size} processes")
+            raise UserError(f"--global-batch-size {global_batch} is not divisible by the {world_size} processes")
         self.local = global_batch // world_size
         self.global_batch, self.rank, self.start = global_batch, rank, start
         self.steps = num_items // global_batch

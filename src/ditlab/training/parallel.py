@@ -8,29 +8,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ditlab.errors import UserError
 from ditlab.runtime.distributed import DistInfo
 from ditlab.training.config import TrainConfig
-
-# The autocast dtype of each explicit --precision ("fp32": no autocast).
-AMP_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of a --precision choice (None: plain fp32).
-
-    auto is bf16 where the hardware does bf16 well: CUDA devices that support it, and CPUs whose
-    bf16 matmuls run through working AMX (asked once of a subprocess, see ditlab.runtime.precision); fp32
-    elsewhere, since without AMX a bf16 matmul on a CPU is slower than an fp32 one."""
-    from ditlab.runtime import precision as runtime
-
-    if precision == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-        return torch.bfloat16 if device.type == "cpu" and runtime.cpu_bf16().fast else None
-    if precision == "bf16" and device.type == "cpu":
-        runtime.check_cpu_bf16()
-    return AMP_DTYPES[precision]
-
 
 COMPILE_MODES = ("none", "block", "model")
 
@@ -39,7 +19,7 @@ def compile_model(model: nn.Module, mode: str) -> nn.Module:
     """torch.compile a DiT in place: "block" compiles each block (one graph serves every block, and
     FSDP can shard between them), "model" the whole forward, "none" nothing. Returns the model."""
     if mode not in COMPILE_MODES:
-        raise ValueError(f"compile mode {mode!r}: choose one of {', '.join(COMPILE_MODES)}")
+        raise UserError(f"compile mode {mode!r}: choose one of {', '.join(COMPILE_MODES)}")
     if mode == "block":
         for block in model.blocks:
             block.compile()
