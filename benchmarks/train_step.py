@@ -183,10 +183,10 @@ def main() -> None:
 
 def inputs_ms(device: torch.device, batch: int, latent: int, reps: int = 20) -> float:
     """Median milliseconds of the trainer's per-step draws from a latent-cache batch (seeding, the
-    step's generator, host-to-device copy, flip and posterior sample, timesteps, noise)."""
+    step's generator, host-to-device copy, flip and posterior sample, timesteps, noise, label dropout)."""
     from ditlab.data.codecs import DEFAULT_VAE
     from ditlab.training.data import TrainingData
-    from ditlab.training.loop import step_inputs
+    from ditlab.training.step import draw_step_inputs
 
     data = TrainingData(dataset=None, kind="latents", num_classes=NUM_CLASSES, channels=LATENT_CHANNELS,
                         size=latent, flip=True, codec_spec=DEFAULT_VAE)  # fmt: skip
@@ -196,7 +196,7 @@ def inputs_ms(device: torch.device, batch: int, latent: int, reps: int = 20) -> 
         cache_batch = [b.pin_memory() for b in cache_batch]
     diffusion = ditlab.Diffusion()
     counter = iter(range(10**9))
-    times = time_steps(lambda: step_inputs(data, cache_batch, diffusion, device, next(counter)), device, reps)
+    times = time_steps(lambda: draw_step_inputs(data, cache_batch, diffusion, device, next(counter), 0.1), device, reps)
     return sorted(times)[len(times) // 2] * 1e3
 
 

@@ -178,8 +178,8 @@ def test_a_training_step_never_waits_for_the_host(tmp_path, precision, clip):
     from ditlab.runtime.distributed import DistInfo
     from ditlab.training import TrainConfig
     from ditlab.training.data import TrainingData
-    from ditlab.training.loop import step_inputs
     from ditlab.training.metrics import MetricsLog
+    from ditlab.training.step import draw_step_inputs
 
     device = torch.device("cuda")
     log = MetricsLog(tmp_path, DistInfo(0, 1, 0, device), TrainConfig(data="digits", results=str(tmp_path),
@@ -188,15 +188,16 @@ def test_a_training_step_never_waits_for_the_host(tmp_path, precision, clip):
     model = live_dit().to(device).train()
     step = TrainStep(model, make_ema(model), make_optimizer(model, 1e-4, device), diffusion, precision, device,
                      ema_decay=0.9999, grad_clip=clip)
-    data = TrainingData(dataset=None, kind="latents", num_classes=10, channels=4, size=8, flip=True)
+    data = TrainingData(dataset=None, kind="latents", num_classes=10, channels=4, size=8, flip=True,
+                        codec_spec="stabilityai/sd-vae-ft-ema")
     cache_batch = [torch.randn(6, 2, 4, 8, 8).pin_memory(), torch.full((6, 2, 4, 8, 8), 0.01).pin_memory(),
                    torch.arange(6).pin_memory()]
-    step(*_drawn(step_inputs(data, cache_batch, diffusion, device, 0)))  # warm-up: tables copied to the device
+    step(*draw_step_inputs(data, cache_batch, diffusion, device, 0, 0.1))  # warm-up: tables copied to the device
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for seed in range(1, 4):
-            terms, norm = step(*_drawn(step_inputs(data, cache_batch, diffusion, device, seed)))
+            terms, norm = step(*draw_step_inputs(data, cache_batch, diffusion, device, seed, 0.1))
             log.accumulate(terms, norm)
             log.step_done()
     finally:
@@ -226,11 +227,6 @@ def test_guided_sampling_never_waits_for_the_host():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert out.shape == noise.shape and torch.isfinite(out).all()
-
-
-def _drawn(inputs):
-    x0, y, t, noise = inputs
-    return x0, t, y, noise
 
 
 @pytest.mark.gpu

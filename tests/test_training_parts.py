@@ -8,9 +8,10 @@ import torch
 import ditlab
 from ditlab.checkpoints.state import list_checkpoints, load_checkpoint, save_checkpoint
 from ditlab.data.digits import DigitsDataset, load_digits_arrays
-from ditlab.training.config import TrainConfig, config_differences
+from ditlab.training.config import TrainConfig
 from ditlab.training.ema import make_ema, update_ema
 from ditlab.training.order import RankBatchSampler
+from ditlab.training.resume import config_differences
 
 
 def test_ema_update_against_hand_computation():

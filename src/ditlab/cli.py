@@ -24,7 +24,7 @@ def _add_flops(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_flops(args: argparse.Namespace) -> int:
-    from ditlab.models.report import flops_table
+    from ditlab.models.flops import flops_table
 
     print(flops_table(args.image_size, args.block, args.latent_factor, args.in_channels))
     return 0

@@ -14,7 +14,6 @@ Every reader gives our parameter names and the DiT constructor arguments. Writer
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from typing import Any
 
 import torch
 
+from ditlab.checkpoints.state import torch_load
 from ditlab.data.latents import INDEX_NAME
 from ditlab.errors import UserError, UserFileNotFoundError, one_line
 from ditlab.models.configs import model_kwargs
@@ -68,19 +68,6 @@ def is_safetensors(path: Path) -> bool:
     if len(head) < 9 or head[8:9] != b"{":
         return False
     return 0 < int.from_bytes(head[:8], "little") < path.stat().st_size
-
-
-def torch_load(path: Path) -> Any:
-    """torch.load with weights_only (argparse.Namespace allowed: the authors' training checkpoints
-    hold their args); memory-mapped when the file is in the zip format, so unused entries (the
-    optimizer state of a training checkpoint) are never read."""
-    with open(path, "rb") as f:
-        zipped = f.read(4) == b"PK\x03\x04"
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
-    except Exception as e:  # truncated, foreign or unsafe pickles
-        raise UserError(f"{path}: cannot read it as a torch checkpoint ({one_line(e)})") from e
 
 
 def codec_of_run(train_config: dict[str, Any] | None) -> str | None:

@@ -1,10 +1,16 @@
-"""Training checkpoints: tensors plus plain dicts, loadable with `weights_only=True`, written
-atomically (temporary file, then rename) so an interrupted save never leaves a broken file."""
+"""The training state a run saves and resumes from: one schema (`TrainingState`), its file names,
+and the one `torch.load` every checkpoint reader goes through.
+
+A checkpoint is tensors plus plain dicts, loadable with `weights_only=True`, written atomically
+(temporary file, then rename) so an interrupted save never leaves a broken file."""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +20,60 @@ from ditlab.errors import UserError, UserFileNotFoundError, one_line
 from ditlab.runtime.files import atomic_write
 
 CKPT_PATTERN = re.compile(r"^step-(\d{7,})\.pt$")
+
+
+@dataclass
+class TrainingState:
+    """Everything `ditlab train` needs to continue a run exactly, as saved in checkpoints/step-N.pt.
+    Its field names are the file's keys; `ditlab sample` reads "model_config", "ema" (or "model")
+    and "vae" of it (see checkpoints.formats)."""
+
+    model: dict[str, torch.Tensor]
+    """the trained weights (full, unsharded state dict)"""
+    ema: dict[str, torch.Tensor]
+    """the EMA weights, what sampling uses"""
+    opt: dict[str, Any]
+    """AdamW's state dict, keyed by parameter name"""
+    step: int
+    """optimizer steps taken"""
+    epoch: int
+    """the epoch the next step is in"""
+    batch_in_epoch: int
+    """the next step's batch within its epoch"""
+    dataset_size: int
+    """items in the training data; resuming on other data is refused"""
+    config: dict[str, Any]
+    """the run's TrainConfig as a dict"""
+    model_config: dict[str, Any]
+    """the DiT constructor arguments"""
+    vae: str | None
+    """the codec the model was trained with: "pixel", a hub id or an absolute folder"""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], path: Path) -> TrainingState:
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in d and f.name != "vae"]
+        if missing:
+            raise UserError(f"{path}: not a ditlab training checkpoint (no {', '.join(missing)})")
+        return cls(**{f.name: d.get(f.name) for f in dataclasses.fields(cls)})
+
+
+def torch_load(path: Path, what: str = "a torch checkpoint") -> Any:
+    """torch.load with weights_only (argparse.Namespace allowed: the authors' training checkpoints
+    hold their args); memory-mapped when the file is in the zip format, so unused entries (the
+    optimizer state of a training checkpoint, when sampling) are never read."""
+    try:
+        with open(path, "rb") as f:
+            zipped = f.read(4) == b"PK\x03\x04"
+    except FileNotFoundError as e:
+        raise UserFileNotFoundError(f"{path}: no such checkpoint") from e
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
+    except Exception as e:  # truncated, foreign or unsafe pickles
+        raise UserError(f"{path}: cannot read it as {what} ({one_line(e)})") from e
 
 
 def checkpoint_path(folder: Path, step: int) -> Path:
@@ -29,7 +89,7 @@ def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
 
 
 def save_checkpoint(folder: Path, step: int, state: dict[str, Any], keep_last: int = 0) -> Path:
-    """Write `state` as checkpoints/step-NNNNNNN.pt; keep only the newest `keep_last` (0 = all)."""
+    """Write the dict `state` as folder/step-NNNNNNN.pt; keep only the newest `keep_last` (0 = all)."""
     path = checkpoint_path(folder, step)
     atomic_write(path, lambda f: torch.save(state, f))
     if keep_last > 0:
@@ -38,11 +98,24 @@ def save_checkpoint(folder: Path, step: int, state: dict[str, Any], keep_last: i
     return path
 
 
-def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint written by `save_checkpoint` (weights_only: no code is unpickled)."""
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """The dict a checkpoint file holds (weights_only: no code is unpickled)."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError as e:
-        raise UserFileNotFoundError(f"no checkpoint at {path}") from e
-    except Exception as e:  # truncated or foreign files
-        raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {one_line(e)}") from e
+        obj = torch_load(path, "a checkpoint")
+    except UserFileNotFoundError:
+        raise
+    except UserError as e:
+        raise UserError(f"cannot read checkpoint {path}: {one_line(e.__cause__ or e)}") from e
+    if not isinstance(obj, dict):
+        raise UserError(f"cannot read checkpoint {path}: it holds a {type(obj).__name__}")
+    return obj
+
+
+def save_state(folder: Path, state: TrainingState, keep_last: int = 0) -> Path:
+    """Write `state` as folder/step-NNNNNNN.pt (see `save_checkpoint`)."""
+    return save_checkpoint(folder, state.step, state.to_dict(), keep_last)
+
+
+def load_state(path: Path) -> TrainingState:
+    """The TrainingState saved at `path` (one-line errors for missing, truncated or foreign files)."""
+    return TrainingState.from_dict(load_checkpoint(path), path)

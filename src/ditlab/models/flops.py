@@ -2,60 +2,65 @@
 multiply-accumulates for one image, every Linear and the patch convolution, plus the two
 attention matmuls (QK^T and AV). Elementwise work (norms, activations, softmax) is not counted.
 
-Everything is derived from the model's hyper-parameters, so a model built on the meta device
-(e.g. DiT-XL/2 at 512x512) is counted without allocating a weight."""
+Each block design counts its own extra work (`models.blocks`); everything is derived from the
+config, so a model built on the meta device (e.g. DiT-XL/2 at 512x512) is counted without
+allocating a weight. Also the `ditlab flops` table."""
 
 from __future__ import annotations
 
+import torch
+
+from ditlab.errors import UserError
+from ditlab.models.blocks import block_macs, final_macs
+from ditlab.models.configs import MODEL_CONFIGS, create_model
 from ditlab.models.dit import DiT
-
-
-def _linear(tokens: int, d_in: int, d_out: int) -> int:
-    return tokens * d_in * d_out
-
-
-def _attention(q_tokens: int, kv_tokens: int, dim: int) -> int:
-    """QK^T (q x kv x dim) and AV (q x kv x dim) summed over heads."""
-    return 2 * q_tokens * kv_tokens * dim
 
 
 def count_macs(model: DiT) -> int:
     """Multiply-accumulates of one forward pass of one image through `model`."""
-    cfg = model.config
-    D, p, C = cfg["hidden_size"], cfg["patch_size"], cfg["in_channels"]
-    T = (cfg["input_size"] // p) ** 2
-    mlp_hidden = int(D * cfg["mlp_ratio"])
-    block = cfg["block"]
-    n_cond = 2 if cfg["num_classes"] else 1  # conditioning tokens: [t, y] or [t]
-
-    macs = _linear(T, p * p * C, D)  # patch embedding
-    macs += _linear(1, model.t_embedder.frequency_size, D) + _linear(1, D, D)  # timestep MLP
-    tokens = T + n_cond if block == "in-context" else T
-    per_block = (
-        _linear(tokens, D, 3 * D)  # qkv
-        + _attention(tokens, tokens, D)  # self-attention matmuls
-        + _linear(tokens, D, D)  # attention output projection
-        + _linear(tokens, D, mlp_hidden) + _linear(tokens, mlp_hidden, D)  # MLP
-    )
-    if block == "adaln-zero":
-        per_block += _linear(1, D, 6 * D)
-    elif block == "adaln":
-        per_block += _linear(1, D, 4 * D)
-    elif block == "cross-attn":
-        per_block += (
-            _linear(T, D, D)  # queries
-            + _linear(n_cond, D, 2 * D)  # keys and values of the conditioning tokens
-            + _attention(T, n_cond, D)
-            + _linear(T, D, D)  # output projection
-        )
-    macs += cfg["depth"] * per_block
-    if block in ("adaln-zero", "adaln"):
-        macs += _linear(1, D, 2 * D)  # final adaLN modulation
-    out_channels = 2 * C if cfg["learn_sigma"] else C
-    macs += _linear(T, D, p * p * out_channels)  # final linear decoder
-    return macs
+    cfg, block = model.cfg, model.block_type
+    D, p, C = cfg.hidden_size, cfg.patch_size, cfg.in_channels
+    T = (cfg.input_size // p) ** 2
+    n_cond = 2 if cfg.num_classes else 1  # conditioning tokens: [t, y] or [t]
+    macs = T * p * p * C * D  # patch embedding
+    macs += model.t_embedder.frequency_size * D + D * D  # timestep MLP
+    tokens = T + n_cond if block.extra_tokens else T
+    per_block = block_macs(tokens, D, int(D * cfg.mlp_ratio)) + block.extra_macs(T, n_cond, D)
+    macs += cfg.depth * per_block
+    return macs + final_macs(T, D, p, cfg.out_channels, block.adaptive_final)
 
 
 def count_gflops(model: DiT) -> float:
     """The paper's "Gflops": multiply-accumulates of one forward of one image / 1e9."""
     return count_macs(model) / 1e9
+
+
+def flops_rows(image_size: int = 256, block: str = "adaln-zero", latent_factor: int = 8,
+               in_channels: int = 4) -> list[dict]:
+    """One row per named config, counted on the meta device (no weights allocated)."""
+    if image_size < 1 or latent_factor < 1 or in_channels < 1:
+        raise UserError(f"--image-size {image_size}, --latent-factor {latent_factor} and --in-channels "
+                        f"{in_channels} must be positive")
+    if image_size % latent_factor:
+        raise UserError(f"--image-size {image_size} is not a multiple of the latent factor {latent_factor}")
+    input_size = image_size // latent_factor
+    rows = []
+    for name in MODEL_CONFIGS:
+        with torch.device("meta"):
+            model = create_model(name, input_size=input_size, in_channels=in_channels, block=block)
+        rows.append({
+            "model": name,
+            "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+            "tokens": model.x_embedder.num_patches,
+            "gflops": count_gflops(model),
+        })  # fmt: skip
+    return rows
+
+
+def flops_table(image_size: int = 256, block: str = "adaln-zero", latent_factor: int = 8,
+                in_channels: int = 4) -> str:
+    rows = flops_rows(image_size, block, latent_factor, in_channels)
+    lines = [f"# {image_size}x{image_size} images, {block} blocks; Gflops = multiply-accumulates / 1e9 per image",
+             f"{'model':<10} {'params':>9} {'tokens':>7} {'Gflops':>8}"]
+    lines += [f"{r['model']:<10} {r['params_m']:>8.1f}M {r['tokens']:>7d} {r['gflops']:>8.2f}" for r in rows]
+    return "\n".join(lines)

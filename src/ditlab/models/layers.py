@@ -165,8 +165,12 @@ class LabelEmbedder(nn.Module):
     def has_null(self) -> bool:
         return self.embedding_table.num_embeddings > self.num_classes
 
-    def forward(self, labels: torch.Tensor, train: bool) -> torch.Tensor:
-        if train and self.dropout_prob > 0:
+    def forward(self, labels: torch.Tensor, train: bool, drop: torch.Tensor | None = None) -> torch.Tensor:
+        """labels (N,) -> (N, D). `drop` (N,) bool replaces labels by the null label where True; without
+        it, training mode drops each label with probability dropout_prob from the global generator
+        (ditlab's trainer passes the mask drawn from its step's generator instead)."""
+        if drop is None and train and self.dropout_prob > 0:
             drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob  # (N,)
+        if drop is not None:
             labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
         return self.embedding_table(labels)  # (N, D)

@@ -6,8 +6,6 @@ functions of (seed, step, rank), so a resumed run continues exactly as if never 
 
 from __future__ import annotations
 
-import json
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -15,56 +13,18 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from ditlab.checkpoints.state import list_checkpoints, load_checkpoint, save_checkpoint
 from ditlab.errors import UserError
 from ditlab.models import create_model
-from ditlab.runtime.distributed import DistInfo, all_reduce_mean, barrier, broadcast_object, distributed_session
+from ditlab.runtime.distributed import DistInfo, all_reduce_mean, distributed_session
 from ditlab.runtime.precision import resolve_precision
-from ditlab.runtime.seeds import TRAIN_STEP, derive_seed
-from ditlab.training.config import TrainConfig, config_differences
+from ditlab.training import resume
+from ditlab.training.config import TrainConfig
 from ditlab.training.data import TrainingData, open_training_data
 from ditlab.training.ema import make_ema
 from ditlab.training.metrics import MetricsLog
 from ditlab.training.order import RankBatchSampler
-from ditlab.training.parallel import apply_parallelism, full_state_dicts, load_full_state_dicts
-from ditlab.training.step import TrainStep
-
-
-def step_seed(seed: int, step: int, rank: int) -> int:
-    """The seed of every random draw of one rank at one step."""
-    return derive_seed(TRAIN_STEP, seed, step, rank)
-
-
-def step_inputs(data: TrainingData, batch: list[torch.Tensor], diffusion: Any, device: torch.device,
-                seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x0 (N, C, H, W), labels (N,), step indices t (N,) and noise (N, C, H, W) of one step, every
-    random draw a function of `seed` (drawn on the device: no host sync)."""
-    torch.manual_seed(seed)  # label dropout inside the model draws from the global generator
-    gen = torch.Generator(device=device).manual_seed(seed)
-    x0, y = data.to_model_input(batch, device, gen)
-    t = diffusion.sample_timesteps(x0.shape[0], device, generator=gen)
-    noise = torch.randn(x0.shape, device=device, generator=gen)
-    return x0, y, t, noise
-
-
-def _resume_state(cfg: TrainConfig, info: DistInfo) -> dict[str, Any] | None:
-    """The newest checkpoint of the results folder (None for a new run); refuses another run's folder."""
-    results = Path(cfg.results)
-    newest = list_checkpoints(results / "checkpoints")[-1:] if info.is_main else None
-    newest = broadcast_object(newest)
-    stored_cfg = None
-    ckpt = None
-    if newest:
-        ckpt = load_checkpoint(newest[0][1])
-        stored_cfg = ckpt["config"]
-    elif (results / "config.json").is_file():
-        stored_cfg = json.loads((results / "config.json").read_text())
-    if stored_cfg is not None:
-        diffs = config_differences(stored_cfg, cfg)
-        if diffs:
-            raise UserError(f"{results} holds a run with another config ({'; '.join(diffs)}): "
-                             "use a new --results folder or the stored settings")
-    return ckpt
+from ditlab.training.parallel import apply_parallelism
+from ditlab.training.step import TrainStep, draw_step_inputs, step_seed
 
 
 def _model_for(cfg: TrainConfig, data: TrainingData) -> torch.nn.Module:
@@ -86,37 +46,33 @@ def train(cfg: TrainConfig, device: str | None = None) -> dict[str, Any]:
 def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     from ditlab.diffusion import Diffusion
 
-    results = Path(cfg.results)
     if cfg.global_batch_size % info.world_size:
         raise UserError(f"--global-batch-size {cfg.global_batch_size} is not divisible by "
-                         f"the {info.world_size} processes")
-    ckpt = _resume_state(cfg, info)
+                        f"the {info.world_size} processes")
+    state = resume.newest_state(cfg, info)
     data = open_training_data(cfg.data, cfg.image_size, cfg.vae, info.device)
     steps_per_epoch = len(data.dataset) // cfg.global_batch_size
     if steps_per_epoch == 0:
         raise UserError(f"--global-batch-size {cfg.global_batch_size} exceeds the {len(data.dataset)} training images")
-    total = min(cfg.max_steps or math.inf, (cfg.epochs or math.inf) * steps_per_epoch)
+    total = cfg.total_steps(steps_per_epoch)
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank and every run of this config
     model = _model_for(cfg, data).to(info.device)
     ema = make_ema(model)
     diffusion = Diffusion(learn_sigma=cfg.learn_sigma)
-    step = 0
-    if ckpt is not None:
-        if ckpt.get("dataset_size") != len(data.dataset):
-            raise UserError(f"--data {cfg.data} has {len(data.dataset)} items, the run in {results} was trained "
-                             f"on {ckpt.get('dataset_size')}: the data changed")
-        step = int(ckpt["step"])
-    amp_dtype = resolve_precision(cfg.precision, info.device)
     wrapped, opt = apply_parallelism(model, ema, cfg, info)
-    if ckpt is not None:
-        load_full_state_dicts(wrapped, ema, opt, ckpt)
-        del ckpt
-    train_step = TrainStep(wrapped, ema, opt, diffusion, amp_dtype, info.device, cfg.ema_decay,
-                           cfg.grad_clip or None)
-
-    log = MetricsLog(results, info, cfg, resume_step=step, total=total, description=data.description)
+    step = 0
+    if state is not None:
+        resume.check_same_data(state, cfg, len(data.dataset))
+        resume.restore(wrapped, ema, opt, state)
+        step, state = state.step, None
+    train_step = TrainStep(wrapped, ema, opt, diffusion, resolve_precision(cfg.precision, info.device), info.device,
+                           cfg.ema_decay, cfg.grad_clip or None)
+    run = {"steps_per_epoch": steps_per_epoch, "dataset_size": len(data.dataset), "model_config": model.config,
+           "vae": data.codec_spec}
+    log = MetricsLog(Path(cfg.results), info, cfg, resume_step=step, total=total, description=data.description)
     sample_codec = _grid_codec(data, info) if cfg.sample_every else None
+    dropout = model.cfg.class_dropout_prob if model.num_classes else None  # None: no labels
     started = time.time()
     while step < total:
         epoch, start = divmod(step, steps_per_epoch)
@@ -125,8 +81,9 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
         loader = DataLoader(data.dataset, batch_sampler=batches, num_workers=cfg.num_workers,
                             pin_memory=info.device.type == "cuda", persistent_workers=False)
         for batch in loader:
-            x0, y, t, noise = step_inputs(data, batch, diffusion, info.device, step_seed(cfg.seed, step, info.rank))
-            terms, grad_norm = train_step(x0, t, y if model.num_classes else None, noise)
+            inputs = draw_step_inputs(data, batch, diffusion, info.device, step_seed(cfg.seed, step, info.rank),
+                                      dropout)
+            terms, grad_norm = train_step(*inputs)
             step += 1
             log.accumulate(terms, grad_norm)
             log.step_done()
@@ -135,25 +92,11 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
             if cfg.sample_every and step % cfg.sample_every == 0:
                 _sample_grid(ema, diffusion, data, sample_codec, cfg, info, step)
             if step % cfg.ckpt_every == 0 or step == total:
-                _save(wrapped, ema, opt, cfg, info, step, steps_per_epoch, data, model.config)
+                resume.save(wrapped, ema, opt, cfg, info, step, run)
             if step >= total:
                 break
     log.close()
-    return {"step": step, "seconds": time.time() - started, "results": str(results), "rank": info.rank}
-
-
-def _save(model, ema, opt, cfg: TrainConfig, info: DistInfo, step: int, steps_per_epoch: int, data: TrainingData,
-          model_config: dict[str, Any]) -> None:
-    model_sd, ema_sd, opt_sd = full_state_dicts(model, ema, opt)  # collective under FSDP
-    if info.is_main:
-        state = {
-            "model": model_sd, "ema": ema_sd, "opt": opt_sd, "step": step,
-            "epoch": step // steps_per_epoch, "batch_in_epoch": step % steps_per_epoch,
-            "dataset_size": len(data.dataset), "config": cfg.to_dict(), "model_config": model_config,
-            "vae": data.codec_spec,
-        }  # fmt: skip
-        save_checkpoint(Path(cfg.results) / "checkpoints", step, state, cfg.keep_last)
-    barrier()
+    return {"step": step, "seconds": time.time() - started, "results": str(cfg.results), "rank": info.rank}
 
 
 def _grid_codec(data: TrainingData, info: DistInfo):

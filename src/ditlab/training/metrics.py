@@ -14,6 +14,7 @@ import torch
 
 from ditlab.runtime.distributed import DistInfo
 from ditlab.runtime.files import atomic_write_text
+from ditlab.training import resume
 from ditlab.training.config import TrainConfig
 
 TERMS = ("loss", "mse", "vb")
@@ -34,7 +35,7 @@ class MetricsLog:
         config_path = results / "config.json"
         if not config_path.exists():
             atomic_write_text(config_path, json.dumps(cfg.to_dict(), indent=2) + "\n")
-        self._truncate_after(resume_step)
+        resume.truncate_metrics(self.path, resume_step)
         if cfg.progress:
             from tqdm import tqdm
 
@@ -48,13 +49,6 @@ class MetricsLog:
             self.tb = SummaryWriter(str(results / "tensorboard"))
         except ImportError:
             self.tb = None
-
-    def _truncate_after(self, step: int) -> None:
-        """Drop lines a crashed run logged after the checkpoint we resume from."""
-        if not self.path.exists():
-            return
-        keep = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        atomic_write_text(self.path, "".join(line + "\n" for line in keep))
 
     def accumulate(self, terms: dict[str, torch.Tensor], grad_norm: torch.Tensor) -> None:
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP

@@ -3,8 +3,6 @@ data parallelism (DDP, or FSDP2 sharding per block), applied outside the model i
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
@@ -57,36 +55,3 @@ def make_optimizer(model: nn.Module, lr: float, device: torch.device) -> torch.o
     the for-loop and foreach versions 155 ms each."""
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0,
                              fused=device.type in ("cuda", "cpu"))
-
-
-def _options():
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-    return StateDictOptions(full_state_dict=True, cpu_offload=True)
-
-
-def _raw(model: nn.Module) -> nn.Module:
-    return getattr(model, "module", model)
-
-
-def full_state_dicts(model: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer) -> tuple[dict, dict, dict]:
-    """Unsharded CPU state dicts of the model, the EMA and the optimizer (parameter names as keys).
-
-    A collective under FSDP: every rank must call it."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-
-    raw = _raw(model)
-    opts = _options()
-    return (get_model_state_dict(raw, options=opts), get_model_state_dict(ema, options=opts),
-            get_optimizer_state_dict(raw, opt, options=opts))
-
-
-def load_full_state_dicts(model: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer, ckpt: dict[str, Any]) -> None:
-    """Load a checkpoint's model, EMA and optimizer into (possibly sharded) modules."""
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
-
-    raw = _raw(model)
-    opts = _options()
-    set_model_state_dict(raw, ckpt["model"], options=opts)
-    set_model_state_dict(ema, ckpt["ema"], options=opts)
-    set_optimizer_state_dict(raw, opt, ckpt["opt"], options=opts)

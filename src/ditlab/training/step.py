@@ -1,4 +1,5 @@
-"""One optimisation step: loss under autocast, backward, gradient norm, AdamW, EMA.
+"""One optimisation step: every random draw of the step (from one generator seeded by
+(seed, step, rank)), then loss under autocast, backward, gradient norm, AdamW, EMA.
 
 The step never waits for the host: no `.item()`, no Python branch on a tensor. The gradient
 norm is computed for the metrics without the extra pass over the gradients that clipping to an
@@ -13,7 +14,31 @@ from typing import Any
 import torch
 from torch import nn
 
+from ditlab.runtime.seeds import TRAIN_STEP, derive_seed
 from ditlab.training.ema import update_ema
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The seed of every random draw of one rank at one step."""
+    return derive_seed(TRAIN_STEP, seed, step, rank)
+
+
+def draw_step_inputs(data: Any, batch: list[torch.Tensor], diffusion: Any, device: torch.device, seed: int,
+                     label_dropout: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
+                                                    torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """x0 (N, C, H, W), step indices t (N,), labels y (N,) (None: unconditional), noise (N, C, H, W)
+    and the label-dropout mask (N,) bool (None without dropout) of one step: every random draw
+    (flips, posterior samples, t, noise, dropout) from one generator seeded with `seed`, on the
+    device (no host sync). `data` is a training.data.TrainingData; label_dropout None means an
+    unconditional model (no labels)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    x0, y = data.to_model_input(batch, device, gen)
+    t = diffusion.sample_timesteps(x0.shape[0], device, generator=gen)
+    noise = torch.randn(x0.shape, device=device, generator=gen)
+    if label_dropout is None:
+        return x0, t, None, noise, None
+    drop = torch.rand(x0.shape[0], device=device, generator=gen) < label_dropout if label_dropout > 0 else None
+    return x0, t, y, noise, drop
 
 
 def grad_norm(params: list[torch.Tensor], max_norm: float | None) -> torch.Tensor:
@@ -46,11 +71,13 @@ class TrainStep:
             return contextlib.nullcontext()
         return torch.autocast(self.device_type, dtype=self.amp_dtype)
 
-    def __call__(self, x0: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None,
-                 noise: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:  # fmt: skip
-        """x0, noise (N, C, H, W), t (N,) step indices, y (N,) labels -> ({"loss", "mse", "vb"} each (N,), norm)."""
+    def __call__(self, x0: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, noise: torch.Tensor,
+                 drop: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:  # fmt: skip
+        """x0, noise (N, C, H, W), t (N,) step indices, y (N,) labels, drop (N,) bool: labels replaced by
+        the null label (None: the model's own label dropout) -> ({"loss", "mse", "vb"} each (N,), norm)."""
+        model = self.model if drop is None else (lambda x, s, c: self.model(x, s, c, drop_labels=drop))
         with self.autocast():
-            terms = self.diffusion.training_losses(self.model, x0, t, y=y, noise=noise)
+            terms = self.diffusion.training_losses(model, x0, t, y=y, noise=noise)
         loss = terms["loss"].mean()
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()

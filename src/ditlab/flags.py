@@ -1,0 +1,89 @@
+"""Command-line flags generated from a config dataclass: one flag per field, named after it
+(`global_batch_size` -> `--global-batch-size`), typed by its annotation, defaulting to its default,
+documented by the string literal under it (its docstring). So a new setting is one field.
+
+A field's `metadata` may refine its flag: "flag" (another name, e.g. "--no-learn-sigma" for a
+boolean that defaults to True), "choices", "metavar", "required", "positional", "cli" (False:
+not a flag). Booleans become switches: `--compile` sets True; a True default gets `--no-NAME`.
+Nothing here imports torch: the parser of every subcommand is built without loading the library."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import functools
+import inspect
+import textwrap
+import types
+import typing
+from typing import Any
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """{field name: the docstring under it} of a dataclass, read from its source."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        body = tree.body[0].body  # the class's statements
+        for stmt, nxt in zip(body, body[1:]):
+            if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and isinstance(nxt, ast.Expr)
+                    and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+                docs[stmt.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _unwrap(annotation: Any) -> tuple[Any, bool]:
+    """(the type inside `X | None`, whether None is allowed)."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return rest[0], True
+    return annotation, False
+
+
+def _help(doc: str, default: Any, shown: bool) -> str:
+    if not shown or default is None or isinstance(default, bool):
+        return doc
+    return f"{doc} (default {default})"
+
+
+def add_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """Add one flag per field of the dataclass `cls` (except `skip` and fields with metadata cli=False)."""
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        if f.name in skip or meta.get("cli", True) is False:
+            continue
+        typ, _ = _unwrap(hints[f.name])
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        default = None if required else (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+        doc = docs.get(f.name, "")
+        kwargs: dict[str, Any] = {"dest": f.name, "help": _help(doc, default, not required)}
+        if meta.get("positional"):
+            parser.add_argument(f.name, metavar=meta.get("metavar", f.name.upper()), help=doc,
+                                **({"nargs": "?", "default": default} if not required else {}))
+            continue
+        name = meta.get("flag", "--" + f.name.replace("_", "-"))
+        if typ is bool:
+            parser.add_argument(name, action="store_false" if default else "store_true", **kwargs)
+            continue
+        origin = typing.get_origin(typ)
+        if origin in (list, tuple):
+            typ, kwargs["nargs"] = typing.get_args(typ)[0], "+"
+        kwargs.update(type=typ, default=default, required=required)
+        for key in ("choices", "metavar"):
+            if key in meta:
+                kwargs[key] = list(meta[key]) if key == "choices" else meta[key]
+        parser.add_argument(name, **kwargs)
+
+
+def from_args(cls: type, args: argparse.Namespace, **extra: Any) -> Any:
+    """The dataclass `cls` built from the parsed flags its fields made (plus `extra`)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in vars(args).items() if k in names}
+    return cls(**{**values, **extra})

@@ -1,0 +1,176 @@
+"""The four block designs of the paper (section 3.2, figure 5) and DiT's final layer. Each block
+class declares what differs between the designs, so that the model and the compute count read
+it off the class: `n_mod` (adaLN modulation vectors regressed from c), `adaptive_final` (the final
+layer's LayerNorm is modulated too), `extra_tokens` (the conditioning travels as tokens in the
+sequence), `zero_init` (modulation and final layer start at zero: the block is the identity) and
+`extra_macs` (its multiply-accumulates beyond self-attention and the MLP)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ditlab.models.layers import Attention, CrossAttention, Mlp, gated_residual, modulate
+
+
+def _linear(tokens: int, d_in: int, d_out: int) -> int:
+    """Multiply-accumulates of a Linear(d_in, d_out) applied to `tokens` tokens."""
+    return tokens * d_in * d_out
+
+
+def _attention(q_tokens: int, kv_tokens: int, dim: int) -> int:
+    """QK^T (q x kv x dim) and AV (q x kv x dim) summed over heads."""
+    return 2 * q_tokens * kv_tokens * dim
+
+
+LN_EPS = 1e-6  # LayerNorm epsilon of the reference implementation
+
+
+def _norm(dim: int, affine: bool) -> nn.LayerNorm:
+    return nn.LayerNorm(dim, elementwise_affine=affine, eps=LN_EPS)
+
+
+class AdaLNZeroBlock(nn.Module):
+    """Block with adaptive LayerNorm and zero-initialised residual gates (adaLN-Zero)."""
+
+    n_mod = 6  # shift, scale, gate for attention; the same for the MLP
+    adaptive_final, extra_tokens, zero_init = True, False, True
+
+    @classmethod
+    def extra_macs(cls, tokens: int, n_cond: int, dim: int) -> int:
+        return _linear(1, dim, cls.n_mod * dim)  # the modulation regressed from c
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
+        super().__init__()
+        self.norm1 = _norm(dim, affine=False)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = _norm(dim, affine=False)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, self.n_mod * dim, bias=True))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        mod = self.adaLN_modulation(c).chunk(self.n_mod, dim=1)  # 6 x (N, D)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
+        x = gated_residual(x, gate_msa, self.attn(modulate(self.norm1(x), shift_msa, scale_msa)))
+        x = gated_residual(x, gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
+        return x  # (N, T, D)
+
+
+class AdaLNBlock(nn.Module):
+    """Block whose LayerNorm scale and shift are regressed from the conditioning (adaLN)."""
+
+    n_mod = 4  # shift, scale for attention; the same for the MLP
+    adaptive_final, extra_tokens, zero_init = True, False, False
+
+    @classmethod
+    def extra_macs(cls, tokens: int, n_cond: int, dim: int) -> int:
+        return _linear(1, dim, cls.n_mod * dim)
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
+        super().__init__()
+        self.norm1 = _norm(dim, affine=False)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = _norm(dim, affine=False)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, self.n_mod * dim, bias=True))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        shift_msa, scale_msa, shift_mlp, scale_mlp = self.adaLN_modulation(c).chunk(self.n_mod, dim=1)
+        x = x + self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x  # (N, T, D)
+
+
+class CrossAttnBlock(nn.Module):
+    """Standard block plus multi-head cross-attention over the conditioning tokens [t, y]."""
+
+    n_mod = 0
+    adaptive_final, extra_tokens, zero_init = False, False, False
+
+    @classmethod
+    def extra_macs(cls, tokens: int, n_cond: int, dim: int) -> int:
+        return (_linear(tokens, dim, dim)  # queries
+                + _linear(n_cond, dim, 2 * dim)  # keys and values of the conditioning tokens
+                + _attention(tokens, n_cond, dim)
+                + _linear(tokens, dim, dim))  # output projection
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
+        super().__init__()
+        self.norm1 = _norm(dim, affine=True)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = _norm(dim, affine=True)
+        self.cross_attn = CrossAttention(dim, num_heads)
+        self.norm3 = _norm(dim, affine=True)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        x = x + self.cross_attn(self.norm2(x), context)  # context (N, S, D)
+        x = x + self.mlp(self.norm3(x))
+        return x  # (N, T, D)
+
+
+class InContextBlock(nn.Module):
+    """Standard ViT block; the conditioning travels as extra tokens in the sequence."""
+
+    n_mod = 0
+    adaptive_final, extra_tokens, zero_init = False, True, False
+
+    @classmethod
+    def extra_macs(cls, tokens: int, n_cond: int, dim: int) -> int:
+        return 0  # its cost is the n_cond extra tokens every block attends over
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
+        super().__init__()
+        self.norm1 = _norm(dim, affine=True)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = _norm(dim, affine=True)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        x = x + self.mlp(self.norm2(x))
+        return x  # (N, T + S, D)
+
+
+def block_macs(tokens: int, dim: int, mlp_hidden: int) -> int:
+    """Multiply-accumulates of self-attention and the MLP over `tokens` tokens: every design has them."""
+    return (_linear(tokens, dim, 3 * dim)  # qkv
+            + _attention(tokens, tokens, dim)  # self-attention matmuls
+            + _linear(tokens, dim, dim)  # attention output projection
+            + _linear(tokens, dim, mlp_hidden) + _linear(tokens, mlp_hidden, dim))  # MLP
+
+
+BLOCKS: dict[str, type[nn.Module]] = {
+    "adaln-zero": AdaLNZeroBlock,
+    "adaln": AdaLNBlock,
+    "cross-attn": CrossAttnBlock,
+    "in-context": InContextBlock,
+}
+
+
+class FinalLayer(nn.Module):
+    """Last LayerNorm (adaptive for the adaLN designs) and the linear decoder to p*p*C_out."""
+
+    def __init__(self, dim: int, patch_size: int, out_channels: int, adaptive: bool):
+        super().__init__()
+        self.adaptive = adaptive
+        self.norm_final = _norm(dim, affine=not adaptive)
+        self.linear = nn.Linear(dim, patch_size * patch_size * out_channels, bias=True)
+        if adaptive:
+            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim, bias=True))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        if self.adaptive:
+            shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)  # 2 x (N, D)
+            x = modulate(self.norm_final(x), shift, scale)
+        else:
+            x = self.norm_final(x)
+        return self.linear(x)  # (N, T, p * p * C_out)
+
+
+
+
+def final_macs(tokens: int, dim: int, patch_size: int, out_channels: int, adaptive: bool) -> int:
+    """Multiply-accumulates of the final layer: its modulation (adaptive designs) and the decoder."""
+    return (_linear(1, dim, 2 * dim) if adaptive else 0) + _linear(tokens, dim, patch_size**2 * out_channels)
