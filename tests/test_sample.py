@@ -14,8 +14,9 @@ from PIL import Image
 
 import ditlab
 from ditlab.cli import main
+from ditlab.runtime.files import NpzWriter
 from ditlab.runtime.seeds import IMAGE_LABELS
-from ditlab.sampling.generate import NpzWriter, image_seed
+from ditlab.sampling.generate import image_seed
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--steps", "4", "--cfg-scale", "1.5", "--no-progress", "--device", "cpu"]
@@ -199,9 +200,9 @@ def test_sigterm_under_torchrun_removes_the_temporary_file(tmp_path, make_dit):
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 120
-        while not list(tmp_path.glob(".samples.tmp-*")) and proc.poll() is None and time.time() < deadline:
+        while not list(tmp_path.glob(".samples.npz.tmp-*")) and proc.poll() is None and time.time() < deadline:
             time.sleep(0.05)
-        assert list(tmp_path.glob(".samples.tmp-*")), proc.stderr.read() if proc.poll() is not None else "timeout"
+        assert list(tmp_path.glob(".samples.npz.tmp-*")), proc.stderr.read() if proc.poll() is not None else "timeout"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 128 + signal.SIGTERM
     finally:

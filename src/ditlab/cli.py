@@ -1,8 +1,11 @@
 """The `ditlab` command line: one console script with a subcommand per task.
 
-Each subcommand's flags live here, with the paper's defaults; its work is imported only when
-it runs, so `ditlab --help` is instant. A user error ends with one line on stderr and exit 2
-(set DITLAB_TRACEBACK=1 to see the traceback)."""
+The flags of train, sample and extract-latents are generated from their config dataclasses
+(`TrainConfig`, `SampleConfig`, `ExtractConfig`; see `ditlab.flags`), with the paper's defaults.
+Building the parser imports no torch, so `ditlab --help` is instant; a subcommand's work is
+imported only when it runs. A user error (`ditlab.errors.UserError`) ends with one line on stderr
+and exit 2 (DITLAB_TRACEBACK=1 shows the whole chain); anything else is a bug and shows its
+traceback."""
 
 from __future__ import annotations
 
@@ -11,6 +14,8 @@ import os
 import sys
 
 from ditlab.errors import UserError, UserNotADirectoryError, one_line
+from ditlab.flags import add_flags, from_args
+from ditlab.options import BLOCKS, DEVICES, FORMATS, WEIGHT_SETS
 
 
 def _add_flops(sub: argparse._SubParsersAction) -> None:
@@ -19,72 +24,35 @@ def _add_flops(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--latent-factor", type=int, default=8,
                    help="image pixels per latent pixel: 8 for the SD VAE, 1 in pixel space (default 8)")
     p.add_argument("--in-channels", type=int, default=4, help="latent channels (default 4)")
-    p.add_argument("--block", default="adaln-zero", help="block design (default adaln-zero)")
-    p.set_defaults(func=_run_flops)
+    p.add_argument("--block", default="adaln-zero", choices=BLOCKS, help="block design (default adaln-zero)")
 
+    def run(args: argparse.Namespace) -> int:
+        from ditlab.models.flops import flops_table
 
-def _run_flops(args: argparse.Namespace) -> int:
-    from ditlab.models.flops import flops_table
+        print(flops_table(args.image_size, args.block, args.latent_factor, args.in_channels))
+        return 0
 
-    print(flops_table(args.image_size, args.block, args.latent_factor, args.in_channels))
-    return 0
+    p.set_defaults(func=run)
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    from ditlab.options import PRECISIONS
     from ditlab.training.config import TrainConfig
 
-    d = TrainConfig(data="", results="")
     p = sub.add_parser("train", help="train a DiT (the paper's recipe; run again to resume)",
                        description="Train a DiT. Run the same command on the same --results folder to resume; "
                                    "use `torchrun --nproc_per_node=N -m ditlab train ...` for many processes.")
-    p.add_argument("--data", required=True,
-                   help="'digits' (bundled), an image folder (ImageNet layout) or a latent cache")
-    p.add_argument("--results", required=True, help="results folder: checkpoints/, samples/, metrics.jsonl")
-    p.add_argument("--model", default=d.model, help=f"named config (default {d.model})")
-    for name in ("depth", "hidden_size", "num_heads", "patch_size"):
-        p.add_argument("--" + name.replace("_", "-"), type=int, default=None, help="override the named config")
-    p.add_argument("--block", default=d.block, help="adaln-zero (default), adaln, cross-attn or in-context")
-    p.add_argument("--image-size", type=int, default=d.image_size, help=f"image resolution (default {d.image_size})")
-    p.add_argument("--vae", default=d.vae, help=f"VAE for image folders: hub id or local folder (default {d.vae})")
-    p.add_argument("--num-classes", type=int, default=None, help="default: the dataset's; 0 = unconditional")
-    p.add_argument("--global-batch-size", type=int, default=d.global_batch_size,
-                   help=f"summed over processes (default {d.global_batch_size})")
-    p.add_argument("--lr", type=float, default=d.lr, help=f"AdamW learning rate, constant (default {d.lr})")
-    p.add_argument("--max-steps", type=int, default=d.max_steps, help=f"default {d.max_steps}")
-    p.add_argument("--epochs", type=int, default=None,
-                   help="stop after this many epochs (with --max-steps: whichever comes first)")
-    p.add_argument("--ckpt-every", type=int, default=d.ckpt_every, help=f"default {d.ckpt_every}")
-    p.add_argument("--keep-last", type=int, default=d.keep_last, help="keep the newest K checkpoints (0 = all)")
-    p.add_argument("--sample-every", type=int, default=d.sample_every,
-                   help=f"write an EMA sample grid every N steps; 0 = never (default {d.sample_every})")
-    p.add_argument("--sample-steps", type=int, default=d.sample_steps,
-                   help=f"DDPM steps of the grids (default {d.sample_steps})")
-    p.add_argument("--log-every", type=int, default=d.log_every, help=f"default {d.log_every}")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--precision", choices=PRECISIONS, default=d.precision,
-                   help="auto = bf16 autocast where the hardware does it well, else fp32")
-    p.add_argument("--num-workers", type=int, default=d.num_workers,
-                   help=f"data loader workers (default {d.num_workers})")
-    p.add_argument("--ema-decay", type=float, default=d.ema_decay, help=f"default {d.ema_decay}")
-    p.add_argument("--grad-clip", type=float, default=None, help="clip the gradient norm (default: off, as the paper)")
-    p.add_argument("--compile", action="store_true", help="torch.compile each block")
-    p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations to save memory")
-    p.add_argument("--fsdp", action="store_true", help="shard with FSDP2 per block instead of DDP")
-    p.add_argument("--no-learn-sigma", dest="learn_sigma", action="store_false", help="epsilon-only model, MSE loss")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
-    p.set_defaults(func=_run_train)
+    add_flags(p, TrainConfig)
+    p.add_argument("--device", choices=DEVICES, default=None, help="default: cuda when available")
 
+    def run(args: argparse.Namespace) -> int:
+        from ditlab.training.loop import train
 
-def _run_train(args: argparse.Namespace) -> int:
-    from ditlab.training import TrainConfig, train
+        summary = train(from_args(TrainConfig, args), device=args.device)
+        if summary.get("rank", 0) == 0:
+            print(f"trained to step {summary['step']} in {summary['seconds']:.1f}s; results in {summary['results']}")
+        return 0
 
-    fields = {k: v for k, v in vars(args).items() if k not in ("func", "command", "device")}
-    summary = train(TrainConfig(**fields), device=args.device)
-    if summary.get("rank", 0) == 0:
-        print(f"trained to step {summary['step']} in {summary['seconds']:.1f}s; results in {summary['results']}")
-    return 0
+    p.set_defaults(func=run)
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
@@ -95,57 +63,37 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="demo-out", help="output folder (default demo-out; reruns reuse its training)")
     p.add_argument("--max-steps", type=int, default=None, help="training steps (default: the demo's 1500)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    p.set_defaults(func=_run_demo)
 
+    def run(args: argparse.Namespace) -> int:
+        from ditlab.demo import run_demo, summary_lines
 
-def _run_demo(args: argparse.Namespace) -> int:
-    from ditlab.demo import run_demo, summary_lines
+        report = run_demo(args.out, max_steps=args.max_steps, progress=args.progress)
+        print("\n".join(summary_lines(report, args.out)))
+        return 0
 
-    report = run_demo(args.out, max_steps=args.max_steps, progress=args.progress)
-    print("\n".join(summary_lines(report, args.out)))
-    return 0
+    p.set_defaults(func=run)
 
 
 def _add_extract_latents(sub: argparse._SubParsersAction) -> None:
-    from ditlab.options import PRECISIONS
+    from ditlab.data.config import ExtractConfig
 
     p = sub.add_parser("extract-latents", help="encode an image folder once into a sharded latent cache",
                        description="Encode every image of an ImageNet-layout folder, and its horizontal flip, to "
                        "the posterior mean and std of the VAE, in shards that training memory-maps. Run the same "
                        "command again to resume; run it under torchrun to split the files across ranks.")
-    p.add_argument("--data", required=True, help="image folder in the ImageNet layout: DATA/<class>/<image>")
-    p.add_argument("--out", required=True, help="latent cache folder (created; an interrupted run resumes into it)")
-    p.add_argument("--image-size", type=int, default=256, help="ADM center crop size in pixels (default 256)")
-    p.add_argument("--vae", default="stabilityai/sd-vae-ft-ema",
-                   help="hub id, local folder (AutoencoderKL.save_pretrained), or 'pixel' (default "
-                        "stabilityai/sd-vae-ft-ema)")
-    p.add_argument("--batch-size", type=int, default=32,
-                   help="images per VAE call, each encoded with its flip (default 32)")
-    p.add_argument("--skip-bad-files", action="store_true",
-                   help="skip unreadable images and list them at the end (default: stop at the first one)")
-    p.add_argument("--shard-size", type=int, default=1000, help="images per shard file (default 1000)")
-    p.add_argument("--num-workers", type=int, default=None,
-                   help="image decoding processes per rank (default min(8, CPUs / ranks))")
-    p.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="VAE compute precision; auto is fp16 on CUDA, fp32 on CPU (default auto)")
-    p.add_argument("--dtype", default="float16", choices=["float16", "float32"],
-                   help="storage dtype of mean and std (default float16)")
+    add_flags(p, ExtractConfig)
 
     def run(args: argparse.Namespace) -> int:
-        from ditlab.data.extract import extract_latents
+        from ditlab.data.extract import run_extract
 
-        extract_latents(args.data, args.out, image_size=args.image_size, vae=args.vae, batch_size=args.batch_size,
-                        skip_bad_files=args.skip_bad_files, shard_size=args.shard_size,
-                        num_workers=args.num_workers, precision=args.precision, dtype=args.dtype)
+        run_extract(from_args(ExtractConfig, args))
         return 0
 
     p.set_defaults(func=run)
 
 
 def _add_sample(sub: argparse._SubParsersAction) -> None:
-    from ditlab.checkpoints.formats import WEIGHT_SETS
-    from ditlab.diffusion.samplers import SAMPLERS
-    from ditlab.options import PRECISIONS
+    from ditlab.sampling.config import SampleConfig
 
     p = sub.add_parser(
         "sample", help="sample a DiT checkpoint to a PNG grid or ADM's .npz (FID sets; torchrun splits the work)",
@@ -155,58 +103,22 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
         "samples.npz` writes ADM's format (arr_0 uint8 NHWC, arr_1 labels) with uniformly random classes, as "
         "the paper's FID-50K. Image i depends only on --seed and i: the batch size and the number of "
         "processes (`torchrun --nproc_per_node=N -m ditlab sample ...`) do not change it.")
-    p.add_argument("--ckpt", required=True, help="checkpoint file or diffusers folder")
-    p.add_argument("--model", default=None,
-                   help="named config, e.g. DiT-XL/2: gives the authors' state dicts their number of heads; "
-                        "checked against the weights")
-    p.add_argument("--image-size", type=int, default=None,
-                   help="image resolution, checked against the checkpoint (default: the checkpoint's)")
-    p.add_argument("--vae", default=None,
-                   help="hub id, local AutoencoderKL folder, or 'pixel' (default: the codec a ditlab checkpoint was "
-                        "trained with, pixel for digits, else stabilityai/sd-vae-ft-ema)")
-    p.add_argument("--classes", type=int, nargs="+", default=None,
-                   help="class labels: one image each, or with --num-samples cycled through")
-    p.add_argument("--num-samples", type=int, default=None, help="number of images (classes uniformly random)")
-    p.add_argument("--out", required=True, help="FILE.png (one grid) or FILE.npz (ADM's sample format)")
-    p.add_argument("--png-dir", default=None, help="also write every image as PNG_DIR/{index:06d}.png")
-    p.add_argument("--steps", type=int, default=250, help="sampling steps, respaced evenly (default 250, the paper's)")
-    p.add_argument("--sampler", default="ddpm", choices=list(SAMPLERS),
-                   help="ddpm (ancestral, the paper's), ddim, or dpm++2m (20-25 steps) (default ddpm)")
-    p.add_argument("--cfg-scale", type=float, default=1.0,
-                   help="classifier-free guidance scale; 1.0 = none (default). The paper's FID-50K uses 1.5, its "
-                        "figures 4.0")
-    p.add_argument("--guidance-channels", type=int, default=None,
-                   help="guide only the first K latent channels; 3 reproduces the reference code and its "
-                        "published FID (default: all)")
-    p.add_argument("--seed", type=int, default=0, help="image i is drawn from seed and i alone (default 0)")
-    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass, per process (default 32)")
-    p.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="autocast of the DiT forward: auto = bf16 on CUDA, fp32 on CPU (default auto); the "
-                        "diffusion maths stay fp32, the VAE runs in fp32 unless bf16/fp16 is asked for")
-    p.add_argument("--weights", default="ema", choices=WEIGHT_SETS,
-                   help="EMA or raw weights, for checkpoints that hold both (default ema)")
-    p.add_argument("--nrow", type=int, default=None, help="images per row of a .png grid (default 8)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    add_flags(p, SampleConfig)
 
     def run(args: argparse.Namespace) -> int:
-        from ditlab.sampling.run import sample_to_files
+        from ditlab.sampling.run import run_sample
 
-        kwargs = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
-        summary = sample_to_files(**kwargs)
-        if summary["rank"] == 0:
-            print(f"{summary['out']}: {summary['images']} images {'x'.join(map(str, summary['image_shape']))} in "
-                  f"{summary['seconds']:.1f}s ({summary['images_per_s']:.3g} images/s on {summary['processes']} "
-                  f"process(es); {summary['checkpoint_format']} checkpoint, {summary['weights']} weights, "
-                  f"vae {summary['vae']})")
+        s = run_sample(from_args(SampleConfig, args))
+        if s["rank"] == 0:
+            print(f"{s['out']}: {s['images']} images {'x'.join(map(str, s['image_shape']))} in "
+                  f"{s['seconds']:.1f}s ({s['images_per_s']:.3g} images/s on {s['processes']} process(es); "
+                  f"{s['checkpoint_format']} checkpoint, {s['weights']} weights, vae {s['vae']})")
         return 0
 
     p.set_defaults(func=run)
 
 
 def _add_convert(sub: argparse._SubParsersAction) -> None:
-    from ditlab.checkpoints.formats import FORMATS, WEIGHT_SETS
-
     p = sub.add_parser("convert", help="convert a DiT checkpoint between ditlab, the authors', diffusers and "
                                        "safetensors formats",
                        description="Convert a DiT checkpoint (any format `ditlab sample` reads) to another: "
@@ -215,8 +127,7 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
                        "config in its metadata). Weights are copied bit for bit; the write is atomic.")
     p.add_argument("src", help="source checkpoint file or diffusers folder")
     p.add_argument("dst", help="destination file (or folder for --to diffusers)")
-    p.add_argument("--to", required=True, choices=FORMATS,
-                   help="the format of DST")
+    p.add_argument("--to", required=True, choices=FORMATS, help="the format of DST")
     p.add_argument("--weights", default="ema", choices=WEIGHT_SETS,
                    help="which weights of a checkpoint that holds both (default ema)")
     p.add_argument("--model", default=None, help="named config for the authors' state dicts (see ditlab sample)")
@@ -245,25 +156,24 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="images per Inception batch (default 64)")
     p.add_argument("--device", default=None, help="torch device (default cuda if available, else cpu)")
     p.add_argument("--out", metavar="FILE.json", default=None, help="also write the JSON to this file")
-    p.set_defaults(func=_run_eval)
 
+    def run(args: argparse.Namespace) -> int:
+        import json
 
-def _run_eval(args: argparse.Namespace) -> int:
-    import json
-    import os
+        from ditlab.evaluation.evaluate import evaluate
+        from ditlab.runtime.files import atomic_write_text
 
-    from ditlab.evaluation.evaluate import evaluate
-    from ditlab.runtime.files import atomic_write_text
+        folder = os.path.dirname(os.path.abspath(args.out)) if args.out else None
+        if folder and not os.path.isdir(folder):  # checked before a long evaluation, not after
+            raise UserNotADirectoryError(f"--out {args.out}: folder {folder} does not exist")
+        result = evaluate(args.samples, args.ref, args.inception, args.batch_size, args.device, sys.stderr.isatty())
+        text = json.dumps(result, indent=2)
+        print(text)
+        if args.out:
+            atomic_write_text(args.out, text + "\n")
+        return 0
 
-    folder = os.path.dirname(os.path.abspath(args.out)) if args.out else None
-    if folder and not os.path.isdir(folder):  # checked before a long evaluation, not after
-        raise UserNotADirectoryError(f"--out {args.out}: folder {folder} does not exist")
-    result = evaluate(args.samples, args.ref, args.inception, args.batch_size, args.device, sys.stderr.isatty())
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        atomic_write_text(args.out, text + "\n")
-    return 0
+    p.set_defaults(func=run)
 
 
 SUBCOMMANDS = [_add_train, _add_extract_latents, _add_sample, _add_eval, _add_convert, _add_demo, _add_flops]

@@ -1,17 +1,25 @@
-"""Data: the bundled digits (`ditlab.data.digits`), image folders with ADM's center crop, and the
-latent cache that training reads.
+"""Data: the bundled digits (`digits`), image folders with ADM's center crop (`images`), the latent
+cache that training reads (`latents`), the VAE codecs (`codecs`), and `ditlab extract-latents`
+(`config`, light; `extract`). The names below load their modules on first use."""
 
-The extract-latents command's work lives in `ditlab.data.extract` (imported on demand)."""
+from __future__ import annotations
 
-from ditlab.data.images import IMAGE_EXTENSIONS, ImageFolderDataset, center_crop_arr, scan_image_folder
-from ditlab.data.latents import LatentCacheDataset, is_latent_cache, sample_latents
+import importlib
+from typing import Any
 
-__all__ = [
-    "IMAGE_EXTENSIONS",
-    "ImageFolderDataset",
-    "LatentCacheDataset",
-    "center_crop_arr",
-    "is_latent_cache",
-    "sample_latents",
-    "scan_image_folder",
-]
+_EXPORTS = {
+    "IMAGE_EXTENSIONS": "ditlab.data.images",
+    "ImageFolderDataset": "ditlab.data.images",
+    "center_crop_arr": "ditlab.data.images",
+    "scan_image_folder": "ditlab.data.images",
+    "LatentCacheDataset": "ditlab.data.latents",
+    "is_latent_cache": "ditlab.data.latents",
+    "sample_latents": "ditlab.data.latents",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'ditlab.data' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

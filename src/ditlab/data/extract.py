@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ditlab.data.codecs import DEFAULT_VAE, load_codec
+from ditlab.data.codecs import load_codec
+from ditlab.data.config import ExtractConfig
 from ditlab.data.images import ImageFolderDataset
 from ditlab.data.latents import STORAGE_DTYPES, read_shard_meta, shard_name, write_index, write_shard
 from ditlab.errors import UserError
@@ -92,112 +93,115 @@ def _to_storage(x: torch.Tensor, dtype: str, paths: list[str], what: str) -> np.
     return stored
 
 
-def extract_latents(data: str, out: str, image_size: int = 256, vae: str = DEFAULT_VAE, batch_size: int = 32,
-                    skip_bad_files: bool = False, shard_size: int = 1000, num_workers: int | None = None,
-                    precision: str = "auto", dtype: str = "float16", progress: bool = True,
-                    log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Encode every image of the folder `data` into the latent cache `out` (resuming into it).
+def extract_latents(data: str, out: str, *, log: Callable[[str], None] = print, **options: Any) -> dict[str, Any]:
+    """Encode every image of the folder `data` into the latent cache `out` (resuming into it);
+    options are ExtractConfig's fields.
 
     Returns a summary: "num_samples", "encoded" (images encoded by this rank in this run),
     "seconds", "images_per_s" (this rank), "skipped" (all skipped files of the cache, on rank 0)."""
-    for flag, value in (("--batch-size", batch_size), ("--shard-size", shard_size), ("--image-size", image_size)):
-        if value < 1:
-            raise UserError(f"{flag} {value} must be positive")
-    if dtype not in STORAGE_DTYPES:
-        raise UserError(f"--dtype {dtype}: choose {', '.join(STORAGE_DTYPES)}")
+    return run_extract(ExtractConfig(data=data, out=out, **options), log)
+
+
+def run_extract(cfg: ExtractConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """`ditlab extract-latents` with the settings `cfg` (see extract_latents)."""
     with distributed_session(timeout=BARRIER_TIMEOUT) as info:
         rank, world, device = info.rank, info.world_size, info.device
-        images = ImageFolderDataset(data, image_size)
-        codec = load_codec(vae, device=device, dtype=vae_dtype(precision, device))
-        if image_size % codec.downsample:
-            raise UserError(f"--image-size {image_size} is not a multiple of {codec.downsample}, the downsampling "
-                             f"factor of --vae {vae}")
-        h = image_size // codec.downsample
-        codec_id = os.path.abspath(os.path.expanduser(vae)) if os.path.isdir(os.path.expanduser(vae)) else vae
-        settings = {"image_size": image_size, "codec": codec_id, "dtype": dtype,
-                    "latent_shape": [codec.latent_channels, h, h], "shard_size": shard_size,
-                    "classes": images.classes, "data_root": os.path.abspath(data)}
-        os.makedirs(out, exist_ok=True)
-        n = len(images)
-        num_shards = math.ceil(n / shard_size)
+        images = ImageFolderDataset(cfg.data, cfg.image_size)
+        codec = load_codec(cfg.vae, device=device, dtype=vae_dtype(cfg.precision, device))
+        if cfg.image_size % codec.downsample:
+            raise UserError(f"--image-size {cfg.image_size} is not a multiple of {codec.downsample}, the "
+                            f"downsampling factor of --vae {cfg.vae}")
+        h = cfg.image_size // codec.downsample
+        vae = os.path.expanduser(cfg.vae)
+        settings = {"image_size": cfg.image_size, "codec": os.path.abspath(vae) if os.path.isdir(vae) else cfg.vae,
+                    "dtype": cfg.dtype, "latent_shape": [codec.latent_channels, h, h], "shard_size": cfg.shard_size,
+                    "classes": images.classes, "data_root": os.path.abspath(cfg.data)}
+        os.makedirs(cfg.out, exist_ok=True)
+        num_shards = math.ceil(len(images) / cfg.shard_size)
 
         def shard_files(k: int) -> list[str]:
-            return [p for p, _ in images.samples[k * shard_size:(k + 1) * shard_size]]
+            return [p for p, _ in images.samples[k * cfg.shard_size:(k + 1) * cfg.shard_size]]
 
-        mine = _pending(out, settings, shard_files, num_shards, rank)[rank::world]
-        if num_workers is None:
-            num_workers = min(8, (os.cpu_count() or 1) // world)
+        mine = _pending(cfg.out, settings, shard_files, num_shards, rank)[rank::world]
+        workers = min(8, (os.cpu_count() or 1) // world) if cfg.num_workers is None else cfg.num_workers
         start = time.perf_counter()
         desc = f"rank {rank}/{world}" if world > 1 else "extract"
-        encoded = _encode_shards(images, codec, device, mine, settings, out, batch_size, num_workers,
-                                 skip_bad_files, progress and rank == 0, desc)
+        encoded = _encode_shards(images, codec, device, mine, settings, cfg, workers, desc, rank == 0)
         seconds = time.perf_counter() - start
         barrier()
-        summary = {"num_samples": n, "encoded": encoded, "seconds": seconds,
+        summary = {"num_samples": len(images), "encoded": encoded, "seconds": seconds,
                    "images_per_s": encoded / seconds if encoded else 0.0, "skipped": []}
         if rank == 0:
-            metas = [read_shard_meta(out, k) for k in range(num_shards)]
-            missing = [shard_name(k) for k, m in enumerate(metas) if m is None]
-            if missing:
-                raise UserError(f"{out}: shards {', '.join(missing[:3])} are missing after all ranks finished")
-            index = write_index(out, settings, metas)
-            summary.update(num_samples=index["num_samples"], skipped=index["skipped"])
-            where = " on rank 0" if world > 1 else ""
-            log(f"{out}: {index['num_samples']} latents {tuple(settings['latent_shape'])} of {n} images in "
-                f"{num_shards} shards; this run encoded {encoded}{where} in {seconds:.1f} s "
-                f"({summary['images_per_s']:.1f} images/s)")
-            if index["skipped"]:
-                log(f"skipped {len(index['skipped'])} unreadable file(s):")
-                for s in index["skipped"]:
-                    log(f"  {s['path']}: {s['error']}")
+            _finish(cfg.out, settings, num_shards, len(images), summary, world, log)
         return summary
 
 
+def _finish(out: str, settings: dict[str, Any], num_shards: int, n: int, summary: dict[str, Any], world: int,
+            log: Callable[[str], None]) -> None:
+    """Rank 0: check every shard is there, write the index, report."""
+    metas = [read_shard_meta(out, k) for k in range(num_shards)]
+    missing = [shard_name(k) for k, m in enumerate(metas) if m is None]
+    if missing:
+        raise UserError(f"{out}: shards {', '.join(missing[:3])} are missing after all ranks finished")
+    index = write_index(out, settings, metas)
+    summary.update(num_samples=index["num_samples"], skipped=index["skipped"])
+    where = " on rank 0" if world > 1 else ""
+    log(f"{out}: {index['num_samples']} latents {tuple(settings['latent_shape'])} of {n} images in "
+        f"{num_shards} shards; this run encoded {summary['encoded']}{where} in {summary['seconds']:.1f} s "
+        f"({summary['images_per_s']:.1f} images/s)")
+    if index["skipped"]:
+        log(f"skipped {len(index['skipped'])} unreadable file(s):")
+        for s in index["skipped"]:
+            log(f"  {s['path']}: {s['error']}")
+
+
+def _encode_pairs(codec, device: torch.device, image: torch.Tensor, dtype: str,
+                  paths: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Images (B, 3, H, W) and their flips in one VAE call -> storage mean, std, each (B, 2, C, h, w)."""
+    x = image.to(device, non_blocking=True)  # (B, 3, H, W)
+    mean, std = codec.encode(torch.cat([x, x.flip(-1)]))  # (2B, C, h, w): images, then flips
+    pair = (len(x), 2, *mean.shape[1:])
+    mean = mean.view(2, len(x), *mean.shape[1:]).transpose(0, 1).reshape(pair).cpu()  # (B, 2, C, h, w)
+    std = std.view(2, len(x), *std.shape[1:]).transpose(0, 1).reshape(pair).cpu()  # (B, 2, C, h, w)
+    return _to_storage(mean, dtype, paths, "mean"), _to_storage(std, dtype, paths, "std")
+
+
 def _encode_shards(images: ImageFolderDataset, codec, device: torch.device, shards: list[int],
-                   settings: dict[str, Any], out: str, batch_size: int, num_workers: int, skip_bad_files: bool,
-                   progress: bool, desc: str) -> int:
+                   settings: dict[str, Any], cfg: ExtractConfig, workers: int, desc: str, main: bool) -> int:
     """Encode the files of `shards` (in order) and write each shard when complete; returns the
     number of images encoded."""
     from tqdm import tqdm
 
     size = settings["shard_size"]
     files = [j for k in shards for j in range(k * size, min((k + 1) * size, len(images)))]
-    loader = torch.utils.data.DataLoader(_Files(images, files), batch_size=batch_size, num_workers=num_workers,
+    loader = torch.utils.data.DataLoader(_Files(images, files), batch_size=cfg.batch_size, num_workers=workers,
                                          pin_memory=torch.cuda.is_available())
     common = {k: settings[k] for k in SHARD_SETTINGS}
     shard: dict[str, list] = {"mean": [], "std": [], "labels": [], "paths": [], "skipped": []}
     encoded = 0
-    with tqdm(total=len(files), unit="img", desc=desc, disable=not progress, smoothing=0.05) as bar:
+    with tqdm(total=len(files), unit="img", desc=desc, disable=not (cfg.progress and main), smoothing=0.05) as bar:
         for image, index, error in loader:
             index = index.tolist()
             paths = [images.samples[j][0] for j in index]
             ok = [i for i, e in enumerate(error) if not e]
             if ok:
-                x = image[ok].to(device, non_blocking=True)  # (B, 3, H, W)
-                mean, std = codec.encode(torch.cat([x, x.flip(-1)]))  # (2B, C, h, w): images, then flips
-                pair = (len(ok), 2, *mean.shape[1:])
-                mean = mean.view(2, len(ok), *mean.shape[1:]).transpose(0, 1).reshape(pair).cpu()  # (B, 2, C, h, w)
-                std = std.view(2, len(ok), *std.shape[1:]).transpose(0, 1).reshape(pair).cpu()  # (B, 2, C, h, w)
-                good = [paths[i] for i in ok]
-                mean = _to_storage(mean, settings["dtype"], good, "mean")
-                std = _to_storage(std, settings["dtype"], good, "std")
+                mean, std = _encode_pairs(codec, device, image[ok], settings["dtype"], [paths[i] for i in ok])
                 encoded += len(ok)
             row = 0
             for i, j in enumerate(index):
                 k = j // size
-                if error[i] and not skip_bad_files:
+                if error[i] and not cfg.skip_bad_files:
                     raise UserError(f"{error[i]}; {shard_name(k)} not written (finished shards are kept): "
-                                     "fix or remove the file, or pass --skip-bad-files")
+                                    "fix or remove the file, or pass --skip-bad-files")
                 if error[i]:
                     shard["skipped"].append({"path": paths[i], "error": error[i]})
                 else:
-                    shard["mean"].append(mean[row])
-                    shard["std"].append(std[row])
-                    shard["labels"].append(images.samples[j][1])
-                    shard["paths"].append(paths[i])
+                    for key, value in (("mean", mean[row]), ("std", std[row]), ("labels", images.samples[j][1]),
+                                       ("paths", paths[i])):
+                        shard[key].append(value)
                     row += 1
                 if j == min((k + 1) * size, len(images)) - 1:  # the shard's last file
-                    _flush(out, k, shard, common)
+                    _flush(cfg.out, k, shard, common)
                     shard = {key: [] for key in shard}
             bar.update(len(index))
     return encoded

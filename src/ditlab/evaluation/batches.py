@@ -15,10 +15,10 @@ import numpy as np
 from ditlab.errors import UserError, UserFileNotFoundError
 from ditlab.evaluation.inception import POOL_DIM, SPATIAL_DIM
 from ditlab.evaluation.metrics import FeatureStats
+from ditlab.runtime.files import ADM_IMAGES_KEY as IMAGES_KEY
+from ditlab.runtime.files import ADM_LABELS_KEY as LABELS_KEY
 from ditlab.runtime.files import atomic_write
 
-IMAGES_KEY = "arr_0"
-LABELS_KEY = "arr_1"
 STATS_KEYS = {"pool": ("mu", "sigma"), "spatial": ("mu_s", "sigma_s")}  # ADM's names
 STATS_DIMS = {"pool": POOL_DIM, "spatial": SPATIAL_DIM}
 

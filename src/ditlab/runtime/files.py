@@ -1,13 +1,21 @@
-"""Atomic writes: build the new file (or folder) under a temporary name beside the target, then
-rename it into place, so a reader (or a crash) never sees a half-written one."""
+"""Atomic writes, the only way ditlab writes a file: build the new file (or folder) under a
+temporary name beside the target, flush it to disk, then rename it into place, so a reader (or a
+crash) never sees a half-written one. Also ADM's .npz sample batch, streamed the same way."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
+
+import numpy as np
+
+# ADM's .npz sample batches: arr_0 uint8 images (N, H, W, C), arr_1 int64 labels (N,)
+ADM_IMAGES_KEY = "arr_0"
+ADM_LABELS_KEY = "arr_1"
 
 
 def _remove(path: Path) -> None:
@@ -17,6 +25,16 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def temp_path(dst: Path) -> Path:
+    """Where a write of `dst` is built: a hidden name beside it, unique to this process."""
+    return dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+
+
+def fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
 def atomic_replace(dst: str | os.PathLike, write: Callable[[Path], object]) -> None:
     """Call write(tmp) with a temporary path beside `dst` (it may make a file or a folder there),
     then rename it onto `dst`. A file replaces a file in one rename (never a folder); a new folder
@@ -24,8 +42,7 @@ def atomic_replace(dst: str | os.PathLike, write: Callable[[Path], object]) -> N
     is left as it was."""
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+    tmp, old = temp_path(dst), dst.with_name(f".{dst.name}.old-{os.getpid()}")
     try:
         write(tmp)
         if tmp.is_dir() and (dst.exists() or dst.is_symlink()):  # a folder cannot be renamed over dst
@@ -56,3 +73,57 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write(path, lambda f: f.write(text.encode()))
+
+
+class NpzWriter:
+    """ADM's .npz written as the images arrive, so N of them never sit in memory at once:
+    arr_0 (N, H, W, C) uint8 streamed in order, then arr_1 (N,) int64 labels at `close`. The file
+    is a temporary one until `close` renames it onto `path`; `abort` (or leaving the `with` block
+    without `close`) deletes it. The result is what `np.savez(path, images, labels)` writes."""
+
+    def __init__(self, path: str | Path, shape: tuple[int, int, int, int]):
+        self.path, self.shape, self.written = Path(path), tuple(shape), 0
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = temp_path(self.path)
+        self._zip = zipfile.ZipFile(self.tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
+        self._entry = self._zip.open(ADM_IMAGES_KEY + ".npy", "w", force_zip64=True)
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+                  "shape": self.shape}  # fmt: skip
+        np.lib.format.write_array_header_1_0(self._entry, header)
+
+    def write(self, images: np.ndarray) -> None:
+        """Append (n, H, W, C) uint8 images."""
+        if images.dtype != np.uint8 or images.shape[1:] != self.shape[1:]:
+            raise ValueError(f"{self.path}: expected uint8 images (n, {', '.join(map(str, self.shape[1:]))}), "
+                             f"got {images.dtype} {images.shape}")
+        if self.written + len(images) > self.shape[0]:
+            raise ValueError(f"{self.path}: more than the {self.shape[0]} images announced")
+        self._entry.write(np.ascontiguousarray(images).reshape(-1).data)
+        self.written += len(images)
+
+    def close(self, labels: np.ndarray | None) -> None:
+        """Finish arr_0, add arr_1 = labels (N,) (None: none, as for an unconditional model), rename."""
+        if self.written != self.shape[0]:
+            raise ValueError(f"{self.path}: {self.written} of {self.shape[0]} images written")
+        self._entry.close()
+        if labels is not None:
+            with self._zip.open(ADM_LABELS_KEY + ".npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asarray(labels, dtype=np.int64))
+        self._zip.close()
+        fsync_file(self.tmp)
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        try:
+            self._entry.close()
+            self._zip.close()
+        except (OSError, ValueError):
+            pass
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> NpzWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.tmp.exists():
+            self.abort()

@@ -7,8 +7,6 @@ arithmetic whatever the batch; see README, "Sampling and checkpoints")."""
 
 from __future__ import annotations
 
-import os
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -96,58 +94,3 @@ def save_pngs(images: np.ndarray, indices: list[int] | range, folder: str | Path
     for image, i in zip(images, indices, strict=True):
         img = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
         atomic_write(Path(folder) / f"{i:06d}.png", lambda f, img=img: img.save(f, format="PNG"))
-
-
-class NpzWriter:
-    """ADM's .npz written as the images arrive, so N of them never sit in memory at once:
-    arr_0 (N, H, W, C) uint8 streamed in order, then arr_1 (N,) int64 labels at `close`. The file
-    is a temporary one until `close` renames it onto `path`; `abort` (or leaving the `with` block
-    without `close`) deletes it. The result is what `np.savez(path, images, labels)` writes."""
-
-    def __init__(self, path: str | Path, shape: tuple[int, int, int, int]):
-        self.path, self.shape, self.written = Path(path), tuple(shape), 0
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.path.with_name(f".{self.path.stem}.tmp-{os.getpid()}{self.path.suffix}")
-        self._zip = zipfile.ZipFile(self.tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
-        self._entry = self._zip.open("arr_0.npy", "w", force_zip64=True)
-        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
-                  "shape": self.shape}  # fmt: skip
-        np.lib.format.write_array_header_1_0(self._entry, header)
-
-    def write(self, images: np.ndarray) -> None:
-        """Append (n, H, W, C) uint8 images."""
-        if images.dtype != np.uint8 or images.shape[1:] != self.shape[1:]:
-            raise UserError(f"{self.path}: expected uint8 images (n, {', '.join(map(str, self.shape[1:]))}), "
-                             f"got {images.dtype} {images.shape}")
-        if self.written + len(images) > self.shape[0]:
-            raise UserError(f"{self.path}: more than the {self.shape[0]} images announced")
-        self._entry.write(np.ascontiguousarray(images).reshape(-1).data)
-        self.written += len(images)
-
-    def close(self, labels: np.ndarray | None) -> None:
-        """Finish arr_0, add arr_1 = labels (N,) (None: none, as for an unconditional model), rename."""
-        if self.written != self.shape[0]:
-            raise UserError(f"{self.path}: {self.written} of {self.shape[0]} images written")
-        self._entry.close()
-        if labels is not None:
-            with self._zip.open("arr_1.npy", "w", force_zip64=True) as f:
-                np.lib.format.write_array(f, np.asarray(labels, dtype=np.int64))
-        self._zip.close()
-        with open(self.tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(self.tmp, self.path)
-
-    def abort(self) -> None:
-        try:
-            self._entry.close()
-            self._zip.close()
-        except (OSError, ValueError):
-            pass
-        self.tmp.unlink(missing_ok=True)
-
-    def __enter__(self) -> NpzWriter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.tmp.exists():
-            self.abort()
