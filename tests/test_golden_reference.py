@@ -92,7 +92,7 @@ def test_forward(golden, models, sigma):
 def test_guided_forward(golden, config, models, channels):
     """The reference's forward_with_cfg (3 channels) and its all-channel variant: the conditional half."""
     step = samplers.guided_model(models[1], tensor(golden, "cfg_y"), config["cfg_scale"],
-                                 3 if channels == 3 else None, channels=4)  # fmt: skip
+                                 3 if channels == 3 else None, channels=4, null_class=models[1].null_class)  # fmt: skip
     with torch.no_grad():
         out = step(tensor(golden, "net_x"), tensor(golden, "net_t"))
     assert_close(out, tensor(golden, f"cfg_out_channels{channels}"), NETWORK_TOL, f"cfg {channels}", floor=1.0)

@@ -5,6 +5,7 @@ tables (and their per-device copies), respacing, and dispatches to the pure func
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -145,4 +146,37 @@ class Diffusion:
         tab = self.tables_on(x0.device)
         return gaussian.training_losses(tab, model, x0, t, y, noise, self.learn_sigma, self.fixed_variance)
 
-    sample = samplers.sample  # sample(model, noise, y=None, steps=250, ...): documented there
+    def sample(self, model: ModelFn, noise: torch.Tensor, y: torch.Tensor | None = None, steps: int = 250,
+               sampler: str = "ddpm", cfg_scale: float = 1.0, guidance_channels: int | None = None, eta: float = 0.0,
+               generator: samplers.Generators = None, progress: bool = False,
+               clip_denoised: bool = False) -> torch.Tensor:  # fmt: skip
+        """Generate x_0 (N, C, ...) from x_T = noise (N, C, ...) with `steps` respaced steps.
+
+        sampler: "ddpm" (ancestral, 250 steps in the paper), "ddim" (eta), "dpm++2m" (20-25 steps).
+        y (N,) long labels, or None for an unconditional model. cfg_scale != 1 applies classifier-free
+        guidance with the model's `null_class`; guidance_channels=3 reproduces DiT's reference (which
+        guides only 3 of the 4 latent channels). generator: one torch.Generator, or one per image.
+        clip_denoised clamps x_0 predictions to [-1, 1] (pixel space; DiT samples latents without).
+        The model should be in eval mode (DiT drops labels in training mode)."""
+        if sampler not in samplers.SAMPLERS:
+            raise UserError(f"unknown sampler {sampler!r}; choose one of {', '.join(samplers.SAMPLERS)}")
+        if not isinstance(steps, int) or not 1 <= steps <= self.num_timesteps:
+            raise UserError(f"steps must be between 1 and the process length {self.num_timesteps}, got {steps}")
+        if eta < 0 or (eta != 0 and sampler != "ddim"):
+            raise UserError(f"eta={eta} is only meaningful for sampler 'ddim' (eta >= 0)")
+        if noise.ndim < 2:
+            raise UserError(f"noise must be (N, C, ...), got shape {tuple(noise.shape)}")
+        N, C = noise.shape[:2]
+        num_classes = getattr(model, "num_classes", 0)  # a DiT's; a plain function may be unconditional
+        if y is None and num_classes:
+            raise UserError(f"the model is class-conditional ({num_classes} classes): pass labels y")
+        if y is not None and tuple(y.shape) != (N,):
+            raise UserError(f"y must have shape ({N},) to match the noise, got {tuple(y.shape)}")
+        if guidance_channels is not None and not 1 <= guidance_channels <= C:
+            raise UserError(f"guidance_channels must be between 1 and {C}, got {guidance_channels}")
+        if isinstance(model, torch.nn.Module) and model.training:
+            warnings.warn("sampling from a model in training mode (DiT then drops labels at random): call "
+                          "model.eval()", stacklevel=2)
+        return samplers.sample(self.respace(steps), model, noise, y=y, null_class=getattr(model, "null_class", None),
+                               sampler=sampler, cfg_scale=cfg_scale, guidance_channels=guidance_channels, eta=eta,
+                               generator=generator, progress=progress, clip_denoised=clip_denoised)

@@ -9,26 +9,34 @@ on its own generator (and not on the batch it was sampled in)."""
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
 from ditlab.diffusion.gaussian import ModelFn, ProcessTables, extract, predict_eps_from_x0
 from ditlab.errors import UserError
 
-if TYPE_CHECKING:
-    from ditlab.diffusion.process import Diffusion
+
+class Process(Protocol):
+    """What a sampler needs of a (respaced) process: `diffusion.Diffusion` is one."""
+
+    num_timesteps: int
+    timesteps: torch.Tensor  # (T,) long original indices
+    alphas_cumprod: torch.Tensor  # (T,) float64
+
+    def tables_on(self, device: torch.device | str) -> ProcessTables: ...
+
+    def p_mean_variance(self, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
+                        clip_denoised: bool = False) -> dict[str, torch.Tensor]: ...  # fmt: skip
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
 StepModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x (N, C, ...), t (N,)) -> output
 NoiseFn = Callable[[], torch.Tensor]
 
 
-def guided_model(
-    model: ModelFn, y: torch.Tensor | None, cfg_scale: float, guidance_channels: int | None, channels: int
-) -> StepModel:
+def guided_model(model: ModelFn, y: torch.Tensor | None, cfg_scale: float, guidance_channels: int | None,
+                 channels: int, null_class: int | None) -> StepModel:
     """model(x, t, y), or with cfg_scale != 1 classifier-free guidance (Ho & Salimans, 2022):
     the conditional and null-label inputs in one batch of 2N, eps = eps_u + s * (eps_c - eps_u)
     on the first `guidance_channels` channels (default: all C eps channels), the remaining
@@ -38,7 +46,6 @@ def guided_model(
         return lambda x, t: model(x, t, y)
     if y is None:
         raise UserError(f"classifier-free guidance (cfg_scale={cfg_scale}) needs class labels y")
-    null_class = getattr(model, "null_class", None)
     if null_class is None:
         raise UserError(f"classifier-free guidance (cfg_scale={cfg_scale}) needs a model with a null class")
     k = channels if guidance_channels is None else guidance_channels
@@ -83,7 +90,7 @@ def _full(i: int, like: torch.Tensor) -> torch.Tensor:
     return torch.full((like.shape[0],), i, dtype=torch.long, device=like.device)  # (N,)
 
 
-def _predict(process: Diffusion, model: StepModel, x: torch.Tensor, i: int,
+def _predict(process: Process, model: StepModel, x: torch.Tensor, i: int,
              clip_denoised: bool) -> dict[str, torch.Tensor]:  # fmt: skip
     """p_mean_variance of the model's output at step i of `process` (the model gets the ORIGINAL index)."""
     original = int(process.timesteps[i])
@@ -117,16 +124,16 @@ def ddim_step(
     return x_prev if noise is None else x_prev + sigma * noise
 
 
-def ddpm_loop(process: Diffusion, model: StepModel, x: torch.Tensor, draw: NoiseFn, eta: float,
-              clip_denoised: bool, progress: bool) -> torch.Tensor:  # fmt: skip
+def ddpm_loop(process: Process, model: StepModel, x: torch.Tensor, draw: NoiseFn, *, clip_denoised: bool,
+              progress: bool) -> torch.Tensor:  # fmt: skip
     """Ancestral sampling with the model's (learned) variance; no noise at the last step."""
     for i in _steps(process.num_timesteps, progress):
         x = ddpm_step(_predict(process, model, x, i, clip_denoised), draw() if i > 0 else None)
     return x
 
 
-def ddim_loop(process: Diffusion, model: StepModel, x: torch.Tensor, draw: NoiseFn, eta: float,
-              clip_denoised: bool, progress: bool) -> torch.Tensor:  # fmt: skip
+def ddim_loop(process: Process, model: StepModel, x: torch.Tensor, draw: NoiseFn, *, clip_denoised: bool,
+              progress: bool, eta: float = 0.0) -> torch.Tensor:  # fmt: skip
     """DDIM sampling (deterministic for eta = 0)."""
     tab = process.tables_on(x.device)
     for i in _steps(process.num_timesteps, progress):
@@ -135,7 +142,7 @@ def ddim_loop(process: Diffusion, model: StepModel, x: torch.Tensor, draw: Noise
     return x
 
 
-def dpm_solver_2m_loop(process: Diffusion, model: StepModel, x: torch.Tensor, draw: NoiseFn, eta: float,
+def dpm_solver_2m_loop(process: Process, model: StepModel, x: torch.Tensor, draw: NoiseFn, *,
                        clip_denoised: bool, progress: bool) -> torch.Tensor:  # fmt: skip
     """DPM-Solver++(2M) (Lu et al., 2022, algorithm 2): the multistep second-order solver of the
     probability-flow ODE in the data prediction x_0, stepping in lambda = log(alpha / sigma).
@@ -173,48 +180,16 @@ SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
 }
 
 
-def sample(
-    diffusion: Diffusion,
-    model: ModelFn,
-    noise: torch.Tensor,
-    y: torch.Tensor | None = None,
-    steps: int = 250,
-    sampler: str = "ddpm",
-    cfg_scale: float = 1.0,
-    guidance_channels: int | None = None,
-    eta: float = 0.0,
-    generator: Generators = None,
-    progress: bool = False,
-    clip_denoised: bool = False,
-) -> torch.Tensor:
-    """Generate x_0 (N, C, ...) from x_T = noise (N, C, ...) with `steps` evenly respaced steps.
-
-    sampler: "ddpm" (ancestral, 250 steps in the paper), "ddim" (eta), "dpm++2m" (20-25 steps).
-    y (N,) long labels, or None for an unconditional model. cfg_scale != 1 applies classifier-free
-    guidance with the model's null_class; guidance_channels=3 reproduces DiT's reference (which
-    guides only 3 of the 4 latent channels). clip_denoised clamps x_0 predictions to [-1, 1]
-    (pixel space; DiT samples latents without). The model should be in eval mode (DiT drops
-    labels in training mode)."""
-    if sampler not in SAMPLERS:
-        raise UserError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    if not isinstance(steps, int) or not 1 <= steps <= diffusion.num_timesteps:
-        raise UserError(f"steps must be between 1 and the process length {diffusion.num_timesteps}, got {steps}")
-    if eta < 0 or (eta != 0 and sampler != "ddim"):
-        raise UserError(f"eta={eta} is only meaningful for sampler 'ddim' (eta >= 0)")
-    if noise.ndim < 2:
-        raise UserError(f"noise must be (N, C, ...), got shape {tuple(noise.shape)}")
-    N, C = noise.shape[:2]
-    if y is None and getattr(model, "num_classes", 0):
-        raise UserError(f"the model is class-conditional ({model.num_classes} classes): pass labels y")
-    if y is not None and tuple(y.shape) != (N,):
-        raise UserError(f"y must have shape ({N},) to match the noise, got {tuple(y.shape)}")
-    if guidance_channels is not None and not 1 <= guidance_channels <= C:
-        raise UserError(f"guidance_channels must be between 1 and {C}, got {guidance_channels}")
-    if isinstance(model, torch.nn.Module) and model.training:
-        warnings.warn("sampling from a model in training mode (DiT then drops labels at random): call model.eval()",
-                      stacklevel=2)  # fmt: skip
-    process = diffusion.respace(steps)
-    step_model = guided_model(model, y, float(cfg_scale), guidance_channels, C)
+def sample(process: Process, model: ModelFn, noise: torch.Tensor, *, y: torch.Tensor | None = None,
+           null_class: int | None = None, sampler: str = "ddpm", cfg_scale: float = 1.0,
+           guidance_channels: int | None = None, eta: float = 0.0, generator: Generators = None,
+           progress: bool = False, clip_denoised: bool = False) -> torch.Tensor:
+    """x_0 (N, C, ...) from x_T = noise (N, C, ...) through every step of `process` (already
+    respaced), the model called with the ORIGINAL timestep index. cfg_scale != 1 guides with the
+    null label `null_class`; eta is DDIM's. Checked inputs: see `diffusion.Diffusion.sample`."""
+    step_model = guided_model(model, y, float(cfg_scale), guidance_channels, noise.shape[1], null_class)
     draw = noise_source(noise, generator)
+    extra = {"eta": eta} if sampler == "ddim" else {}
     with torch.no_grad():
-        return SAMPLERS[sampler](process, step_model, noise, draw, eta, clip_denoised, progress)
+        return SAMPLERS[sampler](process, step_model, noise, draw, clip_denoised=clip_denoised, progress=progress,
+                                 **extra)
