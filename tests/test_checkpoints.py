@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+from ditlab.checkpoints.convert import convert
 from ditlab.checkpoints.formats import FORMATS, build_model, read_checkpoint
-from ditlab.checkpoints.writers import convert
 from ditlab.cli import main
 
 FAST = ["--steps", "3", "--cfg-scale", "2.0", "--vae", "pixel", "--no-progress", "--device", "cpu"]

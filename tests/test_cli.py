@@ -63,7 +63,7 @@ def test_flags_come_from_the_config_fields_with_their_docstrings():
 
 def test_the_light_choices_are_the_registries():
     import ditlab.options as options
-    from ditlab.checkpoints.writers import WRITERS
+    from ditlab.checkpoints.formats import WRITERS
     from ditlab.data.latents import STORAGE_DTYPES
     from ditlab.diffusion import SAMPLERS
     from ditlab.models import BLOCKS

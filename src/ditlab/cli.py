@@ -134,7 +134,7 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="replace an existing DST")
 
     def run(args: argparse.Namespace) -> int:
-        from ditlab.checkpoints.writers import convert
+        from ditlab.checkpoints.convert import convert
 
         ckpt = convert(args.src, args.dst, args.to, weights=args.weights, model=args.model, force=args.force)
         c = ckpt.config

@@ -1,7 +1,8 @@
-"""Reading DiT checkpoints in the four formats `ditlab sample` and `ditlab convert` know.
+"""DiT checkpoints in the four formats `ditlab sample` reads and `ditlab convert` writes; each
+format's reader and writer side by side (diffusers' folder format in `diffusers_format.py`).
 
-- "ditlab": a checkpoint of `ditlab train` (keys "model_config", "ema", "model", "config", ...)
-  or one written by `ditlab convert` ("model_config" and "ema" or "model");
+- "ditlab": a checkpoint of `ditlab train` (a `checkpoints.state.TrainingState`) or one written
+  by `ditlab convert` ("model_config", "ema" or "model", "vae", "step");
 - "original": the authors' files: a bare state dict (their released DiT-XL-2-256x256.pt) or
   their training checkpoint {"model", "ema", "opt", "args"};
 - "diffusers": a `DiTTransformer2DModel.save_pretrained` folder (config.json and weights), or a
@@ -9,13 +10,14 @@
 - "safetensors": one .safetensors file of our (= the authors') tensors, the model config as JSON
   in its metadata.
 
-Every reader gives our parameter names and the DiT constructor arguments. Writers live in
-`checkpoint_writers.py`."""
+Every reader gives our parameter names and the DiT constructor arguments; writers copy the
+weights bit for bit (dtype kept)."""
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,19 +30,13 @@ from ditlab.errors import UserError, UserFileNotFoundError, one_line
 from ditlab.models.configs import model_kwargs
 from ditlab.models.dit import DiT
 from ditlab.models.weights import check_weights, infer_config, load_weights
+from ditlab.options import FORMATS, WEIGHT_SETS
+from ditlab.runtime.files import fsync_file
 
-FORMATS = ("ditlab", "original", "diffusers", "safetensors")
-WEIGHT_SETS = ("ema", "model")  # the EMA weights (sampled from by default) and the raw trained ones
 CONFIG_METADATA_KEY = "ditlab_model_config"  # safetensors metadata: the DiT config as JSON
 CODEC_METADATA_KEY = "ditlab_vae"  # safetensors metadata: the codec the model was trained with
-DIFFUSERS_CLASSES = ("DiTTransformer2DModel", "Transformer2DModel")  # the latter: diffusers < 0.28 DiT folders
-DIFFUSERS_CONFIG = "config.json"
-DIFFUSERS_SAFETENSORS = "diffusion_pytorch_model.safetensors"
-DIFFUSERS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
-DIFFUSERS_BIN = "diffusion_pytorch_model.bin"
-DIFFUSERS_MLP_RATIO = 4.0  # fixed in diffusers' DiT
-DIFFUSERS_LABEL_DROPOUT = 0.1  # fixed in its CombinedTimestepLabelEmbeddings: the null-label row exists
 KNOWN = "a ditlab checkpoint, the authors' .pt, a diffusers DiT folder or a .safetensors file"
+__all__ = ["FORMATS", "WEIGHT_SETS", "DiTCheckpoint", "read_checkpoint", "build_model", "WRITERS"]
 
 
 @dataclass
@@ -59,15 +55,6 @@ class DiTCheckpoint:
     vae: str | None = None
     """The codec the model was trained with, where the checkpoint says ("pixel", a hub id or a folder)."""
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def is_safetensors(path: Path) -> bool:
-    """A safetensors file starts with the little-endian u64 length of its JSON header, then '{'."""
-    with open(path, "rb") as f:
-        head = f.read(9)
-    if len(head) < 9 or head[8:9] != b"{":
-        return False
-    return 0 < int.from_bytes(head[:8], "little") < path.stat().st_size
 
 
 def codec_of_run(train_config: dict[str, Any] | None) -> str | None:
@@ -96,6 +83,12 @@ def _pick(obj: dict[str, Any], weights: str, path: Path, what: str) -> dict[str,
     return sd
 
 
+def _single_set(path: Path, weights: str) -> None:
+    if weights != "ema":
+        raise UserError(f"{path} holds one set of weights: --weights {weights} applies only to checkpoints with "
+                         "both EMA and raw weights")
+
+
 def _authors_config(sd: dict[str, torch.Tensor], name: str | None, path: Path) -> dict[str, Any]:
     """Config read off an authors' state dict; a named config supplies the number of heads."""
     heads = model_kwargs(name)["num_heads"] if name else None
@@ -104,6 +97,16 @@ def _authors_config(sd: dict[str, torch.Tensor], name: str | None, path: Path) -
     except ValueError as e:
         hint = " (pass --model)" if "num_heads" in str(e) else ""
         raise UserError(f"{path}: {e}{hint}") from e
+
+
+# ---- "ditlab" and "original": torch files -------------------------------------------------------
+
+
+def _save_torch(obj: object, path: Path) -> None:
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _read_torch(path: Path, weights: str, model: str | None) -> DiTCheckpoint:
@@ -126,10 +129,50 @@ def _read_torch(path: Path, weights: str, model: str | None) -> DiTCheckpoint:
     raise UserError(f"{path}: a dict with keys {keys}..., not a DiT checkpoint ({KNOWN})")
 
 
-def _single_set(path: Path, weights: str) -> None:
-    if weights != "ema":
-        raise UserError(f"{path} holds one set of weights: --weights {weights} applies only to checkpoints with "
-                         "both EMA and raw weights")
+def write_ditlab(ckpt: DiTCheckpoint, path: Path) -> None:
+    """{"model_config", "ema" (or "model"), "vae"?, "step"?}: what `ditlab sample` reads."""
+    obj = {"model_config": ckpt.config, ckpt.weights: ckpt.state_dict, **ckpt.extra}
+    if ckpt.vae:
+        obj["vae"] = ckpt.vae
+    _save_torch(obj, path)
+
+
+def write_original(ckpt: DiTCheckpoint, path: Path) -> None:
+    """The authors' layout: a bare state dict. It stores no config, so only DiTs whose config reads
+    back from the weights alone (`infer_config`) are accepted."""
+    config = ckpt.config
+    if config["block"] != "adaln-zero":
+        raise UserError(f"the authors' format holds adaLN-Zero DiTs only, not {config['block']!r}")
+    if config["num_classes"] and not config["class_dropout_prob"]:
+        raise UserError("the authors' format assumes a null-label row (label dropout > 0); this DiT has none")
+    try:
+        inferred = infer_config(ckpt.state_dict)
+    except ValueError as e:
+        raise UserError(f"the authors' format cannot describe this DiT: {e}") from e
+    for key, value in config.items():
+        if key != "class_dropout_prob" and inferred[key] != value:
+            raise UserError(f"the authors' format stores no config and {key} would read back as "
+                             f"{inferred[key]}, not {value}")
+    _save_torch(dict(ckpt.state_dict), path)
+
+
+# ---- "safetensors" ---------------------------------------------------------------------------------
+
+
+def is_safetensors(path: Path) -> bool:
+    """A safetensors file starts with the little-endian u64 length of its JSON header, then '{'."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    return 0 < int.from_bytes(head[:8], "little") < path.stat().st_size
+
+
+def _save_safetensors(sd: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path), metadata=metadata)
+    fsync_file(path)
 
 
 def _read_safetensors(path: Path, weights: str, model: str | None) -> DiTCheckpoint:
@@ -151,43 +194,15 @@ def _read_safetensors(path: Path, weights: str, model: str | None) -> DiTCheckpo
     return DiTCheckpoint(sd, config, "safetensors", str(path), vae=meta.get(CODEC_METADATA_KEY))
 
 
-def _diffusers_weights(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    if (folder / DIFFUSERS_SAFETENSORS).is_file():
-        return load_file(str(folder / DIFFUSERS_SAFETENSORS))
-    if (folder / DIFFUSERS_INDEX).is_file():
-        shards = sorted(set(json.loads((folder / DIFFUSERS_INDEX).read_text())["weight_map"].values()))
-        return {k: v for shard in shards for k, v in load_file(str(folder / shard)).items()}
-    if (folder / DIFFUSERS_BIN).is_file():
-        return torch_load(folder / DIFFUSERS_BIN)
-    raise UserFileNotFoundError(f"{folder}: no {DIFFUSERS_SAFETENSORS}, {DIFFUSERS_INDEX} or {DIFFUSERS_BIN}")
+def write_safetensors(ckpt: DiTCheckpoint, path: Path) -> None:
+    """One .safetensors file: our tensors, the DiT config (and the codec, if known) as metadata."""
+    metadata = {"format": "pt", CONFIG_METADATA_KEY: json.dumps(ckpt.config)}
+    if ckpt.vae:
+        metadata[CODEC_METADATA_KEY] = ckpt.vae
+    _save_safetensors(ckpt.state_dict, path, metadata)
 
 
-def _read_diffusers(folder: Path, weights: str) -> DiTCheckpoint:
-    from ditlab.models.convert import config_from_diffusers, from_diffusers
-
-    _single_set(folder, weights)
-    root, vae = folder, None
-    if not (folder / DIFFUSERS_CONFIG).is_file() and (folder / "transformer" / DIFFUSERS_CONFIG).is_file():
-        folder = folder / "transformer"  # a whole DiTPipeline folder: use its VAE too
-        vae = str(root / "vae") if (root / "vae" / DIFFUSERS_CONFIG).is_file() else None
-    if not (folder / DIFFUSERS_CONFIG).is_file():
-        raise UserError(f"{root}: a folder without {DIFFUSERS_CONFIG}, so not a diffusers DiT ({KNOWN})")
-    try:
-        dconfig = json.loads((folder / DIFFUSERS_CONFIG).read_text())
-        cls = dconfig.get("_class_name")
-        norm = dconfig.get("norm_type", "ada_norm_zero" if cls == DIFFUSERS_CLASSES[0] else None)
-        if cls not in DIFFUSERS_CLASSES or norm != "ada_norm_zero":
-            raise UserError(f"a {cls} with norm_type {norm}, not diffusers' DiT")
-        config = {"mlp_ratio": DIFFUSERS_MLP_RATIO, "class_dropout_prob": DIFFUSERS_LABEL_DROPOUT,
-                  **config_from_diffusers(dconfig)}
-        sd = from_diffusers(_diffusers_weights(folder), config["input_size"], config["patch_size"])
-    except FileNotFoundError:
-        raise
-    except (ValueError, KeyError, TypeError, OSError) as e:
-        raise UserError(f"{folder}: cannot read it as a diffusers DiT ({one_line(e)})") from e
-    return DiTCheckpoint(sd, config, "diffusers", str(root), vae=vae)
+# ---- any format --------------------------------------------------------------------------------------
 
 
 def _check_named(ckpt: DiTCheckpoint, name: str) -> None:
@@ -208,7 +223,9 @@ def read_checkpoint(path: str | os.PathLike, weights: str = "ema", model: str | 
         raise UserError(f"--weights {weights}: choose {' or '.join(WEIGHT_SETS)}")
     p = Path(path).expanduser()
     if p.is_dir():
-        ckpt = _read_diffusers(p, weights)
+        from ditlab.checkpoints.diffusers_format import read_diffusers
+
+        ckpt = read_diffusers(p, weights)
     elif not p.is_file():
         raise UserFileNotFoundError(f"{path}: no such checkpoint file or folder")
     elif is_safetensors(p):
@@ -234,3 +251,17 @@ def build_model(ckpt: DiTCheckpoint, device: torch.device | str = "cpu") -> DiT:
     sd = {k: v.float() if v.is_floating_point() else v for k, v in ckpt.state_dict.items()}
     load_weights(model, sd, assign=True)
     return model.to(device).eval()
+
+
+def _write_diffusers(ckpt: DiTCheckpoint, path: Path) -> None:
+    from ditlab.checkpoints.diffusers_format import write_diffusers
+
+    write_diffusers(ckpt, path)
+
+
+WRITERS: dict[str, Callable[[DiTCheckpoint, Path], None]] = {
+    "ditlab": write_ditlab,
+    "original": write_original,
+    "diffusers": _write_diffusers,
+    "safetensors": write_safetensors,
+}
