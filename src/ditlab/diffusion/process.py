@@ -177,6 +177,7 @@ class Diffusion:
         if isinstance(model, torch.nn.Module) and model.training:
             warnings.warn("sampling from a model in training mode (DiT then drops labels at random): call "
                           "model.eval()", stacklevel=2)
-        return samplers.sample(self.respace(steps), model, noise, y=y, null_class=getattr(model, "null_class", None),
-                               sampler=sampler, cfg_scale=cfg_scale, guidance_channels=guidance_channels, eta=eta,
-                               generator=generator, progress=progress, clip_denoised=clip_denoised)
+        guidance = samplers.Guidance(scale=cfg_scale, channels=guidance_channels,
+                                     null_class=getattr(model, "null_class", None))
+        options = samplers.Options(sampler=sampler, eta=eta, clip_denoised=clip_denoised, progress=progress)
+        return samplers.sample(self.respace(steps), model, noise, y, guidance, options, generator)

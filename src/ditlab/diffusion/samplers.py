@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -180,16 +181,35 @@ SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
 }
 
 
-def sample(process: Process, model: ModelFn, noise: torch.Tensor, *, y: torch.Tensor | None = None,
-           null_class: int | None = None, sampler: str = "ddpm", cfg_scale: float = 1.0,
-           guidance_channels: int | None = None, eta: float = 0.0, generator: Generators = None,
-           progress: bool = False, clip_denoised: bool = False) -> torch.Tensor:
+@dataclass(frozen=True, kw_only=True)
+class Guidance:
+    """Classifier-free guidance: scale s (1: none), the channels it applies to (None: all) and the
+    null label of the unconditional branch."""
+
+    scale: float = 1.0
+    channels: int | None = None
+    null_class: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Options:
+    """How to walk the process: which sampler, DDIM's eta, x_0 clipping, a progress bar."""
+
+    sampler: str = "ddpm"
+    eta: float = 0.0
+    clip_denoised: bool = False
+    progress: bool = False
+
+
+def sample(process: Process, model: ModelFn, noise: torch.Tensor, y: torch.Tensor | None = None,
+           guidance: Guidance = Guidance(), options: Options = Options(),
+           generator: Generators = None) -> torch.Tensor:
     """x_0 (N, C, ...) from x_T = noise (N, C, ...) through every step of `process` (already
-    respaced), the model called with the ORIGINAL timestep index. cfg_scale != 1 guides with the
-    null label `null_class`; eta is DDIM's. Checked inputs: see `diffusion.Diffusion.sample`."""
-    step_model = guided_model(model, y, float(cfg_scale), guidance_channels, noise.shape[1], null_class)
+    respaced), the model called with the ORIGINAL timestep index; y (N,) labels or None. Checked
+    inputs: see `diffusion.Diffusion.sample`."""
+    step_model = guided_model(model, y, float(guidance.scale), guidance.channels, noise.shape[1], guidance.null_class)
     draw = noise_source(noise, generator)
-    extra = {"eta": eta} if sampler == "ddim" else {}
+    extra = {"eta": options.eta} if options.sampler == "ddim" else {}
     with torch.no_grad():
-        return SAMPLERS[sampler](process, step_model, noise, draw, clip_denoised=clip_denoised, progress=progress,
-                                 **extra)
+        return SAMPLERS[options.sampler](process, step_model, noise, draw, clip_denoised=options.clip_denoised,
+                                         progress=options.progress, **extra)
