@@ -19,8 +19,8 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     """The autocast dtype of a --precision choice (None: plain fp32).
 
     auto is bf16 where the hardware does bf16 well: CUDA devices that support it, and CPUs whose
-    bf16 matmuls run through working AMX (asked once of a subprocess, see ditlab.runtime); fp32
-    elsewhere, since without AMX a bf16 matmul on a CPU is slower than an fp32 one."""
+    bf16 matmul a one-time subprocess measures faster than fp32 (and not faulting; see
+    ditlab.runtime); fp32 elsewhere."""
     from ditlab import runtime
 
     if precision == "auto":
