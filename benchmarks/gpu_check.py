@@ -58,9 +58,15 @@ def train_bench(model: str, batch: int, spec: str, peer: str, profile: bool = Fa
     def step(c: Check) -> dict:
         s = c.sizes
         args = ["--model", s[model], "--image-size", str(s["image"]), "--batch-size", str(s["batches"][batch]),
-                "--variants", variants(s, *spec.split(",")), "--peer-precision", peer, "--device", s["device"],
-                *s["timing"], *(["--profile"] if profile else [])]  # fmt: skip
-        return c.bench("train_step.py", args)
+                "--peer-precision", peer, "--device", s["device"], *s["timing"], *(["--profile"] if profile else [])]
+        try:
+            return c.bench("train_step.py", [*args, "--variants", variants(s, *spec.split(","))])
+        except StepFailed as e:  # what does not fit without checkpointing may fit with it: measure that
+            checkpointed = [v for v in spec.split(",") if "ckpt" in v]
+            if "out of memory" not in str(e).lower() or not checkpointed or checkpointed == spec.split(","):
+                raise
+            result = c.bench("train_step.py", [*args, "--variants", variants(s, *checkpointed)])
+            return {**result, "out_of_memory": {"variants": spec, "error": str(e)}}
 
     return step
 

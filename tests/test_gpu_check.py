@@ -130,3 +130,20 @@ def test_resume_comparison_rule():
     assert not near.bitwise and near.within_tolerance and near.max_abs_diff == pytest.approx(0.5 * RESUME_TOLERANCE)
     assert not run_pair(2 * RESUME_TOLERANCE).within_tolerance
     assert not run_pair(1e-9, moved_by=0.0).within_tolerance  # nothing moved: only bitwise counts
+
+
+def test_out_of_memory_without_checkpointing_falls_back_to_the_checkpointed_variants(tmp_path, monkeypatch):
+    asked = []
+
+    def bench(self, script, args):
+        spec = args[args.index("--variants") + 1]
+        asked.append(spec)
+        if spec != "ckpt":
+            raise StepFailed("train_step.py exited 1: torch.OutOfMemoryError: CUDA out of memory.")
+        return {"runners": {"ours[ckpt]": {}}}
+
+    monkeypatch.setattr(Check, "bench", bench)
+    result = gpu_check.train_bench("xl", 0, "eager,block,ckpt", "none")(check(tmp_path))
+    assert asked == ["eager,ckpt", "ckpt"] and "out of memory" in result["out_of_memory"]["error"]
+    with pytest.raises(StepFailed, match="out of memory"):  # nothing checkpointed to fall back to
+        gpu_check.train_bench("xl", 0, "eager", "none")(check(tmp_path))
