@@ -36,3 +36,9 @@ lint: $(VENV)/.installed
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+
+# The wheels benchmarks/gpu_check.py needs on a GPU machine that has torch 2.x and Python 3.12 but
+# not diffusers or pytest, into the git-ignored .whl/ (see benchmarks/README.md).
+.PHONY: gpu-wheels
+gpu-wheels: $(VENV)/.installed
+	$(PY) benchmarks/gpu_wheels.py --dest .whl

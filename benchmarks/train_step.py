@@ -48,7 +48,10 @@ from torch import nn  # noqa: E402
 
 import ditlab  # noqa: E402
 from ditlab.options import PRECISIONS  # noqa: E402
-from ditlab.runtime.precision import AMP_DTYPES  # noqa: E402
+from ditlab.runtime.precision import (
+    AMP_DTYPES,  # noqa: E402
+    resolve_precision,  # noqa: E402
+)
 from ditlab.training.ema import make_ema, update_ema  # noqa: E402
 from ditlab.training.parallel import compile_model, make_optimizer  # noqa: E402
 from ditlab.training.step import TrainStep  # noqa: E402
@@ -57,11 +60,13 @@ LR = 1e-4
 EMA_DECAY = 0.9999
 GIB = 2**30
 VARIANT_OPTIONS = {"eager": {}, "block": {"compile": "block"}, "model": {"compile": "model"},
-                   "ckpt": {"grad_checkpointing": True}}  # fmt: skip
+                   "ckpt": {"grad_checkpointing": True},
+                   **{name: {"precision": name} for name in AMP_DTYPES}}  # fmt: skip
 
 
 def parse_variant(spec: str) -> dict:
-    """"eager", "block", "model", "ckpt", or options joined by "+" (e.g. "block+ckpt")."""
+    """"eager", "block", "model", "ckpt", a precision overriding --precision ("fp32", "bf16",
+    "fp16"), or options joined by "+" (e.g. "block+ckpt", "eager+fp32")."""
     out = {"compile": "none", "grad_checkpointing": False}
     for part in spec.split("+"):
         if part not in VARIANT_OPTIONS:
@@ -92,7 +97,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=None, help="per device (default 32 on CUDA, 8 on CPU)")
     p.add_argument("--precision", default="auto", choices=PRECISIONS, help="ours")
     p.add_argument("--variants", default="eager", help="ours, comma-separated: eager, block, model, ckpt, "
-                   "or options joined by + (block = compile per block, model = whole model, ckpt = grad checkpointing)")
+                   "fp32, bf16, fp16 (override --precision), or options joined by + (block = compile per block, "
+                   "model = whole model, ckpt = grad checkpointing)")
     p.add_argument("--peer-precision", default="fp32", choices=[*AMP_DTYPES, "none"],
                    help="fp32 (TF32 on CUDA, as the reference), or none to skip the peer")
     p.add_argument("--peer-optimizer", default="same", choices=["same", "reference"])
@@ -127,11 +133,13 @@ def main() -> None:
         ema = make_ema(model)
         compile_model(model, opts["compile"])
         opt = make_optimizer(model, LR, device)
-        step = TrainStep(model, ema, opt, diffusion, amp, device, EMA_DECAY)
+        flag = opts.pop("precision", args.precision)
+        variant_amp = amp if flag == args.precision else resolve_precision(flag, device)
+        step = TrainStep(model, ema, opt, diffusion, variant_amp, device, EMA_DECAY)
         name = f"ours[{spec}]"
         runners[name] = lambda step=step: step(x0, t, y, noise)
         states[name] = lambda model=model, ema=ema, opt=opt: state_of(model, ema, opt)
-        info[name] = {"precision": DTYPE_NAMES[amp], "precision_flag": args.precision, **opts}
+        info[name] = {"precision": DTYPE_NAMES[variant_amp], "precision_flag": flag, **opts}
     if args.peer_precision != "none":
         peer = make_peer(base).to(device).train()
         peer_amp = AMP_DTYPES[args.peer_precision]

@@ -2,11 +2,14 @@
 VAE's compute dtype, and whether bf16 pays on this CPU (for --precision auto). Nothing here runs
 at import.
 
-bf16 on a CPU is fast only through Intel AMX: with AVX512-BF16 alone a bf16 matmul measured
-slower than fp32 (oneDNN's avx512_core_bf16 kernel, a 4096x384 @ 384x1536 linear on one thread:
-58.6 ms against 38.6 ms in fp32). And some virtual machines advertise AMX but fault on it: the
-first bf16 matmul kills the process with SIGILL, which cannot be caught. So whether bf16 pays is
-asked of a one-time subprocess, never of this process."""
+Whether a bf16 matmul beats fp32 on a CPU is a measurement, not a flag: through Intel AMX it
+measured 7.7x fp32 (a 4096x384 @ 384x1536 matmul on one thread, Xeon with AMX), through AMD Zen 4's
+AVX512-BF16 2.6x, but through oneDNN's avx512_core_bf16 kernel on an Intel Xeon 0.54-0.66x (slower).
+And some virtual machines advertise AMX but fault on it: the first bf16 matmul kills the process
+with SIGILL, which cannot be caught. So a one-time subprocess times a bf16 and an fp32 matmul
+under this process's environment; --precision auto takes bf16 where it is at least
+BF16_SPEEDUP_NEEDED times faster, fp32 otherwise. The answer is kept for the process and handed
+to its children (torchrun ranks, workers) through the environment, keyed by what it depends on."""
 
 from __future__ import annotations
 
@@ -29,16 +32,17 @@ VAE_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloa
 
 ONEDNN_ISA_VAR = "ONEDNN_MAX_CPU_ISA"
 ONEDNN_SAFE_ISA = "AVX512_CORE_BF16"  # the highest oneDNN ISA below AMX
-ONEDNN_UNCAPPED = ("", "ALL", "DEFAULT")
-BF16_SPEEDUP_NEEDED = 1.5  # auto picks bf16 on a CPU only if its bf16 matmul is this much faster than fp32
-PROBE_SIZE = 1024  # the probe times a PROBE_SIZE^2 matmul in fp32 and in bf16, on one thread
+# auto picks bf16 on a CPU only if its bf16 matmul is this much faster than fp32: a margin over
+# the probe's noise, since a bf16 step that merely ties fp32 costs precision for nothing.
+BF16_SPEEDUP_NEEDED = 1.2
+PROBE_SHAPE = (4096, 384, 1536)  # (M, K, N): a DiT-S MLP's first linear on 16 images of 256 tokens
 PROBE_TIMEOUT_S = 300.0
+PROBE_RESULT_VAR = "DITLAB_CPU_BF16_PROBE"  # "<key>=<speedup>": the probe's answer, inherited by children
 
 _PROBE = f"""
 import time, torch
-from ditlab.errors import UserError
 torch.set_num_threads(1)
-a, b = torch.randn({PROBE_SIZE}, {PROBE_SIZE}), torch.randn({PROBE_SIZE}, {PROBE_SIZE})
+a, b = torch.randn({PROBE_SHAPE[0]}, {PROBE_SHAPE[1]}), torch.randn({PROBE_SHAPE[1]}, {PROBE_SHAPE[2]})
 def best(x, y):
     x @ y
     times = []
@@ -64,18 +68,6 @@ class CpuBf16:
         return self.usable and self.speedup is not None and self.speedup >= BF16_SPEEDUP_NEEDED
 
 
-def amx_advertised() -> bool:
-    """The CPU reports AMX tiles (which is not a promise that they work)."""
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool(probe()) if probe is not None else False
-
-
-def onednn_capped_below_amx() -> bool:
-    """ONEDNN_MAX_CPU_ISA keeps oneDNN off AMX (then bf16 runs, but on AVX512-BF16 at best)."""
-    cap = os.environ.get(ONEDNN_ISA_VAR, "").strip().upper()
-    return cap not in ONEDNN_UNCAPPED and "AMX" not in cap
-
-
 def run_bf16_probe(env: dict[str, str] | None = None, timeout: float = PROBE_TIMEOUT_S) -> CpuBf16:
     """Time a bf16 and an fp32 matmul in a fresh Python with this environment (or `env`)."""
     try:
@@ -90,18 +82,36 @@ def run_bf16_probe(env: dict[str, str] | None = None, timeout: float = PROBE_TIM
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         return CpuBf16(True, None, f"the bf16 probe failed: {last}")
     speedup = float(proc.stdout.strip().splitlines()[-1])
-    return CpuBf16(True, speedup, f"bf16 matmul {speedup:.2f}x fp32 (AMX)")
+    return CpuBf16(True, speedup, f"bf16 matmul {speedup:.2f}x fp32")
+
+
+def _probe_key() -> str:
+    """What the probe's answer depends on besides the machine: torch's build and the oneDNN cap."""
+    return f"{torch.__version__}|{os.environ.get(ONEDNN_ISA_VAR, '').strip().upper()}"
+
+
+def _inherited() -> CpuBf16 | None:
+    """The answer a parent process measured under the same key, if it left one in the environment."""
+    key, _, value = os.environ.get(PROBE_RESULT_VAR, "").rpartition("=")
+    if key != _probe_key():
+        return None
+    try:
+        speedup = float(value)
+    except ValueError:
+        return None
+    return CpuBf16(True, speedup, f"bf16 matmul {speedup:.2f}x fp32 (measured by a parent process)")
 
 
 @functools.cache
 def cpu_bf16() -> CpuBf16:
-    """Whether bf16 runs, and pays, on this CPU; asked of a subprocess once per process, and only
-    when oneDNN would use AMX (no AMX, or AMX capped off: bf16 runs, slower than fp32)."""
-    if not amx_advertised():
-        return CpuBf16(True, None, "no AMX: bf16 matmuls run on AVX512-BF16 at best, slower than fp32")
-    if onednn_capped_below_amx():
-        return CpuBf16(True, None, f"{ONEDNN_ISA_VAR}={os.environ[ONEDNN_ISA_VAR]} keeps oneDNN off AMX")
-    return run_bf16_probe()
+    """Whether bf16 runs, and pays, on this CPU: measured once per process by a subprocess (or
+    taken from a parent's measurement under the same torch and oneDNN cap), see run_bf16_probe."""
+    found = _inherited()
+    if found is None:
+        found = run_bf16_probe()
+        if found.usable and found.speedup is not None:
+            os.environ[PROBE_RESULT_VAR] = f"{_probe_key()}={found.speedup!r}"
+    return found
 
 
 def check_cpu_bf16(flag: str = "--precision bf16") -> None:
@@ -109,7 +119,7 @@ def check_cpu_bf16(flag: str = "--precision bf16") -> None:
     found = cpu_bf16()
     if not found.usable:
         raise UserError(f"{flag}: {found.detail}; set {ONEDNN_ISA_VAR}={ONEDNN_SAFE_ISA} in the environment "
-                         "before starting (bf16 then runs without AMX, slower than fp32)")
+                         "before starting (bf16 then runs without AMX)")
 
 
 def cap_onednn_below_amx() -> None:
@@ -129,8 +139,8 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     """The autocast dtype of the DiT for a --precision choice (None: plain fp32).
 
     auto is bf16 where the hardware does bf16 well: CUDA devices that support it, and CPUs whose
-    bf16 matmuls run through working AMX (asked once of a subprocess, see `cpu_bf16`); fp32
-    elsewhere, since without AMX a bf16 matmul on a CPU is slower than an fp32 one."""
+    bf16 matmul a one-time subprocess measures faster than fp32 (and not faulting; see `cpu_bf16`);
+    fp32 elsewhere."""
     check_precision(precision)
     if precision == "auto":
         if device.type == "cuda":
