@@ -200,3 +200,17 @@ def test_requests_share_batches_and_each_image_is_what_it_is_alone(served, monke
     for k, grid in alone.items():
         diff = np.abs(grid.astype(int) - together[k].astype(int))
         assert diff.max() <= (0 if exact else 1), (k, diff.max())
+
+
+def test_class_names_imagenet_folders_and_ids(tmp_path):
+    from ditlab.serve.classes import class_names
+
+    names = class_names(1000)
+    assert len(names) == 1000 and names[0].startswith("tench") and names[207] == "golden retriever"
+    assert names[88] == "macaw" and names[979].startswith("valley")
+    for wnid in ("n01440764", "n01443537"):
+        (tmp_path / wnid).mkdir()
+        Image.new("RGB", (4, 4)).save(tmp_path / wnid / "a.png")
+    assert class_names(2, {"data": str(tmp_path)}) == ["n01440764", "n01443537"]  # folder names as stored
+    assert class_names(3, {"data": str(tmp_path)}) == ["0", "1", "2"]  # the data no longer matches: ids
+    assert class_names(10, {"data": "digits"}) == [str(i) for i in range(10)] and class_names(0) == []
