@@ -176,7 +176,14 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-SUBCOMMANDS = [_add_train, _add_extract_latents, _add_sample, _add_eval, _add_convert, _add_demo, _add_flops]
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    from ditlab.serve.command import add_serve
+
+    add_serve(sub)
+
+
+SUBCOMMANDS = [_add_train, _add_extract_latents, _add_sample, _add_eval, _add_convert, _add_demo, _add_flops,
+               _add_serve]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -43,13 +43,18 @@ def initial_noise(shape: tuple[int, ...], generators: list[torch.Generator],
 
 
 @torch.no_grad()
-def generate(model: torch.nn.Module, diffusion: Any, labels: torch.Tensor | None, seed: int, indices: list[int] | range,
-             *, latent_shape: tuple[int, int, int], codec: Any = None, device: torch.device | str = "cpu",
-             **sample_kwargs: Any) -> torch.Tensor:
+def generate(model: torch.nn.Module, diffusion: Any, labels: torch.Tensor | None, seed: int | list[int],
+             indices: list[int] | range, *, latent_shape: tuple[int, int, int], codec: Any = None,
+             device: torch.device | str = "cpu", **sample_kwargs: Any) -> torch.Tensor:
     """Images (N, C, H, W) in about [-1, 1] for `labels` (N,) (None: unconditional).
 
+    `seed`: the run's seed, or one per image (N,) when images of several runs share a batch
+    (image j is then image indices[j] of the run seeded seed[j]).
     sample_kwargs go to `diffusion.sample` (steps, sampler, cfg_scale, guidance_channels, eta, ...)."""
-    gens = image_generators(seed, indices, device)
+    if isinstance(seed, int):
+        gens = image_generators(seed, indices, device)
+    else:
+        gens = [g for s, i in zip(seed, indices, strict=True) for g in image_generators(s, [i], device)]
     noise = initial_noise(latent_shape, gens, device)  # (N, C, h, w)
     y = labels.to(device) if labels is not None else None
     latents = diffusion.sample(model, noise, y=y, generator=gens, **sample_kwargs)
