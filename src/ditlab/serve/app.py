@@ -87,7 +87,7 @@ class ServeApp:
         body = await read_body(request, self.limits.max_body_bytes)
         if body is None:
             return error(f"body: larger than {self.limits.max_body_bytes} bytes", 413)
-        from ditlab.diffusion.samplers import SAMPLERS
+        from ditlab.options import SAMPLERS
         from ditlab.serve.requests import BadRequest
 
         try:

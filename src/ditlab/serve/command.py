@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields
 
+from ditlab.errors import UserError
 from ditlab.serve.requests import Defaults, Limits
 
 LOCALHOST = "127.0.0.1"
@@ -17,8 +18,7 @@ LIMIT_HELP = {"max_steps": "most sampling steps a request may ask for",
 
 
 def add_serve(sub: argparse._SubParsersAction) -> None:
-    from ditlab.checkpoints import WEIGHT_SETS
-    from ditlab.training.config import PRECISIONS
+    from ditlab.options import PRECISIONS, WEIGHT_SETS
 
     p = sub.add_parser("serve", help="a sampling page and JSON API for a checkpoint, many users sharing batches",
                        description="Serve a page where one picks classes, guidance, sampler, steps and seed and gets "
@@ -48,14 +48,14 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def check_flags(args: argparse.Namespace) -> tuple[Limits, Defaults]:
-    """The limits and defaults of the flags, or a one-line ValueError naming the flag."""
-    from ditlab.diffusion.samplers import SAMPLERS
+    """The limits and defaults of the flags, or a one-line UserError naming the flag."""
+    from ditlab.options import SAMPLERS
 
     limits = Limits(**{f.name: getattr(args, f.name) for f in fields(Limits)})
     defaults = Defaults(**{f.name: getattr(args, "default_" + f.name) for f in fields(Defaults)})
     for name in ("max_images", "max_queue", "max_body_bytes"):
         if getattr(limits, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} {getattr(limits, name)} must be positive")
+            raise UserError(f"--{name.replace('_', '-')} {getattr(limits, name)} must be positive")
     checks = [(1 <= limits.max_steps <= 1000, f"--max-steps {limits.max_steps} must be between 1 and 1000"),
               (limits.max_cfg_scale >= 1, f"--max-cfg-scale {limits.max_cfg_scale} must be at least 1"),
               (0 <= args.port <= 65535, f"--port {args.port} is not a port number"),
@@ -70,7 +70,7 @@ def check_flags(args: argparse.Namespace) -> tuple[Limits, Defaults]:
                f"between 0 and --max-cfg-scale {limits.max_cfg_scale}")]
     for ok, message in checks:
         if not ok:
-            raise ValueError(message)
+            raise UserError(message)
     return limits, defaults
 
 
@@ -81,7 +81,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
         from ditlab.serve.app import create_app
     except ImportError as e:
-        raise ValueError(f"ditlab serve needs the serve extra: pip install 'ditlab[serve]' ({e})") from None
+        raise UserError(f"ditlab serve needs the serve extra: pip install 'ditlab[serve]' ({e})") from e
     from ditlab.serve.engine import Engine
 
     engine = Engine(args.ckpt, vae=args.vae, weights=args.weights, model=args.model, precision=args.precision,

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ditlab.errors import UserError
 from ditlab.serve.requests import SampleRequest
 
 
@@ -38,7 +39,7 @@ def _train_config(path: str) -> dict[str, Any] | None:
     """The `ditlab train` config stored in a ditlab checkpoint (memory-mapped: nothing else is read)."""
     from pathlib import Path
 
-    from ditlab.checkpoints import torch_load
+    from ditlab.checkpoints.state import torch_load
 
     obj = torch_load(Path(path).expanduser())
     config = obj.get("config") if isinstance(obj, dict) else None
@@ -50,16 +51,16 @@ class Engine:
 
     def __init__(self, ckpt: str, *, vae: str | None = None, weights: str = "ema", model: str | None = None,
                  precision: str = "auto", device: str | None = None):
-        from ditlab.checkpoints import build_model, read_checkpoint
-        from ditlab.codecs import DEFAULT_VAE, PIXEL, load_codec
+        from ditlab.checkpoints.formats import build_model, read_checkpoint
+        from ditlab.data.codecs import DEFAULT_VAE, PIXEL, load_codec
         from ditlab.diffusion import Diffusion
-        from ditlab.sample_run import AutocastModel
+        from ditlab.options import PRECISIONS
+        from ditlab.runtime.precision import resolve_precision
+        from ditlab.sampling.run import AutocastModel
         from ditlab.serve.classes import class_names
-        from ditlab.training.config import PRECISIONS
-        from ditlab.training.parallel import resolve_precision
 
         if precision not in PRECISIONS:
-            raise ValueError(f"--precision {precision}: choose one of {', '.join(PRECISIONS)}")
+            raise UserError(f"--precision {precision}: choose one of {', '.join(PRECISIONS)}")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         checkpoint = read_checkpoint(ckpt, weights=weights, model=model)
         cfg = checkpoint.config
@@ -68,7 +69,7 @@ class Engine:
         self.codec = load_codec(self.vae, device=self.device, pixel_channels=cfg["in_channels"],
                                 dtype=amp if precision in ("bf16", "fp16") else torch.float32)
         if self.codec.latent_channels != cfg["in_channels"]:
-            raise ValueError(f"--vae {self.vae} makes {self.codec.latent_channels}-channel latents, but "
+            raise UserError(f"--vae {self.vae} makes {self.codec.latent_channels}-channel latents, but "
                              f"{checkpoint.source} takes {cfg['in_channels']} channels")
         self.pixel = self.vae == PIXEL  # x_0 predictions clipped to [-1, 1], as `ditlab sample` does
         self.config = dict(cfg)
@@ -99,7 +100,7 @@ class Engine:
         labels = None
         if self.class_names:
             labels = torch.tensor([c for r in requests for c in r.labels], dtype=torch.long)  # (N,)
-        from ditlab.sampling import generate, quantize
+        from ditlab.sampling.generate import generate, quantize
 
         with torch.inference_mode():
             images = generate(StepCounter(self.net, on_step), self.diffusion, labels, seeds, indices,
@@ -112,7 +113,7 @@ class Engine:
 
     def info(self) -> dict[str, Any]:
         """What GET /api/info tells about the model (limits and defaults are added by the app)."""
-        from ditlab.diffusion.samplers import SAMPLERS
+        from ditlab.options import SAMPLERS
 
         return {"name": self.name, "checkpoint": self.meta["checkpoint"],
                 "checkpoint_format": self.meta["checkpoint_format"],

@@ -58,7 +58,7 @@ def grid_png(images: np.ndarray, ncol: int, record: dict[str, Any]) -> bytes:
     from PIL import Image
     from PIL.PngImagePlugin import PngInfo
 
-    from ditlab.sampling import make_grid
+    from ditlab.sampling.generate import make_grid
 
     grid = make_grid(images, ncol)
     info = PngInfo()

@@ -119,7 +119,7 @@ def parse_request(body: bytes, names: list[str], limits: Limits, defaults: Defau
     try:
         obj = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
-        raise BadRequest(f"body: not valid JSON ({e})") from None
+        raise BadRequest(f"body: not valid JSON ({e})") from e
     if not isinstance(obj, dict):
         raise BadRequest("body: expected a JSON object")
     unknown = [k for k in obj if k not in FIELDS]
