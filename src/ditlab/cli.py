@@ -263,7 +263,14 @@ def _run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-SUBCOMMANDS = [_add_train, _add_extract_latents, _add_sample, _add_eval, _add_convert, _add_demo, _add_flops]
+def _add_study(sub: argparse._SubParsersAction) -> None:
+    from ditlab.study.cli import add_study
+
+    add_study(sub)
+
+
+SUBCOMMANDS = [_add_train, _add_extract_latents, _add_sample, _add_eval, _add_convert, _add_demo, _add_flops,
+               _add_study]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,7 @@
+"""The paper's experiments (Peebles & Xie, 2023, figures 5, 6, 8, 9, 10) as one spec file:
+`ditlab study run SPEC --out DIR` trains, samples and judges every entry; `ditlab study report DIR`
+writes results.json, the figures and report.md."""
+
+from ditlab.study.spec import Study, load_spec
+
+__all__ = ["Study", "load_spec"]
