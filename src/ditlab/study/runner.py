@@ -176,8 +176,9 @@ def run_study(spec: str | Path, out: str | Path, only: str | None = None, device
     records = {n: check_entry(study.entries[n], study, out) for n in names}  # refuse before writing anything
     summaries = []
     with distributed_session(device, timeout=COLLECTIVE_TIMEOUT) as info:
-        if info.is_main:
-            atomic_write_text(out / "study.json", json.dumps(study.to_dict(), indent=2) + "\n")
+        text = json.dumps(study.to_dict(), indent=2) + "\n"
+        if info.is_main and not ((out / "study.json").is_file() and (out / "study.json").read_text() == text):
+            atomic_write_text(out / "study.json", text)
         judge = Judge(study, info.device)
         if info.is_main and not (out / "reference.json").is_file() and study.eval.metric == "digits":
             atomic_write_text(out / "reference.json", json.dumps(judge.reference(), indent=2) + "\n")
