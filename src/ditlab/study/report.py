@@ -70,6 +70,10 @@ def write_report(out: str | Path) -> dict[str, Any]:
     """Write results.json, the figures and report.md into the study folder `out`; returns a summary
     ("written": False when everything was already up to date)."""
     out = Path(out)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ValueError("the figures need matplotlib: pip install 'ditlab[study]'") from None
     study, rows = load_rows(out)
     metric = PRIMARY[study["eval"]["metric"]]
     found = findings(study, rows, metric)

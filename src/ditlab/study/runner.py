@@ -106,6 +106,13 @@ class Judge:
         return {"frechet_distance": judge.frechet(judge.train_images[pick], real)}
 
 
+def num_classes(ckpt: Path) -> int:
+    """The number of classes of a training checkpoint's model (its weights memory-mapped, not read)."""
+    from ditlab.checkpoints import read_checkpoint
+
+    return int(read_checkpoint(ckpt).config["num_classes"])
+
+
 def say(info: DistInfo, text: str) -> None:
     if info.is_main:
         print(text, flush=True)
@@ -123,8 +130,9 @@ def evaluate_point(entry: Entry, study: Study, folder: Path, step: int, setting:
     started = time.time()
     if not npz.is_file():
         ev = study.eval
-        classes = list(range(10 if entry.train["data"] == "digits" else 1000)) if setting.labels == "balanced" else None
-        sample_to_files(str(checkpoint_path(folder / "run" / "checkpoints", step)), str(npz),
+        ckpt = checkpoint_path(folder / "run" / "checkpoints", step)
+        classes = list(range(num_classes(ckpt))) if setting.labels == "balanced" else None
+        sample_to_files(str(ckpt), str(npz),
                         num_samples=setting.num_samples, classes=classes, steps=setting.steps,
                         sampler=setting.sampler, cfg_scale=setting.cfg_scale, seed=setting.seed,
                         guidance_channels=ev.guidance_channels, batch_size=ev.batch_size, device=device,
