@@ -19,11 +19,13 @@ import numpy as np
 import torch
 
 from ditlab.atomic import atomic_write_text
+from ditlab.codecs import PIXEL
 from ditlab.study.spec import Entry, EvalSetting, Study, load_spec
 from ditlab.training.checkpoint import checkpoint_path, list_checkpoints
 from ditlab.training.config import config_differences
 from ditlab.training.distributed import DistInfo, barrier, distributed_session
 
+SD_VAE_DOWNSAMPLE = 8  # image pixels per latent pixel of the SD VAE (4 latent channels)
 COLLECTIVE_TIMEOUT = timedelta(hours=4)  # other ranks wait at a barrier while rank 0 judges FID-50K
 
 
@@ -36,10 +38,11 @@ def model_facts(entry: Entry, study: Study) -> dict[str, Any]:
     from ditlab.models import DiT, count_gflops
 
     t = entry.train
-    digits = t["data"] == "digits"
-    size = t.get("image_size", 256) if digits else t.get("image_size", 256) // 8  # SD VAE: 8x down
+    digits, pixel = t["data"] == "digits", t.get("vae") == PIXEL
+    image = t.get("image_size", 256)
+    size = image if digits or pixel else image // SD_VAE_DOWNSAMPLE
     with torch.device("meta"):
-        model = DiT(input_size=size, patch_size=entry.patch_size, in_channels=1 if digits else 4,
+        model = DiT(input_size=size, patch_size=entry.patch_size, in_channels=1 if digits else 3 if pixel else 4,
                     num_classes=10 if digits else (t.get("num_classes") or 1000), block=entry.block,
                     learn_sigma=t.get("learn_sigma", True), **entry.model)  # fmt: skip
     return {"params": sum(p.numel() for p in model.parameters()), "gflops": count_gflops(model),
@@ -70,8 +73,8 @@ def check_entry(entry: Entry, study: Study, out: Path) -> dict[str, Any]:
 class Judge:
     """The spec's metric on a sample file: the digits classifier, or ADM's FID suite."""
 
-    def __init__(self, study: Study, device: torch.device):
-        self.study, self.device = study, device
+    def __init__(self, study: Study, device: torch.device, progress: bool = False):
+        self.study, self.device, self.progress = study, device, progress
         self._digits = None
 
     def __call__(self, npz: Path) -> dict[str, float]:
@@ -79,7 +82,7 @@ class Judge:
         if ev.metric == "fid":
             from ditlab.evaluation import evaluate
 
-            r = evaluate(str(npz), ev.ref, ev.inception, device=str(self.device))
+            r = evaluate(str(npz), ev.ref, ev.inception, device=str(self.device), progress=self.progress)
             return {k: float(r[k]) for k in ("fid", "sfid", "is", "precision", "recall")}
         judge, real = self.digits()
         with np.load(npz) as f:
@@ -187,7 +190,7 @@ def run_study(spec: str | Path, out: str | Path, only: str | None = None, device
         text = json.dumps(study.to_dict(), indent=2) + "\n"
         if info.is_main and not ((out / "study.json").is_file() and (out / "study.json").read_text() == text):
             atomic_write_text(out / "study.json", text)
-        judge = Judge(study, info.device)
+        judge = Judge(study, info.device, progress)
         if info.is_main and not (out / "reference.json").is_file() and study.eval.metric == "digits":
             atomic_write_text(out / "reference.json", json.dumps(judge.reference(), indent=2) + "\n")
         for i, name in enumerate(names, 1):
