@@ -95,6 +95,13 @@ def test_study_runs_resumes_and_reports(tmp_path):
     kept = str(Path("DiT-T-2", "samples", "step-0000004", lost.stem + ".npz"))
     assert snapshot(out)[kept] == before[kept]  # not sampled again
 
+    # An evaluated point needs its checkpoint no more (keep_last may remove it), unless work is left there.
+    (out / "DiT-T-4" / "run" / "checkpoints" / "step-0000002.pt").unlink()
+    assert [s["evaluations"] for s in run_study(spec, out, progress=False)] == [0, 0]
+    (out / "DiT-T-4" / "evals" / "step-0000002" / "ddpm-3-cfg1-n20-balanced-seed0.json").unlink()
+    with pytest.raises(ValueError, match="evaluation step 2 has evaluations to do but no checkpoint"):
+        run_study(spec, out, only="DiT-T-4", progress=False)
+
     results = json.loads((out / "results.json").read_text())
     rows = {(r["entry"], r["train_step"], r["steps"]): r for r in results["rows"]}
     assert len(rows) == 5  # T-2: steps 2 and 4, and the sweep's 2 steps at 4; T-4: steps 2 and 4

@@ -33,6 +33,10 @@ def step_dir(step: int) -> str:
     return f"step-{step:07d}"
 
 
+def metrics_path(folder: Path, step: int, setting: EvalSetting) -> Path:
+    return folder / "evals" / step_dir(step) / f"{setting.key}.json"
+
+
 def model_facts(entry: Entry, study: Study) -> dict[str, Any]:
     """Parameters, Gflops and tokens of the entry's DiT, counted on the meta device (no weights)."""
     from ditlab.models import DiT, count_gflops
@@ -126,8 +130,8 @@ def evaluate_point(entry: Entry, study: Study, folder: Path, step: int, setting:
     """Sample (unless the file exists) and judge (unless its metrics exist) one setting; True if work was done."""
     from ditlab.sample_run import sample_to_files
 
-    metrics_path = folder / "evals" / step_dir(step) / f"{setting.key}.json"
-    if metrics_path.is_file():
+    metrics = metrics_path(folder, step, setting)
+    if metrics.is_file():
         return False
     npz = folder / "samples" / step_dir(step) / f"{setting.key}.npz"
     started = time.time()
@@ -142,10 +146,9 @@ def evaluate_point(entry: Entry, study: Study, folder: Path, step: int, setting:
                         precision=entry.train.get("precision", "auto"), progress=progress)  # fmt: skip
     sample_seconds = time.time() - started
     if info.is_main:
-        metrics = judge(npz)
-        row = {"entry": entry.name, "step": step, **vars(setting), "metrics": metrics,
+        row = {"entry": entry.name, "step": step, **vars(setting), "metrics": judge(npz),
                "sample_seconds": sample_seconds, "eval_seconds": time.time() - started - sample_seconds}
-        atomic_write_text(metrics_path, json.dumps(row, indent=2) + "\n")
+        atomic_write_text(metrics, json.dumps(row, indent=2) + "\n")
         if not study.eval.keep_samples:
             npz.unlink(missing_ok=True)
     barrier()
@@ -163,15 +166,19 @@ def run_entry(entry: Entry, study: Study, out: Path, record: dict[str, Any], jud
     done = {"trained_steps": 0, "evaluations": 0}
     ckpts = folder / "run" / "checkpoints"
     for step in study.eval_steps:
+        pending = [s for s in study.settings(entry.name, step) if not metrics_path(folder, step, s).is_file()]
+        if not pending:  # nothing left to do here: its checkpoint is not needed (keep_last may have removed it)
+            continue
         if not checkpoint_path(ckpts, step).is_file():
             newest = ([s for s, _ in list_checkpoints(ckpts)] or [0])[-1]
             if newest > step:
-                raise ValueError(f"{ckpts}: the checkpoint of evaluation step {step} is missing, and the run is "
-                                 f"already at step {newest}; restore it or remove {folder}")
+                raise ValueError(f"{ckpts}: evaluation step {step} has evaluations to do but no checkpoint, and the "
+                                 f"run is already at step {newest} (keep_last removed it?); restore it, or remove "
+                                 f"the new settings from the spec")
             cfg = entry.train_config(folder / "run", max_steps=step, progress=progress)
             train(cfg, device=device)
             done["trained_steps"] += step - newest
-        for setting in study.settings(entry.name, step):
+        for setting in pending:
             done["evaluations"] += evaluate_point(entry, study, folder, step, setting, judge, info, device, progress)
     return done
 
