@@ -216,3 +216,24 @@ def test_findings_read_the_measurements(tmp_path):
     assert set(report["figures"]) == {"fig5_blocks.png", "fig6_configs.png", "fig8_gflops.png",
                                       "fig9_training_compute.png", "fig10_sampling_compute.png"}
     assert "Spearman rank correlation of fid with Gflops is -1.00" in (tmp_path / "s" / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_one_entry_under_torchrun(tmp_path):
+    """Two ranks train and sample one entry (--only, as one job of a cluster array); rank 0 judges and
+    writes; the same command again computes nothing."""
+    import os
+    import subprocess
+    import sys
+
+    spec, out = write_spec(tmp_path), tmp_path / "study"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ditlab",
+           "study", "run", str(spec), "--out", str(out), "--only", "DiT-T-4", "--device", "cpu", "--no-progress"]
+    for expected in ("4 steps trained, 4 evaluations computed", "0 steps trained, 0 evaluations computed"):
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert proc.stdout.count("DiT-T-4: done") == 1 and expected in proc.stdout  # rank 0 speaks
+    evals = sorted(p.name for p in (out / "DiT-T-4" / "evals").rglob("*.json"))
+    assert len(evals) == 4 and not (out / "DiT-T-2").exists()
+    assert json.loads((out / "DiT-T-4" / "run" / "config.json").read_text())["global_batch_size"] == 16
