@@ -146,6 +146,14 @@ def test_spec_mistakes_are_one_line_errors(tmp_path, capsys, edit, message):
     assert not (tmp_path / "out").exists()
 
 
+def test_missing_data_is_refused_before_anything_is_written(tmp_path, capsys):
+    path = write_spec(tmp_path)
+    path.write_text(path.read_text().replace('data = "digits"', f'data = "{tmp_path / "nowhere"}"')
+                    .replace('metric = "digits"', 'metric = "fid"\nref = "ref.npz"'))
+    assert main(["study", "run", str(path), "--out", str(tmp_path / "out")]) == 2
+    assert "[data] data = " in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
 def test_only_names_an_entry(tmp_path, capsys):
     path = write_spec(tmp_path)
     assert main(["study", "run", str(path), "--out", str(tmp_path / "out"), "--only", "DiT-X-2"]) == 2

@@ -183,6 +183,24 @@ def run_entry(entry: Entry, study: Study, out: Path, record: dict[str, Any], jud
     return done
 
 
+def preflight(study: Study) -> None:
+    """The files a study needs, checked before anything is written or trained."""
+    data = study.entries[next(iter(study.entries))].train["data"]
+    if data != "digits" and not Path(data).is_dir():
+        raise FileNotFoundError(f"{study.path} [data] data = {data!r}: no such folder (an image folder or a latent "
+                                "cache, e.g. from `ditlab extract-latents`)")
+    ev = study.eval
+    if ev.metric == "fid":
+        from ditlab.evaluation.inception import default_weights_path
+
+        if not Path(ev.ref).is_file():
+            raise FileNotFoundError(f"{study.path} [eval] ref = {ev.ref!r}: no such reference batch")
+        weights = ev.inception or default_weights_path()
+        if not Path(weights).is_file():
+            raise FileNotFoundError(f"{study.path} [eval] inception: no Inception weights at {weights} (see the "
+                                    "README's Evaluation for where to get them)")
+
+
 def run_study(spec: str | Path, out: str | Path, only: str | None = None, device: str | None = None,
               progress: bool = True) -> list[dict[str, Any]]:
     """Run every entry of the spec (or only `only`) into `out`; returns one summary per entry run."""
@@ -190,6 +208,7 @@ def run_study(spec: str | Path, out: str | Path, only: str | None = None, device
     if only is not None and only not in study.entries:
         raise ValueError(f"--only {only}: not an entry of {spec} (entries: {', '.join(study.entries)})")
     names = [only] if only else list(study.entries)
+    preflight(study)
     out = Path(out)
     records = {n: check_entry(study.entries[n], study, out) for n in names}  # refuse before writing anything
     summaries = []
