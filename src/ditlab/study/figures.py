@@ -41,9 +41,12 @@ def _line(ax, rows: list[dict[str, Any]], x: str, metric: str, **style: Any) -> 
     ax.errorbar([r[x] for r in rows], means, yerr=err, marker="o", markersize=4, capsize=2, **style)
 
 
-def _finish(fig, ax_list, path: Path, title: str) -> None:
+def _finish(fig, ax_list, path: Path, title: str, floor: float | None = None) -> None:
+    """Grid, legend and title; `floor` (the metric of real data against real data) as a dotted line."""
     for ax in ax_list:
         ax.grid(alpha=0.3)
+        if floor is not None and ax.get_visible():
+            ax.axhline(floor, color="black", linestyle=":", linewidth=1, label="real vs real")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
@@ -52,7 +55,7 @@ def _finish(fig, ax_list, path: Path, title: str) -> None:
     _plt().close(fig)
 
 
-def fig5(study, rows, metric, label, path: Path) -> bool:
+def fig5(study, rows, metric, label, path: Path, floor: float | None = None) -> bool:
     names = block_entries(study)
     cs = curves(rows, main_setting(study))
     if not any(cs.get(n) for n in names):
@@ -69,11 +72,11 @@ def fig5(study, rows, metric, label, path: Path) -> bool:
                   linestyle="--", color="gray")
     e = study["entries"][names[0]]
     ax.set(xlabel="training steps", ylabel=label)
-    _finish(fig, [ax], path, f"Block designs, DiT-{e['size']}/{e['patch_size']}")
+    _finish(fig, [ax], path, f"Block designs, DiT-{e['size']}/{e['patch_size']}", floor)
     return True
 
 
-def fig6(study, rows, metric, label, path: Path) -> bool:
+def fig6(study, rows, metric, label, path: Path, floor: float | None = None) -> bool:
     names = [n for n in grid_entries(study) if curves(rows, main_setting(study)).get(n)]
     if not names:
         return False
@@ -96,11 +99,12 @@ def fig6(study, rows, metric, label, path: Path) -> bool:
     for row, used in ((0, len(patches)), (1, len(sizes))):
         for j in range(used, cols):
             axes[row][j].set_visible(False)
-    _finish(fig, [a for r in axes for a in r], path, "Scaling the model (top) and the number of tokens (bottom)")
+    _finish(fig, [a for r in axes for a in r], path, "Scaling the model (top) and the number of tokens (bottom)",
+            floor)
     return True
 
 
-def fig8(study, rows, metric, label, path: Path, rho: float | None) -> bool:
+def fig8(study, rows, metric, label, path: Path, rho: float | None, floor: float | None = None) -> bool:
     cs = curves(rows, main_setting(study))
     points = [p for n in grid_entries(study) if (p := last_point(cs.get(n, []), study))]
     if not points:
@@ -114,11 +118,11 @@ def fig8(study, rows, metric, label, path: Path, rho: float | None) -> bool:
                     textcoords="offset points")
     ax.set(xscale="log", xlabel="transformer Gflops (one forward of one image)", ylabel=label)
     corr = f", Spearman rho = {rho:.2f}" if rho is not None else ""
-    _finish(fig, [ax], path, f"Quality vs Gflops at step {study['eval_steps'][-1]}{corr}")
+    _finish(fig, [ax], path, f"Quality vs Gflops at step {study['eval_steps'][-1]}{corr}", floor)
     return True
 
 
-def fig9(study, rows, metric, label, path: Path) -> bool:
+def fig9(study, rows, metric, label, path: Path, floor: float | None = None) -> bool:
     cs = curves(rows, main_setting(study))
     names = [n for n in grid_entries(study) if cs.get(n)]
     if not names:
@@ -129,11 +133,11 @@ def fig9(study, rows, metric, label, path: Path) -> bool:
         e = study["entries"][n]
         _line(ax, cs[n], "training_compute_gflop", metric, label=f"DiT-{e['size']}/{e['patch_size']}")
     ax.set(xscale="log", xlabel="training compute (Gflop = 3 x 2 x Gflops x images seen)", ylabel=label)
-    _finish(fig, [ax], path, "Quality vs training compute")
+    _finish(fig, [ax], path, "Quality vs training compute", floor)
     return True
 
 
-def fig10(study, rows, metric, label, path: Path) -> bool:
+def fig10(study, rows, metric, label, path: Path, floor: float | None = None) -> bool:
     w = study.get("sweep")
     if not w:
         return False
@@ -156,15 +160,17 @@ def fig10(study, rows, metric, label, path: Path) -> bool:
         plt.close(fig)
         return False
     ax.set(xscale="log", xlabel="sampling compute (Gflop = Gflops x steps)", ylabel=label)
-    _finish(fig, [ax], path, f"Quality vs sampling compute ({w['sampler']}, steps annotated, step {last})")
+    _finish(fig, [ax], path, f"Quality vs sampling compute ({w['sampler']}, steps annotated, step {last})", floor)
     return True
 
 
-def write_figures(study, rows, metric: str, label: str, out: Path, rho: float | None) -> list[str]:
-    """Write every figure that has data; returns the file names written."""
-    made = {"fig5_blocks.png": fig5(study, rows, metric, label, out / "fig5_blocks.png"),
-            "fig6_configs.png": fig6(study, rows, metric, label, out / "fig6_configs.png"),
-            "fig8_gflops.png": fig8(study, rows, metric, label, out / "fig8_gflops.png", rho),
-            "fig9_training_compute.png": fig9(study, rows, metric, label, out / "fig9_training_compute.png"),
-            "fig10_sampling_compute.png": fig10(study, rows, metric, label, out / "fig10_sampling_compute.png")}
+def write_figures(study, rows, metric: str, label: str, out: Path, rho: float | None,
+                  floor: float | None = None) -> list[str]:
+    """Write every figure that has data; returns the file names written. `floor`: the metric of real
+    data against the reference, drawn as a dotted line."""
+    made = {"fig5_blocks.png": fig5(study, rows, metric, label, out / "fig5_blocks.png", floor),
+            "fig6_configs.png": fig6(study, rows, metric, label, out / "fig6_configs.png", floor),
+            "fig8_gflops.png": fig8(study, rows, metric, label, out / "fig8_gflops.png", rho, floor),
+            "fig9_training_compute.png": fig9(study, rows, metric, label, out / "fig9_training_compute.png", floor),
+            "fig10_sampling_compute.png": fig10(study, rows, metric, label, out / "fig10_sampling_compute.png", floor)}
     return [name for name, ok in made.items() if ok]

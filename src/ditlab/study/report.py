@@ -86,7 +86,8 @@ def write_report(out: str | Path) -> dict[str, Any]:
     if stored == text and (out / "report.md").is_file():
         return {"rows": len(rows), "written": False, "figures": [], "out": str(out)}
     rho = (found["gflops_correlation"] or {}).get("spearman")
-    figures = write_figures(study, rows, metric, LABELS[metric], out, rho)
+    floor = (reference or {}).get(metric)
+    figures = write_figures(study, rows, metric, LABELS[metric], out, rho, floor)
     atomic_write_text(out / "report.md", markdown(study, rows, found, figures, reference) + "\n")
     atomic_write_text(results_path, text)  # last: a report interrupted before it is redone next time
     return {"rows": len(rows), "written": True, "figures": figures, "out": str(out)}
