@@ -182,8 +182,14 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     add_serve(sub)
 
 
+def _add_study(sub: argparse._SubParsersAction) -> None:
+    from ditlab.study.cli import add_study
+
+    add_study(sub)
+
+
 SUBCOMMANDS = [_add_train, _add_extract_latents, _add_sample, _add_eval, _add_convert, _add_demo, _add_flops,
-               _add_serve]
+               _add_serve, _add_study]
 
 
 def build_parser() -> argparse.ArgumentParser:

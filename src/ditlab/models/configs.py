@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ditlab.errors import UserError
-from ditlab.models.dit import DiT
+
+if TYPE_CHECKING:
+    from ditlab.models.dit import DiT
 
 # (depth, hidden size, heads) of each model size, as in the paper's Table 1.
 SIZES: dict[str, dict[str, int]] = {
@@ -37,4 +39,6 @@ def create_model(name: str, **overrides: Any) -> DiT:
     """A DiT of a named config, e.g. create_model("DiT-XL/2", input_size=32, num_classes=1000).
 
     Overrides that are None are ignored, so CLI flags left unset keep the config's values."""
+    from ditlab.models.dit import DiT
+
     return DiT(**model_kwargs(name, **overrides))

@@ -1,0 +1,94 @@
+"""`ditlab study report DIR`: results.json, the figures and report.md of a (partly) finished study.
+
+Nothing is rewritten when the measurements have not changed since the last report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ditlab.errors import UserError
+from ditlab.runtime.files import atomic_write_text
+from ditlab.study.figures import FIGURES, write_figures
+from ditlab.study.findings import findings
+from ditlab.study.results import curves, last_point, load_rows, main_setting
+from ditlab.study.spec import PRIMARY
+
+LABELS = {"frechet_distance": "Frechet distance (digits features)", "fid": "FID"}
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.3g}" if abs(x) < 1e4 else f"{x:.2e}"
+
+
+def table(study: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
+    """Markdown table: every entry at its latest evaluation point of the main setting."""
+    cs = curves(rows, main_setting(study))
+    metrics = list(next(iter(rows))["metrics"]) if rows else []
+    head = ["entry", "params", "Gflops", "tokens", "step", "train Gflop", *metrics, "by sample seed"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, curve in cs.items():
+        r = curve[-1]
+        primary = PRIMARY[study["eval"]["metric"]]
+        seeds = "; ".join(f"{s}: {_fmt(v[primary])}" for s, v in r["metrics_by_sample_seed"].items())
+        cells = [name, f"{r['params'] / 1e6:.3g}M", _fmt(r["gflops"]), str(r["tokens"]), str(r["train_step"]),
+                 _fmt(r["training_compute_gflop"]), *(_fmt(r["metrics"][m]) for m in metrics), seeds]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def markdown(study: dict[str, Any], rows: list[dict[str, Any]], found: dict[str, Any], figures: list[str],
+             reference: dict[str, Any] | None) -> str:
+    e = study["eval"]
+    done = sum(1 for c in curves(rows, main_setting(study)).values() if last_point(c, study))
+    lines = [f"# Study {study['name']}", "",
+             f"{len(study['entries'])} entries, {done} finished to step {study['eval_steps'][-1]}; evaluation points "
+             f"{', '.join(map(str, study['eval_steps']))}; {e['num_samples']} samples ({e['labels']} labels) per "
+             f"sample seed {', '.join(map(str, e['seeds']))}, {e['sampler']} {e['steps']} steps, guidance "
+             f"{', '.join(f'{s:g}' for s in e['cfg_scales'])}; metric {found['metric']} (lower is better).", ""]
+    if reference:
+        lines += ["Real training digits against the held-out ones: Frechet distance "
+                  f"{reference['frechet_distance']:.3g} (the floor a perfect model would reach).", ""]
+    lines += ["## What the measurements say", ""]
+    for key in ("gflops_correlation", "blocks", "sweep"):
+        if found.get(key):
+            lines.append(f"- {found[key]['text']}")
+    n = found["noise"]
+    if n["sampling_median"] is not None:
+        lines.append(f"- Sampling noise: the two sample seeds differ by {n['sampling_median']:.3g} (median over "
+                     f"all points; at most {n['sampling_max']:.3g}).")
+    for t in n["training"]:
+        lines.append(f"- Training noise: {t['entries'][0]} and {t['entries'][1]} (two training seeds) differ by "
+                     f"{t['difference']:.3g} at the last point.")
+    lines += ["", "## Latest point of every entry", "", *table(study, rows), ""]
+    for name in figures:
+        lines += [f"## {FIGURES[name]}", "", f"![{FIGURES[name]}]({name})", ""]
+    return "\n".join(lines)
+
+
+def write_report(out: str | Path) -> dict[str, Any]:
+    """Write results.json, the figures and report.md into the study folder `out`; returns a summary
+    ("written": False when everything was already up to date)."""
+    out = Path(out)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as e:
+        raise UserError("the figures need matplotlib: pip install 'ditlab[study]'") from e
+    study, rows = load_rows(out)
+    metric = PRIMARY[study["eval"]["metric"]]
+    found = findings(study, rows, metric)
+    ref_path = out / "reference.json"
+    reference = json.loads(ref_path.read_text()) if ref_path.is_file() else None
+    results = {"study": study["name"], "metric": metric, "reference": reference, "findings": found, "rows": rows}
+    text = json.dumps(results, indent=2) + "\n"
+    results_path = out / "results.json"
+    stored = results_path.read_text() if results_path.is_file() else None
+    if stored == text and (out / "report.md").is_file():
+        return {"rows": len(rows), "written": False, "figures": [], "out": str(out)}
+    rho = (found["gflops_correlation"] or {}).get("spearman")
+    floor = (reference or {}).get(metric)
+    figures = write_figures(study, rows, metric, LABELS[metric], out, rho, floor)
+    atomic_write_text(out / "report.md", markdown(study, rows, found, figures, reference) + "\n")
+    atomic_write_text(results_path, text)  # last: a report interrupted before it is redone next time
+    return {"rows": len(rows), "written": True, "figures": figures, "out": str(out)}

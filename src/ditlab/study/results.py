@@ -1,0 +1,106 @@
+"""A study folder's measurements as rows, and what they say (the paper's four claims, tested).
+
+One row per entry, training step and sampling setting (sampler, steps, guidance, sample count,
+labels): the entry's config, parameters, Gflops, training compute (3 x 2 x Gflops x images seen:
+forward and backward are three forwards, a multiply-accumulate two flops), sampling compute
+(Gflops x steps, x 2 with guidance) and the metrics of every sample seed with their mean. Works on
+a partly finished study: only what has been measured is read."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ditlab.errors import UserFileNotFoundError
+
+
+def load_rows(out: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(study.json, rows) of a study folder, rows sorted by entry, step, sampler and steps."""
+    study_path = out / "study.json"
+    if not study_path.is_file():
+        raise UserFileNotFoundError(f"{out}: no study.json; run `ditlab study run SPEC --out {out}` first")
+    study = json.loads(study_path.read_text())
+    groups: dict[tuple, dict[str, Any]] = {}
+    for name in study["entries"]:
+        entry_path = out / name / "entry.json"
+        if not entry_path.is_file():
+            continue
+        entry = json.loads(entry_path.read_text())
+        for path in sorted((out / name / "evals").glob("step-*/*.json")):
+            ev = json.loads(path.read_text())
+            setting = (ev["sampler"], ev["steps"], ev["cfg_scale"], ev["num_samples"], ev["labels"])
+            key = (name, ev["step"], *setting)
+            if key not in groups:
+                images = ev["step"] * entry["global_batch_size"]
+                guided = 2 if ev["cfg_scale"] != 1.0 else 1
+                groups[key] = {
+                    "entry": name, "size": entry["size"], "patch_size": entry["patch_size"], "block": entry["block"],
+                    "seed": entry["seed"], "depth": entry["depth"], "hidden_size": entry["hidden_size"],
+                    "num_heads": entry["num_heads"], "tokens": entry["tokens"], "params": entry["params"],
+                    "gflops": entry["gflops"], "train_step": ev["step"], "images_seen": images,
+                    "training_compute_gflop": 3 * 2 * entry["gflops"] * images,
+                    "sampler": ev["sampler"], "steps": ev["steps"], "cfg_scale": ev["cfg_scale"],
+                    "num_samples": ev["num_samples"], "labels": ev["labels"],
+                    "sampling_compute_gflop": entry["gflops"] * ev["steps"] * guided,
+                    "metrics_by_sample_seed": {},
+                }  # fmt: skip
+            groups[key]["metrics_by_sample_seed"][str(ev["seed"])] = ev["metrics"]
+    rows = [groups[k] for k in sorted(groups, key=lambda k: (list(study["entries"]).index(k[0]), *k[1:]))]
+    for row in rows:
+        by_seed = list(row["metrics_by_sample_seed"].values())
+        row["metrics"] = {m: float(np.mean([s[m] for s in by_seed])) for m in by_seed[0]}
+    return study, rows
+
+
+def main_setting(study: dict[str, Any]) -> tuple:
+    """(sampler, steps, cfg_scale, num_samples, labels) of the evaluation points' first setting."""
+    e = study["eval"]
+    return e["sampler"], e["steps"], e["cfg_scales"][0], e["num_samples"], e["labels"]
+
+
+def setting_of(row: dict[str, Any]) -> tuple:
+    return row["sampler"], row["steps"], row["cfg_scale"], row["num_samples"], row["labels"]
+
+
+def curves(rows: list[dict[str, Any]], setting: tuple) -> dict[str, list[dict[str, Any]]]:
+    """Per entry, its rows of one setting in training-step order."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        if setting_of(row) == setting:
+            out.setdefault(row["entry"], []).append(row)
+    return out
+
+
+def grid_entries(study: dict[str, Any]) -> list[str]:
+    """The adaLN-Zero, seed-0 entries: the model-size x patch-size grid of figures 6, 8 and 9."""
+    return [n for n, e in study["entries"].items() if e["block"] == "adaln-zero" and e["seed"] == 0]
+
+
+def block_entries(study: dict[str, Any]) -> list[str]:
+    """Seed-0 entries of the one (size, patch) that was trained with more than one block design."""
+    by_config: dict[tuple, list[str]] = {}
+    for n, e in study["entries"].items():
+        if e["seed"] == 0:
+            by_config.setdefault((e["size"], e["patch_size"]), []).append(n)
+    many = [names for names in by_config.values() if len(names) > 1]
+    return many[0] if many else []
+
+
+def seed_pairs(study: dict[str, Any]) -> list[tuple[str, str]]:
+    """(seed-0 entry, other-seed entry) pairs of the same config: training noise."""
+    entries = study["entries"]
+    pairs = []
+    for n, e in entries.items():
+        if e["seed"] != 0:
+            twin = [m for m, f in entries.items() if f["seed"] == 0 and
+                    (f["size"], f["patch_size"], f["block"]) == (e["size"], e["patch_size"], e["block"])]
+            pairs += [(twin[0], n)] if twin else []
+    return pairs
+
+
+def last_point(curve: list[dict[str, Any]], study: dict[str, Any]) -> dict[str, Any] | None:
+    row = curve[-1] if curve else None
+    return row if row is not None and row["train_step"] == study["eval_steps"][-1] else None

@@ -1,0 +1,232 @@
+"""`ditlab study run SPEC --out DIR`: train, sample and judge every entry of a study.
+
+Layout of DIR: `study.json` (the parsed spec), and per entry `NAME/entry.json` (its run-defining
+settings, parameters and Gflops), `NAME/run/` (an ordinary `ditlab train` results folder),
+`NAME/samples/step-NNNNNNN/KEY.npz` and `NAME/evals/step-NNNNNNN/KEY.json` (one per evaluation
+setting). The entry trains in segments, to each evaluation point in turn (`--max-steps` grows,
+which a run resumes from exactly), so a re-run finds every finished step, sample file and metric
+and recomputes none of them. Under torchrun every rank trains and samples; rank 0 judges and writes."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ditlab.checkpoints.state import checkpoint_path, list_checkpoints
+from ditlab.data.codecs import PIXEL
+from ditlab.errors import UserError, UserFileNotFoundError
+from ditlab.runtime.distributed import DistInfo, barrier, distributed_session
+from ditlab.runtime.files import atomic_write_text
+from ditlab.study.spec import Entry, EvalSetting, Study, load_spec
+from ditlab.training.resume import config_differences
+
+SD_VAE_DOWNSAMPLE = 8  # image pixels per latent pixel of the SD VAE (4 latent channels)
+COLLECTIVE_TIMEOUT = timedelta(hours=4)  # other ranks wait at a barrier while rank 0 judges FID-50K
+
+
+def step_dir(step: int) -> str:
+    return f"step-{step:07d}"
+
+
+def metrics_path(folder: Path, step: int, setting: EvalSetting) -> Path:
+    return folder / "evals" / step_dir(step) / f"{setting.key}.json"
+
+
+def model_facts(entry: Entry, study: Study) -> dict[str, Any]:
+    """Parameters, Gflops and tokens of the entry's DiT, counted on the meta device (no weights)."""
+    from ditlab.models import DiT, count_gflops
+
+    t = entry.train
+    digits, pixel = t["data"] == "digits", t.get("vae") == PIXEL
+    image = t.get("image_size", 256)
+    size = image if digits or pixel else image // SD_VAE_DOWNSAMPLE
+    with torch.device("meta"):
+        model = DiT(input_size=size, patch_size=entry.patch_size, in_channels=1 if digits else 3 if pixel else 4,
+                    num_classes=10 if digits else (t.get("num_classes") or 1000), block=entry.block,
+                    learn_sigma=t.get("learn_sigma", True), **entry.model)  # fmt: skip
+    return {"params": sum(p.numel() for p in model.parameters()), "gflops": count_gflops(model),
+            "tokens": (size // entry.patch_size) ** 2, "input_size": size}
+
+
+def entry_record(entry: Entry, study: Study, folder: Path) -> dict[str, Any]:
+    cfg = entry.train_config(folder / "run", max_steps=study.eval_steps[-1], progress=False)
+    return {"name": entry.name, "size": entry.size, "patch_size": entry.patch_size, "block": entry.block,
+            "seed": entry.seed, **entry.model, **model_facts(entry, study),
+            "global_batch_size": cfg.global_batch_size, "train": cfg.to_dict()}  # fmt: skip
+
+
+def check_entry(entry: Entry, study: Study, out: Path) -> dict[str, Any]:
+    """The entry's record; refuses a folder that holds a run of another spec entry."""
+    folder = out / entry.name
+    record = entry_record(entry, study, folder)
+    stored_path = folder / "entry.json"
+    if stored_path.is_file():
+        stored = json.loads(stored_path.read_text())
+        diffs = config_differences(stored["train"], entry.train_config(folder / "run", 1, False))
+        if diffs:
+            raise UserError(f"{folder} holds entry {entry.name} of another spec ({'; '.join(diffs)}): "
+                             "use a new --out folder or restore the spec")
+    return record
+
+
+class Judge:
+    """The spec's metric on a sample file: the digits classifier, or ADM's FID suite."""
+
+    def __init__(self, study: Study, device: torch.device, progress: bool = False):
+        self.study, self.device, self.progress = study, device, progress
+        self._digits = None
+
+    def __call__(self, npz: Path) -> dict[str, float]:
+        ev = self.study.eval
+        if ev.metric == "fid":
+            from ditlab.evaluation import evaluate
+
+            r = evaluate(str(npz), ev.ref, ev.inception, device=str(self.device), progress=self.progress)
+            return {k: float(r[k]) for k in ("fid", "sfid", "is", "precision", "recall")}
+        judge, real = self.digits()
+        with np.load(npz) as f:
+            pixels, labels = f["arr_0"], torch.from_numpy(f["arr_1"])
+        images = (torch.from_numpy(pixels[..., :1]).permute(0, 3, 1, 2).float() - 127.5) / 127.5  # (N, 1, H, W)
+        return {"frechet_distance": judge.frechet(images, real), "class_accuracy": judge.accuracy(images, labels)}
+
+    def digits(self):
+        """The demo's classifier (trained once) and the held-out real digits (N, 1, 8, 8)."""
+        if self._digits is None:
+            from ditlab.data.digits import load_digits_arrays
+            from ditlab.demo import DigitsJudge
+
+            self._digits = DigitsJudge(), load_digits_arrays("test")[0]
+        return self._digits
+
+    def reference(self) -> dict[str, float] | None:
+        """The metric of real training digits against the held-out ones (the floor), for the digits."""
+        if self.study.eval.metric != "digits":
+            return None
+        judge, real = self.digits()
+        n = min(self.study.eval.num_samples, len(judge.train_images))
+        pick = torch.randperm(len(judge.train_images), generator=torch.Generator().manual_seed(0))[:n]
+        return {"frechet_distance": judge.frechet(judge.train_images[pick], real)}
+
+
+def num_classes(ckpt: Path) -> int:
+    """The number of classes of a training checkpoint's model (its weights memory-mapped, not read)."""
+    from ditlab.checkpoints.formats import read_checkpoint
+
+    return int(read_checkpoint(ckpt).config["num_classes"])
+
+
+def say(info: DistInfo, text: str) -> None:
+    if info.is_main:
+        print(text, flush=True)
+
+
+def evaluate_point(entry: Entry, study: Study, folder: Path, step: int, setting: EvalSetting, judge: Judge,
+                   info: DistInfo, device: str | None, progress: bool) -> bool:
+    """Sample (unless the file exists) and judge (unless its metrics exist) one setting; True if work was done."""
+    from ditlab.sampling.run import sample_to_files
+
+    metrics = metrics_path(folder, step, setting)
+    if metrics.is_file():
+        return False
+    npz = folder / "samples" / step_dir(step) / f"{setting.key}.npz"
+    started = time.time()
+    if not npz.is_file():
+        ev = study.eval
+        ckpt = checkpoint_path(folder / "run" / "checkpoints", step)
+        classes = list(range(num_classes(ckpt))) if setting.labels == "balanced" else None
+        sample_to_files(str(ckpt), str(npz),
+                        num_samples=setting.num_samples, classes=classes, steps=setting.steps,
+                        sampler=setting.sampler, cfg_scale=setting.cfg_scale, seed=setting.seed,
+                        guidance_channels=ev.guidance_channels, batch_size=ev.batch_size, device=device,
+                        precision=entry.train.get("precision", "auto"), progress=progress)  # fmt: skip
+    sample_seconds = time.time() - started
+    if info.is_main:
+        row = {"entry": entry.name, "step": step, **vars(setting), "metrics": judge(npz),
+               "sample_seconds": sample_seconds, "eval_seconds": time.time() - started - sample_seconds}
+        atomic_write_text(metrics, json.dumps(row, indent=2) + "\n")
+        if not study.eval.keep_samples:
+            npz.unlink(missing_ok=True)
+    barrier()
+    return True
+
+
+def run_entry(entry: Entry, study: Study, out: Path, record: dict[str, Any], judge: Judge, info: DistInfo,
+              device: str | None, progress: bool) -> dict[str, int]:
+    """Train to each evaluation point in turn and evaluate there; returns what was done."""
+    from ditlab.training import train
+
+    folder = out / entry.name
+    if info.is_main and not (folder / "entry.json").is_file():
+        atomic_write_text(folder / "entry.json", json.dumps(record, indent=2) + "\n")
+    done = {"trained_steps": 0, "evaluations": 0}
+    ckpts = folder / "run" / "checkpoints"
+    for step in study.eval_steps:
+        pending = [s for s in study.settings(entry.name, step) if not metrics_path(folder, step, s).is_file()]
+        if not pending:  # nothing left to do here: its checkpoint is not needed (keep_last may have removed it)
+            continue
+        if not checkpoint_path(ckpts, step).is_file():
+            newest = ([s for s, _ in list_checkpoints(ckpts)] or [0])[-1]
+            if newest > step:
+                raise UserError(f"{ckpts}: evaluation step {step} has evaluations to do but no checkpoint, and the "
+                                 f"run is already at step {newest} (keep_last removed it?); restore it, or remove "
+                                 f"the new settings from the spec")
+            cfg = entry.train_config(folder / "run", max_steps=step, progress=progress)
+            train(cfg, device=device)
+            done["trained_steps"] += step - newest
+        for setting in pending:
+            done["evaluations"] += evaluate_point(entry, study, folder, step, setting, judge, info, device, progress)
+    return done
+
+
+def preflight(study: Study) -> None:
+    """The files a study needs, checked before anything is written or trained."""
+    data = study.entries[next(iter(study.entries))].train["data"]
+    if data != "digits" and not Path(data).is_dir():
+        raise UserFileNotFoundError(f"{study.path} [data] data = {data!r}: no such folder (an image folder or a latent "
+                                "cache, e.g. from `ditlab extract-latents`)")
+    ev = study.eval
+    if ev.metric == "fid":
+        from ditlab.evaluation.inception import default_weights_path
+
+        if not Path(ev.ref).is_file():
+            raise UserFileNotFoundError(f"{study.path} [eval] ref = {ev.ref!r}: no such reference batch")
+        weights = ev.inception or default_weights_path()
+        if not Path(weights).is_file():
+            raise UserFileNotFoundError(f"{study.path} [eval] inception: no Inception weights at {weights} (see the "
+                                    "README's Evaluation for where to get them)")
+
+
+def run_study(spec: str | Path, out: str | Path, only: str | None = None, device: str | None = None,
+              progress: bool = True) -> list[dict[str, Any]]:
+    """Run every entry of the spec (or only `only`) into `out`; returns one summary per entry run."""
+    study = load_spec(spec)
+    if only is not None and only not in study.entries:
+        raise UserError(f"--only {only}: not an entry of {spec} (entries: {', '.join(study.entries)})")
+    names = [only] if only else list(study.entries)
+    preflight(study)
+    out = Path(out)
+    records = {n: check_entry(study.entries[n], study, out) for n in names}  # refuse before writing anything
+    summaries = []
+    with distributed_session(device, timeout=COLLECTIVE_TIMEOUT) as info:
+        text = json.dumps(study.to_dict(), indent=2) + "\n"
+        if info.is_main and not ((out / "study.json").is_file() and (out / "study.json").read_text() == text):
+            atomic_write_text(out / "study.json", text)
+        judge = Judge(study, info.device, progress)
+        if info.is_main and not (out / "reference.json").is_file() and study.eval.metric == "digits":
+            atomic_write_text(out / "reference.json", json.dumps(judge.reference(), indent=2) + "\n")
+        for i, name in enumerate(names, 1):
+            r = records[name]
+            say(info, f"[{i}/{len(names)}] {name}: {r['params'] / 1e6:.3g}M params, {r['gflops']:.3g} Gflops, "
+                      f"{r['tokens']} tokens, {len(study.eval_steps)} evaluation points to step {study.eval_steps[-1]}")
+            started = time.time()
+            done = run_entry(study.entries[name], study, out, r, judge, info, device, progress)
+            summaries.append({"entry": name, **done, "seconds": time.time() - started})
+            say(info, f"[{i}/{len(names)}] {name}: done in {time.time() - started:.0f}s "
+                      f"({done['trained_steps']} steps trained, {done['evaluations']} evaluations computed)")
+    return summaries
