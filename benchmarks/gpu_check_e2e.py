@@ -45,24 +45,12 @@ def make_images(path: Path, n: int) -> str:
 def random_inception_weights(path: Path, seed: int = 0) -> str:
     """Random weights in the layout of torch-fidelity's converted TF InceptionV3 file (no BN step
     counters), He-scaled so activations stay finite through the network; saved under the real name."""
-    from ditlab.evaluation.inception import WEIGHTS_FILENAME, InceptionV3
+    from ditlab.evaluation.inception import WEIGHTS_FILENAME, random_state_dict
 
     out = path / WEIGHTS_FILENAME
     if out.is_file():
         return str(out)
-    g = torch.Generator().manual_seed(seed)
-    weights = {}
-    for key, v in InceptionV3().state_dict().items():
-        if key.endswith("num_batches_tracked"):
-            continue
-        if key.endswith("conv.weight"):
-            weights[key] = torch.randn(v.shape, generator=g) * (2.0 / v[0].numel()) ** 0.5
-        elif key.endswith(("bn.weight", "running_var")):
-            weights[key] = torch.rand(v.shape, generator=g) + 0.5
-        elif key.endswith(("bn.bias", "running_mean")):
-            weights[key] = torch.randn(v.shape, generator=g) * 0.1
-        else:  # the logits layer
-            weights[key] = torch.randn(v.shape, generator=g) / v.shape[-1] ** 0.5
+    weights = random_state_dict(seed)
     path.mkdir(parents=True, exist_ok=True)
     torch.save(weights, out)
     return str(out)

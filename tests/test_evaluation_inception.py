@@ -26,23 +26,9 @@ from ditlab.evaluation.inception import WEIGHTS_FILENAME, InceptionV3, resize_bi
 
 
 def _random_state_dict(seed: int) -> dict[str, torch.Tensor]:
-    """Random weights laid out as the converted TF file (no BN step counters), scaled so that the
-    activations neither vanish nor explode through the 94 layers."""
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for key, v in InceptionV3().state_dict().items():
-        if key.endswith("num_batches_tracked"):
-            continue
-        if key.endswith("conv.weight"):
-            t = torch.randn(v.shape, generator=g) * (2.0 / v[0].numel()) ** 0.5  # He init
-        elif key.endswith(("bn.weight", "running_var")):
-            t = torch.rand(v.shape, generator=g) + 0.5
-        elif key.endswith(("bn.bias", "running_mean")):
-            t = torch.randn(v.shape, generator=g) * 0.1
-        else:  # fc
-            t = torch.randn(v.shape, generator=g) / v.shape[-1] ** 0.5
-        out[key] = t
-    return out
+    from ditlab.evaluation.inception import random_state_dict
+
+    return random_state_dict(seed)
 
 
 @pytest.fixture(scope="module")

@@ -5,34 +5,14 @@ light config modules import nothing heavy."""
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from ditlab.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
 # public name -> the module that defines it
-_EXPORTS = {
-    "BLOCKS": "ditlab.models.blocks",
-    "DiT": "ditlab.models.dit",
-    "DiTConfig": "ditlab.models.dit",
-    "MODEL_CONFIGS": "ditlab.models.configs",
-    "create_model": "ditlab.models.configs",
-    "count_gflops": "ditlab.models.flops",
-    "Diffusion": "ditlab.diffusion.process",
-    "TrainConfig": "ditlab.training.config",
-    "train": "ditlab.training.loop",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'ditlab' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+_MODULES = {"ditlab.models.blocks": "BLOCKS", "ditlab.models.dit": "DiT DiTConfig",
+            "ditlab.models.configs": "MODEL_CONFIGS create_model", "ditlab.models.flops": "count_gflops",
+            "ditlab.diffusion.process": "Diffusion", "ditlab.training.config": "TrainConfig",
+            "ditlab.training.loop": "train"}  # fmt: skip
+__getattr__, __dir__ = lazy_exports("ditlab", _MODULES)
+__all__ = __dir__()

@@ -4,22 +4,9 @@ cache that training reads (`latents`), the VAE codecs (`codecs`), and `ditlab ex
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from ditlab.lazy import lazy_exports
 
-_EXPORTS = {
-    "IMAGE_EXTENSIONS": "ditlab.data.images",
-    "ImageFolderDataset": "ditlab.data.images",
-    "center_crop_arr": "ditlab.data.images",
-    "scan_image_folder": "ditlab.data.images",
-    "LatentCacheDataset": "ditlab.data.latents",
-    "is_latent_cache": "ditlab.data.latents",
-    "sample_latents": "ditlab.data.latents",
-}
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'ditlab.data' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+_MODULES = {"ditlab.data.images": "IMAGE_EXTENSIONS ImageFolderDataset center_crop_arr scan_image_folder",
+            "ditlab.data.latents": "LatentCacheDataset is_latent_cache sample_latents"}
+__getattr__, __dir__ = lazy_exports("ditlab.data", _MODULES)
+__all__ = __dir__()

@@ -268,3 +268,25 @@ def load_inception(path: str | None = None, device: str | torch.device = "cpu") 
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     return model
+
+
+def random_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random weights laid out as torch-fidelity's converted TF file (no BN step counters), scaled
+    so that the activations neither vanish nor explode through the 94 layers: for exercising the
+    evaluation path where the real weights cannot be had (tests, the GPU check). Its numbers mean
+    nothing."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for key, v in InceptionV3().state_dict().items():
+        if key.endswith("num_batches_tracked"):
+            continue
+        if key.endswith("conv.weight"):
+            t = torch.randn(v.shape, generator=g) * (2.0 / v[0].numel()) ** 0.5  # He init
+        elif key.endswith(("bn.weight", "running_var")):
+            t = torch.rand(v.shape, generator=g) + 0.5
+        elif key.endswith(("bn.bias", "running_mean")):
+            t = torch.randn(v.shape, generator=g) * 0.1
+        else:  # the logits layer
+            t = torch.randn(v.shape, generator=g) / v.shape[-1] ** 0.5
+        out[key] = t
+    return out

@@ -5,22 +5,9 @@ without them."""
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from ditlab.lazy import lazy_exports
 
-_EXPORTS = {
-    "BLOCKS": "ditlab.models.blocks",
-    "DiT": "ditlab.models.dit",
-    "DiTConfig": "ditlab.models.dit",
-    "MODEL_CONFIGS": "ditlab.models.configs",
-    "create_model": "ditlab.models.configs",
-    "count_gflops": "ditlab.models.flops",
-    "count_macs": "ditlab.models.flops",
-}
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'ditlab.models' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+_MODULES = {"ditlab.models.blocks": "BLOCKS", "ditlab.models.dit": "DiT DiTConfig",
+            "ditlab.models.configs": "MODEL_CONFIGS create_model", "ditlab.models.flops": "count_gflops count_macs"}
+__getattr__, __dir__ = lazy_exports("ditlab.models", _MODULES)
+__all__ = __dir__()

@@ -30,23 +30,35 @@ def _norm(dim: int, affine: bool) -> nn.LayerNorm:
     return nn.LayerNorm(dim, elementwise_affine=affine, eps=LN_EPS)
 
 
-class AdaLNZeroBlock(nn.Module):
+class Block(nn.Module):
+    """Self-attention and an MLP, each behind a LayerNorm, with the conditioning c (N, D) regressed
+    into `n_mod` modulation vectors when n_mod > 0 (then the norms have no affine parameters).
+    Subclasses set the class attributes and write `forward`."""
+
+    n_mod = 0
+    adaptive_final, extra_tokens, zero_init = False, False, False
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
+        super().__init__()
+        affine = not self.n_mod
+        self.norm1 = _norm(dim, affine=affine)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = _norm(dim, affine=affine)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        if self.n_mod:
+            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, self.n_mod * dim, bias=True))
+
+    @classmethod
+    def extra_macs(cls, tokens: int, n_cond: int, dim: int) -> int:
+        """Multiply-accumulates beyond self-attention and the MLP: the modulation regressed from c."""
+        return _linear(1, dim, cls.n_mod * dim) if cls.n_mod else 0
+
+
+class AdaLNZeroBlock(Block):
     """Block with adaptive LayerNorm and zero-initialised residual gates (adaLN-Zero)."""
 
     n_mod = 6  # shift, scale, gate for attention; the same for the MLP
     adaptive_final, extra_tokens, zero_init = True, False, True
-
-    @classmethod
-    def extra_macs(cls, tokens: int, n_cond: int, dim: int) -> int:
-        return _linear(1, dim, cls.n_mod * dim)  # the modulation regressed from c
-
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
-        super().__init__()
-        self.norm1 = _norm(dim, affine=False)
-        self.attn = Attention(dim, num_heads)
-        self.norm2 = _norm(dim, affine=False)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, self.n_mod * dim, bias=True))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         mod = self.adaLN_modulation(c).chunk(self.n_mod, dim=1)  # 6 x (N, D)
@@ -56,23 +68,11 @@ class AdaLNZeroBlock(nn.Module):
         return x  # (N, T, D)
 
 
-class AdaLNBlock(nn.Module):
+class AdaLNBlock(Block):
     """Block whose LayerNorm scale and shift are regressed from the conditioning (adaLN)."""
 
     n_mod = 4  # shift, scale for attention; the same for the MLP
     adaptive_final, extra_tokens, zero_init = True, False, False
-
-    @classmethod
-    def extra_macs(cls, tokens: int, n_cond: int, dim: int) -> int:
-        return _linear(1, dim, cls.n_mod * dim)
-
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
-        super().__init__()
-        self.norm1 = _norm(dim, affine=False)
-        self.attn = Attention(dim, num_heads)
-        self.norm2 = _norm(dim, affine=False)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, self.n_mod * dim, bias=True))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         shift_msa, scale_msa, shift_mlp, scale_mlp = self.adaLN_modulation(c).chunk(self.n_mod, dim=1)
@@ -81,11 +81,8 @@ class AdaLNBlock(nn.Module):
         return x  # (N, T, D)
 
 
-class CrossAttnBlock(nn.Module):
+class CrossAttnBlock(Block):
     """Standard block plus multi-head cross-attention over the conditioning tokens [t, y]."""
-
-    n_mod = 0
-    adaptive_final, extra_tokens, zero_init = False, False, False
 
     @classmethod
     def extra_macs(cls, tokens: int, n_cond: int, dim: int) -> int:
@@ -94,8 +91,8 @@ class CrossAttnBlock(nn.Module):
                 + _attention(tokens, n_cond, dim)
                 + _linear(tokens, dim, dim))  # output projection
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
-        super().__init__()
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float):  # its own order: cross-attention sits mid-block
+        nn.Module.__init__(self)
         self.norm1 = _norm(dim, affine=True)
         self.attn = Attention(dim, num_heads)
         self.norm2 = _norm(dim, affine=True)
@@ -110,22 +107,10 @@ class CrossAttnBlock(nn.Module):
         return x  # (N, T, D)
 
 
-class InContextBlock(nn.Module):
+class InContextBlock(Block):
     """Standard ViT block; the conditioning travels as extra tokens in the sequence."""
 
-    n_mod = 0
-    adaptive_final, extra_tokens, zero_init = False, True, False
-
-    @classmethod
-    def extra_macs(cls, tokens: int, n_cond: int, dim: int) -> int:
-        return 0  # its cost is the n_cond extra tokens every block attends over
-
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
-        super().__init__()
-        self.norm1 = _norm(dim, affine=True)
-        self.attn = Attention(dim, num_heads)
-        self.norm2 = _norm(dim, affine=True)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+    extra_tokens = True  # its cost is the n_cond extra tokens every block attends over
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))
@@ -141,7 +126,7 @@ def block_macs(tokens: int, dim: int, mlp_hidden: int) -> int:
             + _linear(tokens, dim, mlp_hidden) + _linear(tokens, mlp_hidden, dim))  # MLP
 
 
-BLOCKS: dict[str, type[nn.Module]] = {
+BLOCKS: dict[str, type[Block]] = {
     "adaln-zero": AdaLNZeroBlock,
     "adaln": AdaLNBlock,
     "cross-attn": CrossAttnBlock,
