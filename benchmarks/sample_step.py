@@ -50,19 +50,21 @@ GIB = 2**30
 GUIDED_BATCH = 2  # the conditional and the null-label half
 
 
-def sampler_call(model, diffusion, noise, y, steps: int, sampler: str, cfg_scale: float, amp, use_tf32: bool):
-    """One call of ditlab's sampler over `steps` respaced steps (timed, then divided by steps)."""
+def sampler_call(model, diffusion, noise, y, args: argparse.Namespace, steps: int, amp, use_tf32: bool):
+    """One call of ditlab's sampler over `steps` respaced steps (timed, then divided by steps), with
+    the sampler and guidance of `args`."""
     ctx = torch.autocast(noise.device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
     g = torch.Generator(noise.device).manual_seed(0)
 
     def run() -> torch.Tensor:
         with ctx, tf32(use_tf32):
-            return diffusion.sample(model, noise, y=y, steps=steps, sampler=sampler, cfg_scale=cfg_scale, generator=g)
+            return diffusion.sample(model, noise, y=y, steps=steps, sampler=args.sampler, cfg_scale=args.cfg_scale,
+                                    generator=g)
 
     return run
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="DiT-S/2")
     p.add_argument("--image-size", type=int, default=256)
@@ -82,8 +84,11 @@ def main() -> None:
     p.add_argument("--peak-tflops", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None)
-    args = p.parse_args()
+    return p.parse_args()
 
+
+def main() -> None:
+    args = parse_args()
     setup = step_setup(args, cuda_batch=64, cpu_batch=4)
     device, batch, steps, latent, amp = setup.device, setup.batch, setup.steps, setup.latent, setup.amp
     base, macs, diffusion, g = setup.model.eval(), setup.macs, setup.diffusion, setup.generator
@@ -92,15 +97,14 @@ def main() -> None:
 
     base.requires_grad_(False)  # as the EMA weights one samples from
     ours = compile_model(copy.deepcopy(base).to(device).eval(), args.compile)
-    runners = {"ours": sampler_call(ours, diffusion, noise, y, steps, args.sampler, args.cfg_scale, amp, False)}
+    runners = {"ours": sampler_call(ours, diffusion, noise, y, args, steps, amp, False)}
     models = {"ours": ours}
     info = {"ours": {"precision": DTYPE_NAMES[amp], "precision_flag": args.precision, "compile": args.compile}}
     if args.peer_precision != "none":
         peer = make_peer(base).to(device).eval()
         peer_amp = AMP_DTYPES[args.peer_precision]
         use_tf32 = peer_amp is None and device.type == "cuda"
-        runners["peer"] = sampler_call(peer, diffusion, noise, y, steps, args.sampler, args.cfg_scale, peer_amp,
-                                       use_tf32)  # fmt: skip
+        runners["peer"] = sampler_call(peer, diffusion, noise, y, args, steps, peer_amp, use_tf32)
         models["peer"] = peer
         info["peer"] = {"model": "diffusers.DiTTransformer2DModel", "precision": args.peer_precision, "tf32": use_tf32}
 

@@ -90,7 +90,7 @@ def state_of(model: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer) -> li
     return tensors
 
 
-def main() -> None:
+def parse_args() -> tuple[argparse.Namespace, dict[str, dict]]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="DiT-S/2")
     p.add_argument("--image-size", type=int, default=256, help="pixels; the latent is image-size / 8")
@@ -117,16 +117,13 @@ def main() -> None:
         variants = {spec: parse_variant(spec) for spec in args.variants.split(",")}
     except ValueError as e:
         p.error(str(e))
+    return args, variants
 
-    setup = step_setup(args, cuda_batch=32, cpu_batch=8)
-    device, batch, steps, latent, amp = setup.device, setup.batch, setup.steps, setup.latent, setup.amp
-    base, macs, diffusion, g = setup.model, setup.macs, setup.diffusion, setup.generator
-    x0 = torch.randn(batch, LATENT_CHANNELS, latent, latent, generator=g).to(device)
-    noise = torch.randn(x0.shape, generator=g).to(device)
-    t = torch.randint(0, diffusion.num_timesteps, (batch,), generator=g).to(device)
-    y = torch.randint(0, NUM_CLASSES, (batch,), generator=g).to(device)
 
-    runners, states, info = {}, {}, {}
+def our_runners(args: argparse.Namespace, variants: dict[str, dict], setup, inputs: tuple) -> dict[str, tuple]:
+    """{name: (run one step, the tensors it keeps, what it is)} for each of our variants."""
+    device, base, diffusion = setup.device, setup.model, setup.diffusion
+    out = {}
     for spec, opts in variants.items():
         model = copy.deepcopy(base).to(device).train()
         model.grad_checkpointing = opts["grad_checkpointing"]
@@ -134,42 +131,61 @@ def main() -> None:
         compile_model(model, opts["compile"])
         opt = make_optimizer(model, LR, device)
         flag = opts.pop("precision", args.precision)
-        variant_amp = amp if flag == args.precision else resolve_precision(flag, device)
+        variant_amp = setup.amp if flag == args.precision else resolve_precision(flag, device)
         step = TrainStep(model, ema, opt, diffusion, variant_amp, device, EMA_DECAY)
-        name = f"ours[{spec}]"
-        runners[name] = lambda step=step: step(x0, t, y, noise)
-        states[name] = lambda model=model, ema=ema, opt=opt: state_of(model, ema, opt)
-        info[name] = {"precision": DTYPE_NAMES[variant_amp], "precision_flag": flag, **opts}
+        out[f"ours[{spec}]"] = (lambda step=step: step(*inputs),
+                                lambda model=model, ema=ema, opt=opt: state_of(model, ema, opt),
+                                {"precision": DTYPE_NAMES[variant_amp], "precision_flag": flag, **opts})
+    return out
+
+
+def peer_runner(args: argparse.Namespace, setup, inputs: tuple) -> tuple:
+    """(run one step, the tensors it keeps, what it is) of diffusers' DiT with the same weights."""
+    device = setup.device
+    peer = make_peer(setup.model).to(device).train()
+    peer_amp = AMP_DTYPES[args.peer_precision]
+    peer_ema = make_ema(peer)
+    if args.peer_optimizer == "same":
+        peer_opt, ema_update = make_optimizer(peer, LR, device), update_ema
+    else:
+        peer_opt, ema_update = torch.optim.AdamW(peer.parameters(), lr=LR, weight_decay=0.0), reference_ema_update
+    peer_step = TrainStep(peer, peer_ema, peer_opt, setup.diffusion, peer_amp, device, EMA_DECAY,
+                          ema_update=ema_update)
+    use_tf32 = peer_amp is None and device.type == "cuda"
+
+    def run_peer() -> None:
+        with tf32(use_tf32):
+            peer_step(*inputs)
+
+    return (run_peer, lambda: state_of(peer, peer_ema, peer_opt),
+            {"model": "diffusers.DiTTransformer2DModel", "precision": args.peer_precision, "tf32": use_tf32,
+             "optimizer": args.peer_optimizer})
+
+
+def main() -> None:
+    args, variants = parse_args()
+    setup = step_setup(args, cuda_batch=32, cpu_batch=8)
+    device, batch, steps, latent, macs, g = setup.device, setup.batch, setup.steps, setup.latent, setup.macs, \
+        setup.generator
+    x0 = torch.randn(batch, LATENT_CHANNELS, latent, latent, generator=g).to(device)
+    noise = torch.randn(x0.shape, generator=g).to(device)
+    t = torch.randint(0, setup.diffusion.num_timesteps, (batch,), generator=g).to(device)
+    y = torch.randint(0, NUM_CLASSES, (batch,), generator=g).to(device)
+    inputs = (x0, t, y, noise)
+    runners = our_runners(args, variants, setup, inputs)
     if args.peer_precision != "none":
-        peer = make_peer(base).to(device).train()
-        peer_amp = AMP_DTYPES[args.peer_precision]
-        peer_ema = make_ema(peer)
-        if args.peer_optimizer == "same":
-            peer_opt, ema_update = make_optimizer(peer, LR, device), update_ema
-        else:
-            peer_opt, ema_update = torch.optim.AdamW(peer.parameters(), lr=LR, weight_decay=0.0), reference_ema_update
-        peer_step = TrainStep(peer, peer_ema, peer_opt, diffusion, peer_amp, device, EMA_DECAY, ema_update=ema_update)
-        use_tf32 = peer_amp is None and device.type == "cuda"
-
-        def run_peer() -> None:
-            with tf32(use_tf32):
-                peer_step(x0, t, y, noise)
-
-        runners["peer"] = run_peer
-        states["peer"] = lambda: state_of(peer, peer_ema, peer_opt)
-        info["peer"] = {"model": "diffusers.DiTTransformer2DModel", "precision": args.peer_precision,
-                        "tf32": use_tf32, "optimizer": args.peer_optimizer}
+        runners["peer"] = peer_runner(args, setup, inputs)
 
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    times = alternate(runners, device, args.warmup, args.rounds, steps, log)
+    times = alternate({name: r[0] for name, r in runners.items()}, device, args.warmup, args.rounds, steps, log)
     peak = peak_tflops(device, args.peak_tflops)
     flops = TRAIN_PASSES * FLOPS_PER_MAC * macs * batch
     results = {}
-    for name, fn in runners.items():
+    for name, (fn, state, info) in runners.items():
         s = summarize(times[name])
         transient = step_peak_bytes(fn, device)
-        held = held_bytes([*states[name](), x0, noise, t, y])
-        results[name] = {**info[name], **s, "images_per_s": batch / s["median_s"],
+        held = held_bytes([*state(), *inputs])
+        results[name] = {**info, **s, "images_per_s": batch / s["median_s"],
                          "tflops": flops / s["median_s"] / 1e12, "mfu": utilization(flops, s["median_s"], peak),
                          "held_gib": held / GIB, "step_transient_gib": transient / GIB,
                          "peak_memory_gib": (held + transient) / GIB}  # fmt: skip
