@@ -187,7 +187,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         if folder and not os.path.isdir(folder):  # checked before a long evaluation, not after
             raise UserNotADirectoryError(f"--out {args.out}: folder {folder} does not exist")
         result = evaluate(args.samples, args.ref, args.inception, args.batch_size, args.device, sys.stderr.isatty())
-        text = json.dumps(result, indent=2)
+        text = json.dumps(result, indent=2, allow_nan=False)  # strict JSON; evaluate refuses non-finite metrics
         print(text)
         if args.out:
             atomic_write_text(args.out, text + "\n")
