@@ -192,8 +192,13 @@ class NpzWriter:
         try:
             self._entry.close()
             self._zip.close()
-        except (OSError, ValueError):
-            pass
+        except (OSError, ValueError):  # e.g. the disk is full: drop the archive's file without finishing it
+            fp, self._zip.fp = self._zip.fp, None
+            try:
+                if fp is not None:
+                    fp.close()
+            except OSError:
+                pass
         self.tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> NpzWriter:
