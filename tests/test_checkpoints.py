@@ -115,7 +115,12 @@ def test_convert_refuses_an_existing_destination_unless_forced(tmp_path, make_di
     assert main(["convert", str(src), str(dst), "--to", "diffusers"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--force" in err and dst.read_bytes() == b"keep me"
-    assert main(["convert", str(src), str(dst), "--to", "diffusers", "--force"]) == 0  # a file replaced by a folder
+    # --force replaces only what ditlab wrote in that format: not this file (test_faults_data has the rest)
+    assert main(["convert", str(src), str(dst), "--to", "diffusers", "--force"]) == 2
+    assert "not replaced" in capsys.readouterr().err and dst.read_bytes() == b"keep me"
+    dst.unlink()
+    assert main(["convert", str(src), str(dst), "--to", "diffusers"]) == 0
+    assert main(["convert", str(src), str(dst), "--to", "diffusers", "--force"]) == 0  # its own folder replaced
     assert sorted(os.listdir(dst)) == ["config.json", "diffusion_pytorch_model.safetensors"]
     assert sorted(os.listdir(tmp_path)) == ["out", "run.pt"]
 

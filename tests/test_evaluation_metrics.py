@@ -172,8 +172,13 @@ def test_reads_plain_and_compressed_npz(tmp_path):
 
 def test_reference_npz_round_trip(tmp_path):
     rng = np.random.default_rng(9)
-    pool = FeatureStats(rng.standard_normal(POOL_DIM), rng.standard_normal((POOL_DIM, POOL_DIM)))
-    spatial = FeatureStats(rng.standard_normal(SPATIAL_DIM), rng.standard_normal((SPATIAL_DIM, SPATIAL_DIM)))
+
+    def cov(d: int) -> np.ndarray:  # a valid covariance: symmetric positive semi-definite
+        a = rng.standard_normal((d, 64))
+        return a @ a.T / 64
+
+    pool = FeatureStats(rng.standard_normal(POOL_DIM), cov(POOL_DIM))
+    spatial = FeatureStats(rng.standard_normal(SPATIAL_DIM), cov(SPATIAL_DIM))
     path = str(tmp_path / "ref.npz")
     save_reference(path, _images(3), pool, spatial)
     with np.load(path) as z:

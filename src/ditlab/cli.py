@@ -18,6 +18,26 @@ from ditlab.flags import add_flags, from_args
 from ditlab.options import BLOCKS, DEVICES, FORMATS, WEIGHT_SETS
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors in one line (no usage block): `ditlab CMD: error: ... (see --help)`."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
+def _quiet_broken_pipe() -> int:
+    """stdout's reader went away (`ditlab flops | head`): drop what is left, exit as SIGPIPE would."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the interpreter's final flush then goes nowhere
+    except (OSError, ValueError):
+        pass
+    return BROKEN_PIPE_EXIT
+
+
+BROKEN_PIPE_EXIT = 141  # 128 + SIGPIPE, what a shell reports for a writer whose pipe was closed
+
+
 def _add_flops(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("flops", help="table of the 12 DiT configs: parameters, tokens, Gflops")
     p.add_argument("--image-size", type=int, default=256, help="image resolution in pixels (default 256)")
@@ -167,7 +187,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         if folder and not os.path.isdir(folder):  # checked before a long evaluation, not after
             raise UserNotADirectoryError(f"--out {args.out}: folder {folder} does not exist")
         result = evaluate(args.samples, args.ref, args.inception, args.batch_size, args.device, sys.stderr.isatty())
-        text = json.dumps(result, indent=2)
+        text = json.dumps(result, indent=2, allow_nan=False)  # strict JSON; evaluate refuses non-finite metrics
         print(text)
         if args.out:
             atomic_write_text(args.out, text + "\n")
@@ -193,7 +213,7 @@ SUBCOMMANDS = [_add_train, _add_extract_latents, _add_sample, _add_eval, _add_co
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ditlab", description="Diffusion Transformers: train, sample, evaluate.")
+    parser = _Parser(prog="ditlab", description="Diffusion Transformers: train, sample, evaluate.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in SUBCOMMANDS:
         add(sub)
@@ -203,7 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+        return code
+    except BrokenPipeError:
+        return _quiet_broken_pipe()
     except UserError as e:  # a mistake of the user's: one line; anything else is a bug and shows its traceback
         if os.environ.get("DITLAB_TRACEBACK"):
             raise

@@ -26,3 +26,8 @@ class UserNotADirectoryError(UserError, NotADirectoryError):
 def one_line(e: BaseException) -> str:
     """The message of `e` with its whitespace and line breaks collapsed (its type name if empty)."""
     return " ".join(str(e).split()) or type(e).__name__
+
+
+class UserWriteError(UserError, OSError):
+    """A file could not be written for a reason of the user's machine: the disk is full, the folder
+    is not writable or is on a read-only file system. The message names the path."""

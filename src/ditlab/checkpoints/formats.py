@@ -95,7 +95,8 @@ def _authors_config(sd: dict[str, torch.Tensor], name: str | None, path: Path) -
     try:
         return infer_config(sd, num_heads=heads)
     except ValueError as e:
-        hint = " (pass --model)" if "num_heads" in str(e) else ""
+        hint = ("; a file with its config (`ditlab convert --to ditlab` or `--to safetensors` of the run's own "
+                "checkpoint) reads without this") if "number of heads" in str(e) else ""
         raise UserError(f"{path}: {e}{hint}") from e
 
 

@@ -21,7 +21,14 @@ import torch
 from ditlab.data.codecs import load_codec
 from ditlab.data.config import ExtractConfig
 from ditlab.data.images import ImageFolderDataset
-from ditlab.data.latents import STORAGE_DTYPES, read_shard_meta, shard_name, write_index, write_shard
+from ditlab.data.latents import (
+    STORAGE_DTYPES,
+    file_problem,
+    read_shard_meta,
+    shard_name,
+    write_index,
+    write_shard,
+)
 from ditlab.errors import UserError
 from ditlab.runtime.distributed import barrier, broadcast_object, distributed_session
 from ditlab.runtime.precision import vae_dtype
@@ -61,8 +68,9 @@ def _check_done(meta: dict[str, Any], settings: dict[str, Any], files: list[str]
 
 
 def _pending(out: str, settings: dict[str, Any], shard_files: Callable[[int], list[str]], num_shards: int,
-             rank: int) -> list[int]:
-    """Shards not done yet, listed by rank 0 and broadcast (so every rank splits the same list)."""
+             rank: int, log: Callable[[str], None]) -> list[int]:
+    """Shards not done yet, or done but since damaged (their size or checksum differs from the
+    one recorded when written), listed by rank 0 and broadcast (every rank splits the same list)."""
     msg: list[Any] = [None, None]
     if rank == 0:
         try:
@@ -71,8 +79,12 @@ def _pending(out: str, settings: dict[str, Any], shard_files: Callable[[int], li
                 meta = read_shard_meta(out, k)
                 if meta is None:
                     todo.append(k)
-                else:
-                    _check_done(meta, settings, shard_files(k), shard_name(k), out)
+                    continue
+                _check_done(meta, settings, shard_files(k), shard_name(k), out)
+                problem = file_problem(os.path.join(out, shard_name(k) + ".npy"), meta)
+                if problem:
+                    log(f"warning: {problem}; re-extracting it")
+                    todo.append(k)
             msg = [todo, None]
         except ValueError as e:
             msg = [None, str(e)]
@@ -122,7 +134,7 @@ def run_extract(cfg: ExtractConfig, log: Callable[[str], None] = print) -> dict[
         def shard_files(k: int) -> list[str]:
             return [p for p, _ in images.samples[k * cfg.shard_size:(k + 1) * cfg.shard_size]]
 
-        mine = _pending(cfg.out, settings, shard_files, num_shards, rank)[rank::world]
+        mine = _pending(cfg.out, settings, shard_files, num_shards, rank, log)[rank::world]
         workers = min(8, (os.cpu_count() or 1) // world) if cfg.num_workers is None else cfg.num_workers
         start = time.perf_counter()
         desc = f"rank {rank}/{world}" if world > 1 else "extract"

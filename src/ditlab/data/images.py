@@ -14,6 +14,8 @@ from PIL import Image
 from ditlab.errors import UserError, UserFileNotFoundError, one_line
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+# Pillow's modes of more than 8 bits per sample -> the value of full intensity (1.0 for floats)
+HIGH_DEPTH_MODES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535, "F": 1.0}
 
 
 def center_crop_arr(pil_image: Image.Image, image_size: int) -> np.ndarray:
@@ -39,9 +41,20 @@ def load_rgb(path: str) -> Image.Image:
     try:
         with open(path, "rb") as f:
             image = Image.open(f)
+            if image.mode in HIGH_DEPTH_MODES:
+                return to_8bit(image).convert("RGB")
             return image.convert("RGB")  # convert() decodes every pixel, so truncation shows here
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
         raise UserError(f"cannot read image {path}: {one_line(e)}") from e
+
+
+def to_8bit(image: Image.Image) -> Image.Image:
+    """A 16-bit, 32-bit integer or float grayscale image as 8-bit "L", scaled by its full intensity
+    (65535 for integers, read as 16-bit samples as PNG and PGM store them; 1.0 for floats) and
+    rounded. Pillow's own convert() clips such values at 255 instead, so mid grey became white."""
+    full = HIGH_DEPTH_MODES[image.mode]
+    arr = np.asarray(image, dtype=np.float64)  # (H, W)
+    return Image.fromarray(np.clip(np.rint(arr * (255 / full)), 0, 255).astype(np.uint8), "L")
 
 
 def to_tensor(arr: np.ndarray) -> torch.Tensor:
@@ -59,17 +72,35 @@ def scan_image_folder(root: str) -> tuple[list[str], list[tuple[str, int]]]:
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     if not classes:
         raise UserError(f"--data {root}: no class subfolders; expected the ImageNet layout {root}/<class>/<image>")
-    samples = []
+    samples, owner = [], {}  # owner: real path -> the (path, label) that first reached it
     for label, name in enumerate(classes):
-        found = []
-        for folder, dirs, files in os.walk(os.path.join(root, name), followlinks=True):
-            dirs.sort()
-            found += [os.path.relpath(os.path.join(folder, f), root) for f in files
-                      if f.lower().endswith(IMAGE_EXTENSIONS)]
+        found: list[tuple[str, str]] = []
+        _walk(root, os.path.join(root, name), frozenset({os.path.realpath(root)}), False, found)
         if not found:
             raise UserError(f"--data {root}: class folder {name!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-        samples += [(path, label) for path in sorted(found)]
+        for path, real in sorted(found):
+            first = owner.setdefault(real, (path, label))
+            if first[1] != label:
+                raise UserError(f"--data {root}: {path} and {first[0]} are the same file ({real}) in two classes")
+            if first[0] == path:  # a file reached again through a symlink is read once
+                samples.append((path, label))
     return classes, samples
+
+
+def _walk(root: str, folder: str, above: frozenset[str], linked: bool, found: list[tuple[str, str]]) -> None:
+    """Append (path relative to root, real path) of every image under `folder`, following
+    symlinks; a folder that resolves to one of the folders `above` it (a symlink loop) is an error."""
+    real = os.path.realpath(folder)
+    if real in above:
+        raise UserError(f"--data {root}: {folder} is a symlink loop (it leads back to {real})")
+    with os.scandir(folder) as it:
+        entries = sorted(it, key=lambda e: e.name)
+    for e in entries:
+        if e.is_dir():
+            _walk(root, e.path, above | {real}, linked or e.is_symlink(), found)
+        elif e.name.lower().endswith(IMAGE_EXTENSIONS):
+            resolved = os.path.realpath(e.path) if linked or e.is_symlink() else os.path.join(real, e.name)
+            found.append((os.path.relpath(e.path, root), resolved))
 
 
 class ImageFolderDataset(torch.utils.data.Dataset):

@@ -8,7 +8,12 @@ Layout of a cache folder:
     shard-000000.npy      (n, 2, 2, C, h, w) in `dtype`: axis 1 is (mean, std), axis 2 is
                           (the image, its horizontal flip); scaled by the codec's latent scale
     shard-000000.json     the shard's settings, labels, source paths (relative to the image
-                          folder) and skipped files; written after its .npy, so it marks the shard done
+                          folder), skipped files, and the size and SHA-256 of its .npy (computed
+                          while it was written); written after its .npy, so it marks the shard done
+
+Opening a cache checks every shard's size and checksum (and labels.npy's) against the index and
+names the file that differs: a flipped byte or a truncated shard is refused before training starts.
+`ditlab extract-latents` on the cache again re-extracts a damaged or missing shard.
 
 Every file is written to a temporary name and renamed, so an interrupted writer leaves no half
 file. Mean and std are stored as float16 by default: half the disk and page cache of float32
@@ -20,14 +25,16 @@ float16's normal range (6e-5) keep an absolute error under 3e-8.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
 
-from ditlab.errors import UserError, UserFileNotFoundError
+from ditlab.errors import UserError, UserFileNotFoundError, one_line
 from ditlab.runtime.files import atomic_write, atomic_write_text
 
 INDEX_NAME = "index.json"
@@ -35,6 +42,8 @@ LABELS_NAME = "labels.npy"
 FORMAT = "ditlab-latent-cache"
 VERSION = 1
 STORAGE_DTYPES = {"float16": np.float16, "float32": np.float32}
+HASH_CHUNK = 1 << 23  # bytes per read when a shard's checksum is verified
+REPAIR_HINT = "re-run `ditlab extract-latents` with the same flags to re-extract it"
 
 
 def is_latent_cache(path: str) -> bool:
@@ -50,13 +59,70 @@ def write_json(path: str, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1))
 
 
+class _HashingWriter:
+    """A write-only file that passes every byte on to `f` and into a SHA-256 as it goes."""
+
+    def __init__(self, f: BinaryIO):
+        self.f, self.sha256, self.bytes = f, hashlib.sha256(), 0
+
+    def write(self, data: bytes | memoryview) -> int:
+        self.sha256.update(data)
+        self.bytes += memoryview(data).nbytes
+        return self.f.write(data)
+
+
+def save_hashed(path: str, arr: np.ndarray) -> dict[str, Any]:
+    """np.save `arr` to `path` atomically; returns {"bytes", "sha256"} of the file, hashed while
+    it was written (np.save streams the array in chunks through the writer)."""
+    record: dict[str, Any] = {}
+
+    def write(f: BinaryIO) -> None:
+        w = _HashingWriter(f)
+        np.save(w, arr)
+        record.update(bytes=w.bytes, sha256=w.sha256.hexdigest())
+
+    atomic_write(path, write)
+    return record
+
+
+def file_problem(path: str, record: dict[str, Any]) -> str | None:
+    """Why the file at `path` is not the one `record` ({"bytes", "sha256"}) describes (missing,
+    truncated, damaged), or None when it is. A record without a checksum checks nothing."""
+    if "sha256" not in record:
+        return None
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        return f"{path}: missing"
+    if size != record["bytes"]:
+        return f"{path}: {'truncated' if size < record['bytes'] else 'grown'} ({size} bytes, {record['bytes']} written)"
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            sha.update(chunk)
+    if sha.hexdigest() != record["sha256"]:
+        return f"{path}: damaged (its SHA-256 differs from the one recorded when it was written)"
+    return None
+
+
+def _npy_header(f: BinaryIO) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, offset of the data) of the .npy file open in `f`."""
+    version = np.lib.format.read_magic(f)
+    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    if version not in readers:
+        raise ValueError(f"unsupported .npy version {version}")
+    shape, _, dtype = readers[version](f)
+    return tuple(shape), dtype, f.tell()
+
+
 def write_shard(root: str, k: int, mean: np.ndarray, std: np.ndarray, meta: dict[str, Any]) -> None:
     """Write shard k: mean and std (n, 2, C, h, w) already cast to the storage dtype, and its
-    meta (settings, "labels", "paths", "skipped"); the .json goes last and marks it done."""
+    meta (settings, "labels", "paths", "skipped") with the .npy's size and checksum; the .json
+    goes last and marks it done."""
     data = np.stack([mean, std], axis=1)  # (n, 2, 2, C, h, w): (mean, std) x (image, flip)
     base = os.path.join(root, shard_name(k))
-    atomic_write(base + ".npy", lambda f: np.save(f, data))
-    write_json(base + ".json", {**meta, "count": len(data)})
+    record = save_hashed(base + ".npy", data)
+    write_json(base + ".json", {**meta, "count": len(data), **record})
 
 
 def read_shard_meta(root: str, k: int) -> dict[str, Any] | None:
@@ -71,13 +137,15 @@ def read_shard_meta(root: str, k: int) -> dict[str, Any] | None:
 def write_index(root: str, settings: dict[str, Any], metas: list[dict[str, Any]]) -> dict[str, Any]:
     """Write labels.npy then index.json for the finished shards `metas` (in shard order)."""
     labels = np.array([y for m in metas for y in m["labels"]], dtype=np.int64)
-    atomic_write(os.path.join(root, LABELS_NAME), lambda f: np.save(f, labels))
+    labels_record = save_hashed(os.path.join(root, LABELS_NAME), labels)
     index = {
         "format": FORMAT,
         "version": VERSION,
         **settings,
         "num_samples": int(len(labels)),
-        "shards": [{"name": shard_name(k), "count": m["count"]} for k, m in enumerate(metas)],
+        "labels_file": labels_record,
+        "shards": [{"name": shard_name(k), "count": m["count"], **{key: m[key] for key in ("bytes", "sha256")
+                                                                   if key in m}} for k, m in enumerate(metas)],
         "skipped": [s for m in metas for s in m["skipped"]],
     }
     write_json(os.path.join(root, INDEX_NAME), index)
@@ -104,7 +172,7 @@ class LatentCacheDataset(torch.utils.data.Dataset):
     horizontal flip, scaled; label int. Attributes from the index: classes, num_classes,
     latent_shape (C, h, w), image_size, codec, dtype (the storage dtype)."""
 
-    def __init__(self, root: str):
+    def __init__(self, root: str, verify: bool = True):
         self.root = root
         self.index = read_index(root)
         self.classes: list[str] = self.index["classes"]
@@ -115,11 +183,53 @@ class LatentCacheDataset(torch.utils.data.Dataset):
         self.dtype: str = self.index["dtype"]
         counts = np.array([s["count"] for s in self.index["shards"]], dtype=np.int64)
         self._starts = np.concatenate([[0], np.cumsum(counts)])  # (num_shards + 1,)
-        self.labels = np.load(os.path.join(root, LABELS_NAME))  # (num_samples,) int64
+        labels_path = os.path.join(root, LABELS_NAME)
+        problem = file_problem(labels_path, self.index.get("labels_file", {}))
+        if problem:
+            raise UserError(f"{problem}; {REPAIR_HINT}")
+        self.labels = np.load(labels_path)  # (num_samples,) int64
         if len(self.labels) != self._starts[-1] or self._starts[-1] != self.index["num_samples"]:
             raise UserError(f"{root}: {LABELS_NAME} holds {len(self.labels)} labels, the index "
                              f"{self.index['num_samples']} samples; re-run `ditlab extract-latents`")
+        self._check_labels()
+        self._check_shards(verify)
         self._shards: dict[int, np.ndarray] = {}
+
+    def _check_labels(self) -> None:
+        """Every label must name one of the cache's classes (0 ... num_classes - 1)."""
+        bad = np.flatnonzero((self.labels < 0) | (self.labels >= self.num_classes))
+        if len(bad):
+            k, row = self.locate(int(bad[0]))
+            raise UserError(f"{os.path.join(self.root, LABELS_NAME)}: label {self.labels[bad[0]]} (item {row} of "
+                            f"{self.index['shards'][k]['name']}) is out of range for the {self.num_classes} classes "
+                            f"of {os.path.join(self.root, INDEX_NAME)}; {len(bad)} such label(s)")
+
+    def _shard_path(self, k: int) -> str:
+        return os.path.join(self.root, self.index["shards"][k]["name"] + ".npy")
+
+    def _check_shards(self, verify: bool) -> None:
+        """Each shard's .npy header against the index, its size against its header (a truncated
+        file), and with `verify` its SHA-256 against the index (threads: hashlib releases the GIL)."""
+        for k, shard in enumerate(self.index["shards"]):
+            path = self._shard_path(k)
+            try:
+                with open(path, "rb") as f:
+                    shape, dtype, offset = _npy_header(f)
+            except (OSError, ValueError) as e:
+                raise UserError(f"{path}: cannot read it as a shard ({one_line(e)}); {REPAIR_HINT}") from e
+            want = (shard["count"], 2, 2, *self.latent_shape)
+            if tuple(shape) != want or dtype != STORAGE_DTYPES[self.dtype]:
+                raise UserError(f"{path}: holds {dtype} {tuple(shape)}, the index says {self.dtype} {want}")
+            size, need = os.path.getsize(path), offset + int(np.prod(shape)) * dtype.itemsize
+            if size < need:
+                raise UserError(f"{path}: truncated ({size} of {need} bytes); {REPAIR_HINT}")
+        if verify:
+            with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+                problems = pool.map(lambda k: file_problem(self._shard_path(k), self.index["shards"][k]),
+                                    range(len(self.index["shards"])))
+                problem = next((p for p in problems if p), None)
+            if problem:
+                raise UserError(f"{problem}; {REPAIR_HINT}")
 
     def __len__(self) -> int:
         return int(self._starts[-1])
@@ -129,13 +239,8 @@ class LatentCacheDataset(torch.utils.data.Dataset):
 
     def _shard(self, k: int) -> np.ndarray:
         arr = self._shards.get(k)
-        if arr is None:
-            path = os.path.join(self.root, self.index["shards"][k]["name"] + ".npy")
-            arr = np.load(path, mmap_mode="r")
-            want = (self.index["shards"][k]["count"], 2, 2, *self.latent_shape)
-            if arr.shape != want or arr.dtype != STORAGE_DTYPES[self.dtype]:
-                raise UserError(f"{path}: holds {arr.dtype} {arr.shape}, the index says {self.dtype} {want}")
-            self._shards[k] = arr
+        if arr is None:  # the header and size were checked when the cache was opened
+            arr = self._shards[k] = np.load(self._shard_path(k), mmap_mode="r")
         return arr
 
     def locate(self, index: int) -> tuple[int, int]:

@@ -4,6 +4,7 @@ computed as ADM's evaluator (openai/guided-diffusion `evaluations/evaluator.py`)
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 
 import torch
@@ -102,7 +103,7 @@ def evaluate(
         logits = model.logits(feats["samples"][0])  # (N, 1008)
         precision, recall = precision_recall(feats["ref"][0], feats["samples"][0])
     s, r = stats["samples"], stats["ref"]
-    return {
+    result = {
         "fid": frechet_distance(s["pool"].mu, s["pool"].sigma, r["pool"].mu, r["pool"].sigma),
         "sfid": frechet_distance(s["spatial"].mu, s["spatial"].sigma, r["spatial"].mu, r["spatial"].sigma),
         "is": inception_score(logits),
@@ -113,4 +114,9 @@ def evaluate(
         "samples_stats": "stored" if stored["samples"] else "computed",
         "ref_stats": "stored" if stored["ref"] else "computed",
     }
+    bad = [k for k, v in result.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:  # the output is strict JSON: no NaN or Infinity
+        raise UserError(f"{samples_path} against {ref_path}: {', '.join(bad)} not finite "
+                        f"({', '.join(f'{k} {result[k]}' for k in bad)}); check the images and statistics")
+    return result
 

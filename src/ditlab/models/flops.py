@@ -15,6 +15,10 @@ from ditlab.models.blocks import block_macs, final_macs
 from ditlab.models.configs import MODEL_CONFIGS, create_model
 from ditlab.models.dit import DiT
 
+# Bounds of the `ditlab flops` table: 32x the paper's 256 px, and far more channels than any VAE has.
+MAX_IMAGE_SIZE = 8192
+MAX_IN_CHANNELS = 1024
+
 
 def count_macs(model: DiT) -> int:
     """Multiply-accumulates of one forward pass of one image through `model`."""
@@ -41,6 +45,10 @@ def flops_rows(image_size: int = 256, block: str = "adaln-zero", latent_factor: 
     if image_size < 1 or latent_factor < 1 or in_channels < 1:
         raise UserError(f"--image-size {image_size}, --latent-factor {latent_factor} and --in-channels "
                         f"{in_channels} must be positive")
+    if image_size > MAX_IMAGE_SIZE or in_channels > MAX_IN_CHANNELS or latent_factor > image_size:
+        raise UserError(f"--image-size {image_size} (at most {MAX_IMAGE_SIZE}), --in-channels {in_channels} "
+                        f"(at most {MAX_IN_CHANNELS}), --latent-factor {latent_factor} (at most the image size): "
+                        "out of range")
     if image_size % latent_factor:
         raise UserError(f"--image-size {image_size} is not a multiple of the latent factor {latent_factor}")
     input_size = image_size // latent_factor

@@ -61,7 +61,9 @@ def infer_config(state_dict: dict[str, torch.Tensor], num_heads: int | None = No
     depth = len({k.split(".")[1] for k in state_dict if k.startswith("blocks.")})
     heads = num_heads or {d["hidden_size"]: d["num_heads"] for d in SIZES.values()}.get(hidden)
     if heads is None:
-        raise UserError(f"hidden size {hidden} matches no named DiT config: give num_heads explicitly")
+        widths = ", ".join(str(d["hidden_size"]) for d in SIZES.values())
+        raise UserError(f"hidden size {hidden} matches no named DiT config ({widths}), and the weights do not store "
+                        "the number of heads")
     if hidden % heads:
         raise UserError(f"hidden size {hidden} is not divisible into {heads} heads")
     table = state_dict.get("y_embedder.embedding_table.weight")

@@ -4,18 +4,84 @@ crash) never sees a half-written one. Also ADM's .npz sample batch, streamed the
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 
+from ditlab.errors import UserWriteError
+
 # ADM's .npz sample batches: arr_0 uint8 images (N, H, W, C), arr_1 int64 labels (N,)
 ADM_IMAGES_KEY = "arr_0"
 ADM_LABELS_KEY = "arr_1"
+
+
+# errno -> how a failed write is told to the user (a full disk, a folder not writable)
+WRITE_ERRORS = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EROFS: "read-only file system",
+    errno.EFBIG: "file too large for this file system or limit",
+}
+LOW_SPACE_BYTES = 1 << 20  # a write that failed with less free space than this failed for lack of it
+
+
+def _os_cause(e: BaseException) -> OSError | None:
+    """The first OSError with a user-side errno in the exception chain of `e` (libraries such as
+    torch.save wrap the OSError of a full disk in a RuntimeError of their own)."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in WRITE_ERRORS:
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _no_space(folder: Path) -> bool:
+    """Whether the file system of `folder` has (almost) no space left for this user."""
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < LOW_SPACE_BYTES
+
+
+def write_error(e: BaseException, path: Path) -> UserWriteError | None:
+    """A one-line UserWriteError naming `path` when `e` failed a write for a reason of the
+    machine (disk full, no permission, read-only), else None (then `e` is a bug to show)."""
+    if isinstance(e, UserWriteError):
+        return e
+    cause = _os_cause(e)
+    code = cause.errno if cause is not None else None
+    if code is None and not isinstance(e, ValueError) and _no_space(path.parent if path.parent.is_dir() else Path(".")):
+        code = errno.ENOSPC
+    if code is None:
+        return None
+    error = UserWriteError(f"{WRITE_ERRORS[code]} writing {path}")
+    error.errno = code
+    return error
+
+
+@contextmanager
+def user_write_errors(path: str | os.PathLike) -> Iterator[None]:
+    """Turn a write of `path` that fails for a full disk, a missing permission or a read-only
+    file system into one UserWriteError naming `path` (chained to the original error)."""
+    try:
+        yield
+    except Exception as e:
+        mapped = write_error(e, Path(path))
+        if mapped is None or mapped is e:
+            raise
+        raise mapped from e
 
 
 def _remove(path: Path) -> None:
@@ -41,10 +107,12 @@ def atomic_replace(dst: str | os.PathLike, write: Callable[[Path], object]) -> N
     moves an existing `dst` aside first and removes it once the folder is in place. On failure `dst`
     is left as it was."""
     dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
+    with user_write_errors(dst):
+        dst.parent.mkdir(parents=True, exist_ok=True)
     tmp, old = temp_path(dst), dst.with_name(f".{dst.name}.old-{os.getpid()}")
     try:
-        write(tmp)
+        with user_write_errors(dst):
+            write(tmp)
         if tmp.is_dir() and (dst.exists() or dst.is_symlink()):  # a folder cannot be renamed over dst
             os.replace(dst, old)
             try:
@@ -83,13 +151,18 @@ class NpzWriter:
 
     def __init__(self, path: str | Path, shape: tuple[int, int, int, int]):
         self.path, self.shape, self.written = Path(path), tuple(shape), 0
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = temp_path(self.path)
-        self._zip = zipfile.ZipFile(self.tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
-        self._entry = self._zip.open(ADM_IMAGES_KEY + ".npy", "w", force_zip64=True)
-        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
-                  "shape": self.shape}  # fmt: skip
-        np.lib.format.write_array_header_1_0(self._entry, header)
+        with user_write_errors(self.path):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self._zip = zipfile.ZipFile(self.tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
+                self._entry = self._zip.open(ADM_IMAGES_KEY + ".npy", "w", force_zip64=True)
+                header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+                          "shape": self.shape}  # fmt: skip
+                np.lib.format.write_array_header_1_0(self._entry, header)
+            except BaseException:
+                self.tmp.unlink(missing_ok=True)
+                raise
 
     def write(self, images: np.ndarray) -> None:
         """Append (n, H, W, C) uint8 images."""
@@ -98,27 +171,34 @@ class NpzWriter:
                              f"got {images.dtype} {images.shape}")
         if self.written + len(images) > self.shape[0]:
             raise ValueError(f"{self.path}: more than the {self.shape[0]} images announced")
-        self._entry.write(np.ascontiguousarray(images).reshape(-1).data)
+        with user_write_errors(self.path):
+            self._entry.write(np.ascontiguousarray(images).reshape(-1).data)
         self.written += len(images)
 
     def close(self, labels: np.ndarray | None) -> None:
         """Finish arr_0, add arr_1 = labels (N,) (None: none, as for an unconditional model), rename."""
         if self.written != self.shape[0]:
             raise ValueError(f"{self.path}: {self.written} of {self.shape[0]} images written")
-        self._entry.close()
-        if labels is not None:
-            with self._zip.open(ADM_LABELS_KEY + ".npy", "w", force_zip64=True) as f:
-                np.lib.format.write_array(f, np.asarray(labels, dtype=np.int64))
-        self._zip.close()
-        fsync_file(self.tmp)
-        os.replace(self.tmp, self.path)
+        with user_write_errors(self.path):
+            self._entry.close()
+            if labels is not None:
+                with self._zip.open(ADM_LABELS_KEY + ".npy", "w", force_zip64=True) as f:
+                    np.lib.format.write_array(f, np.asarray(labels, dtype=np.int64))
+            self._zip.close()
+            fsync_file(self.tmp)
+            os.replace(self.tmp, self.path)
 
     def abort(self) -> None:
         try:
             self._entry.close()
             self._zip.close()
-        except (OSError, ValueError):
-            pass
+        except (OSError, ValueError):  # e.g. the disk is full: drop the archive's file without finishing it
+            fp, self._zip.fp = self._zip.fp, None
+            try:
+                if fp is not None:
+                    fp.close()
+            except OSError:
+                pass
         self.tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> NpzWriter:

@@ -29,6 +29,9 @@ from ditlab.training.step import TrainStep, draw_step_inputs, step_seed
 
 def _model_for(cfg: TrainConfig, data: TrainingData) -> torch.nn.Module:
     num_classes = data.num_classes if cfg.num_classes is None else cfg.num_classes
+    if 0 < num_classes < data.num_classes:  # labels >= num_classes would fail at the first batch holding one
+        raise UserError(f"--num-classes {num_classes} is below the {data.num_classes} classes of --data {cfg.data} "
+                        "(leave it out to use the data's, or 0 for an unconditional model)")
     return create_model(
         cfg.model, input_size=data.size, in_channels=data.channels, num_classes=num_classes,
         depth=cfg.depth, hidden_size=cfg.hidden_size, num_heads=cfg.num_heads, patch_size=cfg.patch_size,
