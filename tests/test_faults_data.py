@@ -355,3 +355,20 @@ def test_closed_stdout_pipe_exits_quietly(tmp_path):
                           env=env, text=True, timeout=120)
     os.close(write)
     assert proc.stderr == "" and proc.returncode == 141
+
+
+def test_a_verified_cache_is_not_hashed_again_unless_a_shard_changes(cache, monkeypatch):
+    import ditlab.data.latents as latents
+
+    LatentCacheDataset(str(cache))  # hashes every shard, then records them as verified
+    hashed = []
+    real = latents.file_problem
+    monkeypatch.setattr(latents, "file_problem", lambda path, record: hashed.append(path) or real(path, record))
+    LatentCacheDataset(str(cache))
+    assert [p for p in hashed if p.endswith(".npy") and "shard-" in p] == []
+    shard = cache / "shard-000001.npy"
+    data = bytearray(shard.read_bytes())
+    data[-20:-16] = bytes(b ^ 0xFF for b in data[-20:-16])
+    shard.write_bytes(bytes(data))  # a new mtime: hashed again, and refused
+    with pytest.raises(UserError, match="shard-000001.npy: damaged"):
+        LatentCacheDataset(str(cache))

@@ -44,6 +44,8 @@ VERSION = 1
 STORAGE_DTYPES = {"float16": np.float16, "float32": np.float32}
 HASH_CHUNK = 1 << 23  # bytes per read when a shard's checksum is verified
 REPAIR_HINT = "re-run `ditlab extract-latents` with the same flags to re-extract it"
+# Shards whose SHA-256 matched, by (size, mtime): a cache is hashed whole once, not at every start.
+VERIFIED_NAME = ".verified.json"
 
 
 def is_latent_cache(path: str) -> bool:
@@ -224,12 +226,34 @@ class LatentCacheDataset(torch.utils.data.Dataset):
             if size < need:
                 raise UserError(f"{path}: truncated ({size} of {need} bytes); {REPAIR_HINT}")
         if verify:
-            with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-                problems = pool.map(lambda k: file_problem(self._shard_path(k), self.index["shards"][k]),
-                                    range(len(self.index["shards"])))
-                problem = next((p for p in problems if p), None)
-            if problem:
-                raise UserError(f"{problem}; {REPAIR_HINT}")
+            self._verify_checksums()
+
+    def _verify_checksums(self) -> None:
+        """SHA-256 of every shard against the index, in threads (hashlib releases the GIL); shards
+        already verified unchanged (same size and mtime, same index entry) are skipped, so resuming
+        a run on an ImageNet cache does not hash its 40 GB again."""
+        stamp_path = os.path.join(self.root, VERIFIED_NAME)
+        try:
+            with open(stamp_path) as f:
+                stamp = json.load(f)
+        except (OSError, ValueError):
+            stamp = {}
+
+        def key(k: int) -> list:
+            st, shard = os.stat(self._shard_path(k)), self.index["shards"][k]
+            return [st.st_size, st.st_mtime_ns, shard.get("sha256")]
+
+        todo = [k for k in range(len(self.index["shards"])) if stamp.get(str(k)) != key(k)]
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            problems = list(pool.map(lambda k: file_problem(self._shard_path(k), self.index["shards"][k]), todo))
+        problem = next((p for p in problems if p), None)
+        if problem:
+            raise UserError(f"{problem}; {REPAIR_HINT}")
+        if todo:
+            try:  # a read-only cache is verified at every start instead
+                atomic_write_text(stamp_path, json.dumps({str(k): key(k) for k in range(len(self.index["shards"]))}))
+            except OSError:
+                pass
 
     def __len__(self) -> int:
         return int(self._starts[-1])
