@@ -149,10 +149,11 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="FID, sFID, IS, precision, recall of a sample batch, as ADM's evaluator has them")
     p.add_argument("samples", metavar="SAMPLES.npz", help="sample batch: arr_0 uint8 images (N, H, W, 3)")
     p.add_argument("ref", metavar="REF.npz",
-                   help="reference batch: arr_0 images, and mu, sigma, mu_s, sigma_s if precomputed (ADM's files)")
+                   help="reference batch: arr_0 images, and mu, sigma, mu_s, sigma_s if precomputed (ADM's files); "
+                        "imagenet256 or imagenet512 fetch ADM's into $DITLAB_HOME")
     p.add_argument("--inception", metavar="PATH", default=None,
                    help="InceptionV3 weights (weights-inception-2015-12-05-6726825d.pth; default: torch hub's "
-                        "checkpoints folder)")
+                        "checkpoints folder if there, else fetched into $DITLAB_HOME)")
     p.add_argument("--batch-size", type=int, default=64, help="images per Inception batch (default 64)")
     p.add_argument("--device", default=None, help="torch device (default cuda if available, else cpu)")
     p.add_argument("--out", metavar="FILE.json", default=None, help="also write the JSON to this file")
@@ -169,6 +170,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         result = evaluate(args.samples, args.ref, args.inception, args.batch_size, args.device, sys.stderr.isatty())
         text = json.dumps(result, indent=2)
         print(text)
+        for warning in result["warnings"]:
+            print(f"ditlab eval: warning: {warning}", file=sys.stderr)
         if args.out:
             atomic_write_text(args.out, text + "\n")
         return 0

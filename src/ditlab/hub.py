@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import http.client
 import os
 import shutil
 import socket
+import sys
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -131,7 +133,11 @@ def _fetch(name: str, progress: bool) -> Path:
     except OSError as e:
         raise UserError(f"DITLAB_HOME {dst.parent}: cannot write there ({one_line(e)})") from e
     with lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another process downloading it: wait, then find it
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # another process is downloading it: wait, then find it
+            print(f"waiting for another process downloading {name} into {dst.parent}", file=sys.stderr, flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
         if dst.is_file():
             return dst
         why = reachable(url)
@@ -188,7 +194,7 @@ def _download(url: str, part: Path, name: str, progress: bool, where: str) -> No
                 while chunk := stream.read(CHUNK):
                     out.write(chunk)
                     bar.update(len(chunk))
-            except OSError:  # the connection dropped: resume if this attempt got anywhere
+            except (OSError, http.client.HTTPException):  # the connection dropped: resume if this attempt got anywhere
                 pass
             got = out.tell()
         if total >= 0 and got == total or total < 0 and got > start:
