@@ -187,3 +187,19 @@ def test_two_processes_download_once(server, cache):
     assert first.returncode == second.returncode == 0
     assert outs[0] == outs[1] == ["ready", str(cache / CKPT)]
     assert server.requests[CKPT] == 1 and (cache / CKPT).read_bytes() == server.files[CKPT]
+
+
+def test_the_vae_from_the_hub_fails_fast_and_short_offline(cache, monkeypatch):
+    pytest.importorskip("diffusers")
+    from ditlab.data.codecs import load_codec
+
+    monkeypatch.setenv("DITLAB_OFFLINE", "1")
+    import diffusers  # noqa: F401  (its import time is not the failure's)
+
+    started = time.monotonic()
+    with pytest.raises(UserError) as e:
+        load_codec("ditlab-tests/no-such-vae")  # in no cache anywhere
+    assert time.monotonic() - started < 2.0  # diffusers alone retries for ~25 s without network
+    message = str(e.value)
+    assert "--vae ditlab-tests/no-such-vae: not in the Hugging Face cache, and DITLAB_OFFLINE is set" in message
+    assert "--vae DIR" in message and "\n" not in message
