@@ -98,11 +98,14 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "sample", help="sample a DiT checkpoint to a PNG grid or ADM's .npz (FID sets; torchrun splits the work)",
         description="Sample a DiT checkpoint: a ditlab checkpoint (its EMA weights by default), the authors' .pt "
-        "(a bare state dict, e.g. DiT-XL-2-256x256.pt), a diffusers DiT folder or a .safetensors file. "
-        "`--classes 207 360 ... --out grid.png` draws one image per class; `--num-samples 50000 --out "
+        "(a bare state dict; the released DiT-XL-2-256x256.pt / DiT-XL-2-512x512.pt by name are fetched into "
+        "$DITLAB_HOME), a diffusers DiT folder or a .safetensors file. "
+        "`--classes 207 \"lesser panda\" ... --out grid.png` draws one image per class; `--num-samples 50000 --out "
         "samples.npz` writes ADM's format (arr_0 uint8 NHWC, arr_1 labels) with uniformly random classes, as "
-        "the paper's FID-50K. Image i depends only on --seed and i: the batch size and the number of "
-        "processes (`torchrun --nproc_per_node=N -m ditlab sample ...`) do not change it.")
+        "the paper's FID-50K (--labels balanced: exactly N / K per class). The settings that made the images "
+        "are recorded beside them (FILE.json, and in the .npz). Image i depends only on --seed and i: the "
+        "batch size and the number of processes (`torchrun --nproc_per_node=N -m ditlab sample ...`) do not "
+        "change it.")
     add_flags(p, SampleConfig)
 
     def run(args: argparse.Namespace) -> int:
