@@ -118,11 +118,14 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "sample", help="sample a DiT checkpoint to a PNG grid or ADM's .npz (FID sets; torchrun splits the work)",
         description="Sample a DiT checkpoint: a ditlab checkpoint (its EMA weights by default), the authors' .pt "
-        "(a bare state dict, e.g. DiT-XL-2-256x256.pt), a diffusers DiT folder or a .safetensors file. "
-        "`--classes 207 360 ... --out grid.png` draws one image per class; `--num-samples 50000 --out "
+        "(a bare state dict; the released DiT-XL-2-256x256.pt / DiT-XL-2-512x512.pt by name are fetched into "
+        "$DITLAB_HOME), a diffusers DiT folder or a .safetensors file. "
+        "`--classes 207 \"lesser panda\" ... --out grid.png` draws one image per class; `--num-samples 50000 --out "
         "samples.npz` writes ADM's format (arr_0 uint8 NHWC, arr_1 labels) with uniformly random classes, as "
-        "the paper's FID-50K. Image i depends only on --seed and i: the batch size and the number of "
-        "processes (`torchrun --nproc_per_node=N -m ditlab sample ...`) do not change it.")
+        "the paper's FID-50K (--labels balanced: exactly N / K per class). The settings that made the images "
+        "are recorded beside them (FILE.json, and in the .npz). Image i depends only on --seed and i: the "
+        "batch size and the number of processes (`torchrun --nproc_per_node=N -m ditlab sample ...`) do not "
+        "change it.")
     add_flags(p, SampleConfig)
 
     def run(args: argparse.Namespace) -> int:
@@ -169,10 +172,11 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="FID, sFID, IS, precision, recall of a sample batch, as ADM's evaluator has them")
     p.add_argument("samples", metavar="SAMPLES.npz", help="sample batch: arr_0 uint8 images (N, H, W, 3)")
     p.add_argument("ref", metavar="REF.npz",
-                   help="reference batch: arr_0 images, and mu, sigma, mu_s, sigma_s if precomputed (ADM's files)")
+                   help="reference batch: arr_0 images, and mu, sigma, mu_s, sigma_s if precomputed (ADM's files); "
+                        "imagenet256 or imagenet512 fetch ADM's into $DITLAB_HOME")
     p.add_argument("--inception", metavar="PATH", default=None,
                    help="InceptionV3 weights (weights-inception-2015-12-05-6726825d.pth; default: torch hub's "
-                        "checkpoints folder)")
+                        "checkpoints folder if there, else fetched into $DITLAB_HOME)")
     p.add_argument("--batch-size", type=int, default=64, help="images per Inception batch (default 64)")
     p.add_argument("--device", default=None, help="torch device (default cuda if available, else cpu)")
     p.add_argument("--out", metavar="FILE.json", default=None, help="also write the JSON to this file")
@@ -189,6 +193,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         result = evaluate(args.samples, args.ref, args.inception, args.batch_size, args.device, sys.stderr.isatty())
         text = json.dumps(result, indent=2, allow_nan=False)  # strict JSON; evaluate refuses non-finite metrics
         print(text)
+        for warning in result["warnings"]:
+            print(f"ditlab eval: warning: {warning}", file=sys.stderr)
         if args.out:
             atomic_write_text(args.out, text + "\n")
         return 0

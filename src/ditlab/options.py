@@ -17,3 +17,5 @@ DEVICES = ("cpu", "cuda")
 """--device: forced; by default cuda when available."""
 LATENT_DTYPES = ("float16", "float32")
 """--dtype of a latent cache's stored mean and std."""
+LABEL_MODES = ("random", "balanced")
+"""--labels: each image's class uniformly random (the paper's FID-50K), or exactly N / K of each class."""

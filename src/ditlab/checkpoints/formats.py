@@ -55,6 +55,7 @@ class DiTCheckpoint:
     vae: str | None = None
     """The codec the model was trained with, where the checkpoint says ("pixel", a hub id or a folder)."""
     extra: dict[str, Any] = field(default_factory=dict)
+    """What else a ditlab checkpoint holds: "step", "class_names" (its training data's class names)."""
 
 
 def codec_of_run(train_config: dict[str, Any] | None) -> str | None:
@@ -117,7 +118,13 @@ def _read_torch(path: Path, weights: str, model: str | None) -> DiTCheckpoint:
     if "model_config" in obj:
         sd = _pick(obj, weights, path, "a ditlab checkpoint")
         vae = obj.get("vae") or codec_of_run(obj.get("config"))
-        extra = {k: obj[k] for k in ("step",) if k in obj}
+        extra = {k: obj[k] for k in ("step", "class_names") if obj.get(k) is not None}
+        if "class_names" not in extra:  # older checkpoints: named after their data, where still readable
+            from ditlab.data.classes import training_class_names
+
+            names = training_class_names(obj.get("config"))
+            if names is not None:
+                extra["class_names"] = names
         return DiTCheckpoint(sd, dict(obj["model_config"]), "ditlab", str(path), weights, vae, extra)
     if isinstance(obj.get("ema"), dict) or isinstance(obj.get("model"), dict):
         sd = _pick(obj, weights, path, "the authors' training checkpoint")
@@ -214,6 +221,19 @@ def _check_named(ckpt: DiTCheckpoint, name: str) -> None:
         raise UserError(f"{ckpt.source} does not hold a {name}: {', '.join(diffs)}")
 
 
+def released_checkpoint(path: str | os.PathLike) -> tuple[Path, str | None]:
+    """(the file to read, the named config its name implies): a path as it is, but a released name
+    (DiT-XL-2-256x256.pt, ...) where no such local file exists is fetched through `ditlab.hub`,
+    and supplies the heads its state dict does not store."""
+    p = Path(path).expanduser()
+    from ditlab.hub import RELEASED, fetch
+
+    entry = RELEASED.get(str(path))
+    if p.exists() or entry is None or entry.kind != "checkpoint":
+        return p, None
+    return fetch(str(path)), entry.model
+
+
 def read_checkpoint(path: str | os.PathLike, weights: str = "ema", model: str | None = None) -> DiTCheckpoint:
     """Read the DiT in `path`, whichever of FORMATS it is in; `weights` picks the EMA ("ema") or
     raw ("model") weights where a file holds both. `model` (a named config, "DiT-XL/2") supplies the
@@ -222,7 +242,7 @@ def read_checkpoint(path: str | os.PathLike, weights: str = "ema", model: str | 
     Unknown, corrupt or mismatching files raise a one-line ValueError naming the file."""
     if weights not in WEIGHT_SETS:
         raise UserError(f"--weights {weights}: choose {' or '.join(WEIGHT_SETS)}")
-    p = Path(path).expanduser()
+    p, implied = released_checkpoint(path)
     if p.is_dir():
         from ditlab.checkpoints.diffusers_format import read_diffusers
 
@@ -232,7 +252,7 @@ def read_checkpoint(path: str | os.PathLike, weights: str = "ema", model: str | 
     elif is_safetensors(p):
         ckpt = _read_safetensors(p, weights, model)
     else:
-        ckpt = _read_torch(p, weights, model)
+        ckpt = _read_torch(p, weights, model or implied)
     if model is not None:
         _check_named(ckpt, model)
     try:

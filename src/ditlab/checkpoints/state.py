@@ -48,13 +48,16 @@ class TrainingState:
     """the DiT constructor arguments"""
     vae: str | None
     """the codec the model was trained with: "pixel", a hub id or an absolute folder"""
+    class_names: list[str] | None = None
+    """the training data's class names, index = label (an image folder's or a latent cache's class folder
+    names, "0".."9" for the digits); None in checkpoints that predate it"""
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], path: Path) -> TrainingState:
-        missing = [f.name for f in dataclasses.fields(cls) if f.name not in d and f.name != "vae"]
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in d and f.name not in ("vae", "class_names")]
         if missing:
             raise UserError(f"{path}: not a ditlab training checkpoint (no {', '.join(missing)})")
         return cls(**{f.name: d.get(f.name) for f in dataclasses.fields(cls)})

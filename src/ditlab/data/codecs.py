@@ -127,11 +127,30 @@ def _load_vae(spec: str, dtype: torch.dtype, local_files_only: bool):
     if not _is_hub_id(spec):
         raise UserFileNotFoundError(f"--vae {spec}: no such folder (nor a hub id like {DEFAULT_VAE}); "
                                 f"{_how_to_fix(DEFAULT_VAE)}")
+    why_offline = _hub_offline()
     try:
-        return AutoencoderKL.from_pretrained(spec, local_files_only=local_files_only, **kwargs)
+        return AutoencoderKL.from_pretrained(spec, local_files_only=local_files_only or why_offline is not None,
+                                             **kwargs)
     except Exception as e:  # no network, unknown repository, gated model...
+        if why_offline is not None:
+            raise UserError(f"--vae {spec}: not in the Hugging Face cache, and {why_offline}; "
+                             f"{_how_to_fix(spec)}") from e
         raise UserError(f"--vae {spec}: cannot load it from the Hugging Face hub or its cache ({one_line(e)}); "
                          f"{_how_to_fix(spec)}") from e
+
+
+def _hub_offline() -> str | None:
+    """Why the Hugging Face hub is not to be asked (DITLAB_OFFLINE / HF_HUB_OFFLINE set, or its host
+    unreachable within `hub.CONNECT_TIMEOUT_S`), or None: diffusers would otherwise retry for ~25 s."""
+    from ditlab.hub import offline, reachable
+
+    if offline():
+        return "DITLAB_OFFLINE is set"
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set"
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    why = reachable(endpoint)
+    return None if why is None else f"{endpoint} is unreachable ({why})"
 
 
 def load_codec(spec: str = DEFAULT_VAE, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,

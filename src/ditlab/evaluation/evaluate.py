@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 
 from ditlab.errors import UserError
 from ditlab.evaluation.batches import NpzImages, load_stats
-from ditlab.evaluation.inception import InceptionV3, load_inception
+from ditlab.evaluation.inception import InceptionV3, default_weights_path, load_inception
 from ditlab.evaluation.metrics import (
     PR_NEIGHBOURS,
     feature_stats,
@@ -21,6 +23,7 @@ from ditlab.evaluation.metrics import (
 )
 
 DEFAULT_BATCH_SIZE = 64  # ADM's evaluator batch
+PROTOCOL_SAMPLES = 50_000  # FID-50K: FID is biased by the sample count, so only equal counts compare
 
 
 @contextlib.contextmanager
@@ -77,22 +80,28 @@ def evaluate(
     batch_size: int = DEFAULT_BATCH_SIZE,
     device: str | None = None,
     progress: bool = False,
-) -> dict[str, float | int | str]:
+) -> dict[str, Any]:
     """ADM's five numbers for the `arr_0` images of `samples_path` against `ref_path`.
 
     Statistics stored in a file (`mu`, `sigma`, `mu_s`, `sigma_s`) are used as ADM uses them;
     otherwise they are computed from its images. Precision and recall always use the images of
     both files (ADM's reference batches hold 10K images for this). Returns a JSON-ready dict:
-    fid, sfid, is, precision, recall, and how many images and which statistics were used."""
+    fid, sfid, is, precision, recall, how many images and which statistics were used, the sample
+    batch's protocol record (None if it has none) and the protocol warnings (one line each).
+    `ref_path` may name ADM's batch (imagenet256, imagenet512); without `inception_path` the
+    weights come from torch hub's folder or are fetched (`ditlab.hub`)."""
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
-    files = {"samples": samples_path, "ref": ref_path}
+    from ditlab.sampling.record import read_record
+
+    files = {"samples": samples_path, "ref": reference_path(ref_path, progress)}
     images = {name: NpzImages(path) for name, path in files.items()}  # layout errors before any compute
     stored = {name: load_stats(path) for name, path in files.items()}
     for imgs in images.values():
         if imgs.num_images <= PR_NEIGHBOURS:
             raise UserError(f"{imgs.path}: {imgs.num_images} images; precision/recall need more than {PR_NEIGHBOURS}")
-    model = load_inception(inception_path, _device(device))
+    record = read_record(samples_path)
+    model = load_inception(inception_weights(inception_path, progress), _device(device))
 
     feats = {name: extract_features(model, imgs, batch_size, progress) for name, imgs in images.items()}
     stats = {
@@ -113,10 +122,49 @@ def evaluate(
         "num_ref": images["ref"].num_images,
         "samples_stats": "stored" if stored["samples"] else "computed",
         "ref_stats": "stored" if stored["ref"] else "computed",
+        "ref": files["ref"],
+        "protocol": record,
+        "warnings": protocol_warnings(images["samples"], images["ref"], record),
     }
     bad = [k for k, v in result.items() if isinstance(v, float) and not math.isfinite(v)]
     if bad:  # the output is strict JSON: no NaN or Infinity
         raise UserError(f"{samples_path} against {ref_path}: {', '.join(bad)} not finite "
                         f"({', '.join(f'{k} {result[k]}' for k in bad)}); check the images and statistics")
     return result
+
+
+def reference_path(ref: str, progress: bool = False) -> str:
+    """A reference batch file: `ref` itself, or ADM's batch of a name (imagenet256, imagenet512)
+    fetched into $DITLAB_HOME when no such local file exists."""
+    from ditlab.hub import REFERENCE_BATCHES, fetch
+
+    if ref in REFERENCE_BATCHES and not os.path.exists(ref):
+        return str(fetch(REFERENCE_BATCHES[ref], progress))
+    return ref
+
+
+def inception_weights(path: str | None, progress: bool = False) -> str:
+    """--inception PATH if given; else torch hub's copy if there is one (torch-fidelity's place);
+    else the weights fetched into $DITLAB_HOME."""
+    if path is not None:
+        return path
+    if os.path.isfile(default_weights_path()):
+        return default_weights_path()
+    from ditlab.hub import INCEPTION_NAME, fetch
+
+    return str(fetch(INCEPTION_NAME, progress))
+
+
+def protocol_warnings(samples: NpzImages, ref: NpzImages, record: dict[str, Any] | None) -> list[str]:
+    """One line for each way the batches stray from the protocol: other image sizes (the sample
+    batch's recorded size, else its images'), or a sample count other than 50,000."""
+    warnings = []
+    size = (record["image_size"],) * 2 if record and record.get("image_size") else samples.shape[:2]
+    if tuple(size) != tuple(ref.shape[:2]):
+        warnings.append(f"{samples.path} holds {size[0]}x{size[1]} images but {ref.path} {ref.shape[0]}x"
+                        f"{ref.shape[1]}: metrics across image sizes are not comparable")
+    if samples.num_images != PROTOCOL_SAMPLES:
+        warnings.append(f"{samples.path} holds {samples.num_images} images, not the protocol's {PROTOCOL_SAMPLES}: "
+                        "FID depends on the sample count, compare only equal counts")
+    return warnings
 

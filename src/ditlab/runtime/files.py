@@ -20,6 +20,7 @@ from ditlab.errors import UserWriteError
 # ADM's .npz sample batches: arr_0 uint8 images (N, H, W, C), arr_1 int64 labels (N,)
 ADM_IMAGES_KEY = "arr_0"
 ADM_LABELS_KEY = "arr_1"
+PROTOCOL_KEY = "protocol"  # ditlab's addition: the settings that made the batch, a JSON string (0-d array)
 
 
 # errno -> how a failed write is told to the user (a full disk, a folder not writable)
@@ -175,8 +176,9 @@ class NpzWriter:
             self._entry.write(np.ascontiguousarray(images).reshape(-1).data)
         self.written += len(images)
 
-    def close(self, labels: np.ndarray | None) -> None:
-        """Finish arr_0, add arr_1 = labels (N,) (None: none, as for an unconditional model), rename."""
+    def close(self, labels: np.ndarray | None, extra: dict[str, np.ndarray] | None = None) -> None:
+        """Finish arr_0, add arr_1 = labels (N,) (None: none, as for an unconditional model) and the
+        arrays of `extra` under their names (e.g. PROTOCOL_KEY), rename."""
         if self.written != self.shape[0]:
             raise ValueError(f"{self.path}: {self.written} of {self.shape[0]} images written")
         with user_write_errors(self.path):
@@ -184,6 +186,9 @@ class NpzWriter:
             if labels is not None:
                 with self._zip.open(ADM_LABELS_KEY + ".npy", "w", force_zip64=True) as f:
                     np.lib.format.write_array(f, np.asarray(labels, dtype=np.int64))
+            for name, array in (extra or {}).items():
+                with self._zip.open(name + ".npy", "w", force_zip64=True) as f:
+                    np.lib.format.write_array(f, np.asarray(array), allow_pickle=False)
             self._zip.close()
             fsync_file(self.tmp)
             os.replace(self.tmp, self.path)

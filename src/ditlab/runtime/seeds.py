@@ -13,6 +13,7 @@ from ditlab.errors import UserError
 # Stream keys: one per kind of randomness, so that no two kinds share a generator state.
 IMAGE_NOISE = 0x1A6E
 IMAGE_LABELS = 0x1AB3
+BALANCED_LABELS = 0x1ABA  # the shuffled order of --labels balanced
 TRAIN_STEP = 0x75E9
 DATA_ORDER = 0xDA7A
 

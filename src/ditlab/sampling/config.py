@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ditlab.errors import UserError
-from ditlab.options import DEVICES, PRECISIONS, SAMPLERS, WEIGHT_SETS
+from ditlab.options import DEVICES, LABEL_MODES, PRECISIONS, SAMPLERS, WEIGHT_SETS
 
 MAX_GRID_IMAGES = 1024  # a .png grid beyond this is a mistake: use .npz or --png-dir
 OUT_KINDS = (".png", ".npz")
@@ -19,13 +19,20 @@ class SampleConfig:
     """What to sample from which checkpoint, how, and where to write it."""
 
     ckpt: str
-    """checkpoint file or diffusers folder"""
+    """checkpoint file or diffusers folder, or a released name (DiT-XL-2-256x256.pt, DiT-XL-2-512x512.pt) fetched
+    into $DITLAB_HOME"""
     out: str
-    """FILE.png (one grid) or FILE.npz (ADM's sample format)"""
-    classes: list[int] | None = None
-    """class labels: one image each, or with --num-samples cycled through"""
+    """FILE.png (one grid) or FILE.npz (ADM's sample format); the record of the settings goes beside it as FILE.json"""
+    classes: list[str] | None = None
+    """classes by id or name ("golden retriever", an unambiguous prefix): one image each, or with --num-samples
+    cycled through"""
     num_samples: int | None = None
-    """number of images (classes uniformly random unless --classes)"""
+    """number of images (classes uniformly random unless --classes or --labels balanced)"""
+    labels: str = field(default="random", metadata={"choices": LABEL_MODES})
+    """random (uniform, the paper's FID-50K) or balanced (exactly N / K images of each class, or of each of
+    --classes, in a fixed shuffled order)"""
+    captions: bool = False
+    """write each image's class name under it in a .png grid"""
     model: str | None = None
     """named config, e.g. DiT-XL/2: gives the authors' state dicts their number of heads; checked against the
     weights"""
@@ -77,6 +84,9 @@ class SampleConfig:
             (self.precision in PRECISIONS, f"--precision {self.precision}: choose one of {', '.join(PRECISIONS)}"),
             (self.weights in WEIGHT_SETS, f"--weights {self.weights}: choose {' or '.join(WEIGHT_SETS)}"),
             (self.nrow is None or self.nrow >= 1, f"--nrow {self.nrow} must be positive"),
+            (self.labels in LABEL_MODES, f"--labels {self.labels}: choose {' or '.join(LABEL_MODES)}"),
+            (not self.captions or out.suffix.lower() == ".png", f"--captions: only a .png grid has captions, "
+                                                                 f"not --out {self.out}"),
             (out.suffix.lower() != ".png" or n <= MAX_GRID_IMAGES,
              f"--out {self.out}: a grid of {n} images; above {MAX_GRID_IMAGES} write a .npz or use --png-dir"),
         ]

@@ -15,7 +15,7 @@ import torch
 
 from ditlab.errors import UserError
 from ditlab.runtime.files import atomic_write
-from ditlab.runtime.seeds import IMAGE_LABELS, IMAGE_NOISE, derive_seed
+from ditlab.runtime.seeds import BALANCED_LABELS, IMAGE_LABELS, IMAGE_NOISE, derive_seed
 
 
 def image_seed(seed: int, index: int) -> int:
@@ -34,6 +34,23 @@ def random_labels(seed: int, indices: list[int] | range, num_classes: int) -> to
         raise UserError(f"--seed {seed} must be non-negative")
     draws = [np.random.default_rng([IMAGE_LABELS, seed, i]).integers(num_classes) for i in indices]
     return torch.tensor(draws, dtype=torch.long)
+
+
+def balanced_labels(seed: int, n: int, classes: list[int]) -> torch.Tensor:
+    """(N,) long: exactly N / K images of each of the K `classes`, in a fixed shuffled order (a
+    permutation drawn from a stream keyed by (seed, N) alone, so every rank and batch size sees the
+    same labels). N must be a multiple of K; the error names the nearest valid N."""
+    k = len(classes)
+    if seed < 0:
+        raise UserError(f"--seed {seed} must be non-negative")
+    if n % k:
+        candidates = [v for v in (n // k * k, (n // k + 1) * k) if v > 0]
+        best = min(abs(v - n) for v in candidates)
+        nearest = " or ".join(str(v) for v in candidates if abs(v - n) == best)
+        raise UserError(f"--num-samples {n}: --labels balanced needs a multiple of the {k} classes; "
+                        f"the nearest is {nearest}")
+    order = np.random.default_rng([BALANCED_LABELS, seed, n]).permutation(n)  # (N,)
+    return torch.from_numpy(np.repeat(np.asarray(classes, dtype=np.int64), n // k)[order])
 
 
 def initial_noise(shape: tuple[int, ...], generators: list[torch.Generator],
@@ -83,13 +100,23 @@ def make_grid(images: np.ndarray, nrow: int, pad: int = 2) -> np.ndarray:
     return grid
 
 
-def save_grid(images: np.ndarray, path: str | Path, nrow: int) -> None:
-    """Write (N, H, W, C) uint8 images as one PNG grid, `nrow` images per row."""
+def save_grid(images: np.ndarray, path: str | Path, nrow: int, captions: list[str] | None = None,
+              text: dict[str, str] | None = None) -> None:
+    """Write (N, H, W, C) uint8 images as one PNG grid, `nrow` images per row, with one caption
+    under each image if `captions` are given, and PNG text chunks `text` (e.g. the record)."""
     from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
 
+    if captions is not None:
+        from ditlab.sampling.captions import captioned
+
+        images = captioned(images, captions)
     grid = make_grid(images, nrow)
     img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
-    atomic_write(path, lambda f: img.save(f, format="PNG"))
+    info = PngInfo()
+    for key, value in (text or {}).items():
+        info.add_text(key, value)
+    atomic_write(path, lambda f: img.save(f, format="PNG", pnginfo=info))
 
 
 def save_pngs(images: np.ndarray, indices: list[int] | range, folder: str | Path) -> None:

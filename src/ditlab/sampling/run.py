@@ -11,6 +11,7 @@ depends on (seed, index) alone, so neither the split nor the batch size changes 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ import torch.distributed as dist
 from ditlab.errors import UserError
 from ditlab.runtime.distributed import DistInfo, barrier, distributed_session, sigterm_exits
 from ditlab.sampling.config import SampleConfig
+from ditlab.sampling.record import RECORD_TEXT_KEY, record_array, record_json, record_path
 
 
 class AutocastModel(torch.nn.Module):
@@ -81,7 +83,8 @@ def run_sample(cfg: SampleConfig) -> dict[str, Any]:
     n = cfg.num_images
     return {"out": str(cfg.out_path), "images": n, "image_shape": list(job.shape[1:]), "seconds": seconds,
             "images_per_s": n / seconds, "checkpoint_format": job.format, "weights": job.weights,
-            "vae": job.codec_spec, "processes": info.world_size, "rank": info.rank}
+            "vae": job.codec_spec, "processes": info.world_size, "rank": info.rank,
+            "record": str(record_path(cfg.out_path)), "label_mode": job.record["label_mode"]}
 
 
 @dataclass
@@ -98,18 +101,27 @@ class _Job:
     clip_denoised: bool  # pixel space: x_0 predictions are clipped to the [-1, 1] of images
     format: str
     weights: str
+    record: dict[str, Any]  # the protocol record (sampling/record.py)
+    class_names: list[str]  # index = label; empty for an unconditional model
+
+
+AUTOCAST_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def _prepare(cfg: SampleConfig, info: DistInfo) -> _Job:
     from ditlab.checkpoints.formats import build_model, read_checkpoint
+    from ditlab.data.classes import class_names
     from ditlab.data.codecs import DEFAULT_VAE, PIXEL, load_codec
     from ditlab.diffusion import Diffusion
     from ditlab.runtime.precision import resolve_precision, sampling_vae_dtype
-    from ditlab.sampling.generate import random_labels
+    from ditlab.sampling.labels import run_labels
+    from ditlab.sampling.record import sample_record, weights_sha256
 
     ckpt = read_checkpoint(cfg.ckpt, weights=cfg.weights, model=cfg.model)
     mc = ckpt.config
     amp = resolve_precision(cfg.precision, info.device)
+    names = class_names(mc["num_classes"], stored=ckpt.extra.get("class_names"))
+    labels, label_mode, classes = run_labels(cfg, names, ckpt.source)  # name errors before the VAE loads
     codec_spec = cfg.vae or ckpt.vae or DEFAULT_VAE
     codec = load_codec(codec_spec, device=info.device, dtype=sampling_vae_dtype(cfg.precision),
                        pixel_channels=mc["in_channels"])
@@ -120,7 +132,15 @@ def _prepare(cfg: SampleConfig, info: DistInfo) -> _Job:
     if cfg.image_size is not None and cfg.image_size != size:
         raise UserError(f"--image-size {cfg.image_size}: {ckpt.source} makes {size}x{size} images "
                         f"({mc['input_size']}x{mc['input_size']} latents, --vae {codec_spec})")
-    labels = _labels(cfg, mc["num_classes"], ckpt.source, random_labels)
+    model = {"checkpoint": cfg.ckpt, "checkpoint_file": str(Path(ckpt.source).resolve()),
+             "checkpoint_format": ckpt.format, "weights": ckpt.weights,
+             "weights_sha256": weights_sha256(ckpt.state_dict),
+             "model_config": dict(mc), "vae": codec_spec, "precision": cfg.precision, "autocast": AUTOCAST_NAMES[amp],
+             "device": info.device.type, "image_size": size}
+    settings = {"sampler": cfg.sampler, "steps": cfg.steps, "cfg_scale": cfg.cfg_scale,
+                "guidance_channels": cfg.guidance_channels, "label_mode": label_mode, "classes": classes,
+                "seed": cfg.seed, "num_images": cfg.num_images, "batch_size": cfg.batch_size,
+                "world_size": info.world_size}
     net: torch.nn.Module = build_model(ckpt, info.device)
     fmt, held = ckpt.format, ckpt.weights
     del ckpt  # the weights now live in `net`: do not hold a second copy for the whole run
@@ -129,28 +149,14 @@ def _prepare(cfg: SampleConfig, info: DistInfo) -> _Job:
     n = cfg.num_images
     return _Job(net, codec, codec_spec, Diffusion(learn_sigma=mc["learn_sigma"]), labels,
                 (n, size, size, codec.image_channels), (mc["in_channels"], mc["input_size"], mc["input_size"]),
-                codec_spec == PIXEL, fmt, held)
-
-
-def _labels(cfg: SampleConfig, num_classes: int, source: str, random_labels: Any) -> torch.Tensor | None:
-    """(N,) labels: cycling through --classes, or uniformly random; None for an unconditional model."""
-    if cfg.classes and not num_classes:
-        raise UserError(f"--classes: {source} holds an unconditional DiT")
-    bad = [c for c in cfg.classes or [] if not 0 <= c < num_classes]
-    if bad:
-        raise UserError(f"--classes {bad[0]}: {source} has classes 0 to {num_classes - 1}")
-    if not num_classes:
-        return None
-    n, classes = cfg.num_images, cfg.classes
-    return torch.tensor([classes[i % len(classes)] for i in range(n)]) if classes else random_labels(cfg.seed, range(n),
-                                                                                                     num_classes)
+                codec_spec == PIXEL, fmt, held, sample_record(model, settings), names)
 
 
 def _sample_rounds(cfg: SampleConfig, job: _Job, info: DistInfo) -> None:
     """Every round: this rank's images sampled, decoded and quantized, gathered on rank 0 and written."""
     from tqdm.auto import tqdm
 
-    from ditlab.runtime.files import NpzWriter
+    from ditlab.runtime.files import PROTOCOL_KEY, NpzWriter, atomic_write_text
     from ditlab.sampling.generate import generate, quantize, save_grid, save_pngs
 
     n, out, png_dir = cfg.num_images, cfg.out_path, cfg.png_dir
@@ -187,7 +193,13 @@ def _sample_rounds(cfg: SampleConfig, job: _Job, info: DistInfo) -> None:
                 npz.write(gathered) if npz is not None else grid.append(gathered)
                 bar.update(len(gathered))
         if npz:
-            npz.close(job.labels.numpy() if job.labels is not None else None)
+            npz.close(job.labels.numpy() if job.labels is not None else None,
+                      {PROTOCOL_KEY: record_array(job.record)})
     if info.is_main and out.suffix.lower() == ".png":
-        save_grid(np.concatenate(grid), out, nrow=cfg.nrow or min(n, 8))
+        captions = [job.class_names[c] for c in job.labels.tolist()] if cfg.captions and job.labels is not None \
+            else None
+        save_grid(np.concatenate(grid), out, nrow=cfg.nrow or min(n, 8), captions=captions,
+                  text={RECORD_TEXT_KEY: json.dumps(job.record, sort_keys=True)})
+    if info.is_main:
+        atomic_write_text(record_path(out), record_json(job.record))
     barrier()

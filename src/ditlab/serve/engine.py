@@ -76,13 +76,20 @@ class Engine:
         self.latent_shape = (cfg["in_channels"], cfg["input_size"], cfg["input_size"])
         self.image_size = cfg["input_size"] * self.codec.downsample
         train_config = _train_config(ckpt) if checkpoint.format == "ditlab" else None
-        self.class_names = class_names(cfg["num_classes"], train_config)
+        self.class_names = class_names(cfg["num_classes"], train_config, checkpoint.extra.get("class_names"))
         net: torch.nn.Module = build_model(checkpoint, self.device)
         self.net = AutocastModel(net, amp).eval() if amp is not None else net
         self.diffusion = Diffusion(learn_sigma=cfg["learn_sigma"])
+        from pathlib import Path
+
+        from ditlab.sampling.record import weights_sha256
+        from ditlab.sampling.run import AUTOCAST_NAMES
+
         self.meta = {"checkpoint": str(ckpt), "checkpoint_format": checkpoint.format, "weights": checkpoint.weights,
                      "config": self.config, "vae": self.vae, "precision": precision, "image_size": self.image_size,
-                     "class_names": self.class_names, "device": str(self.device)}
+                     "class_names": self.class_names, "device": str(self.device),
+                     "checkpoint_file": str(Path(checkpoint.source).resolve()),
+                     "weights_sha256": weights_sha256(checkpoint.state_dict), "autocast": AUTOCAST_NAMES[amp]}
 
     @property
     def latent_channels(self) -> int:

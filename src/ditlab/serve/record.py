@@ -1,7 +1,8 @@
 """The record of the settings that made an image grid, and the grid as a PNG that carries it.
 
-`sample_record` is the one place the server builds a record: when the common record of
-`ditlab sample` exists, it replaces this function."""
+The record is `ditlab sample`'s protocol record (`ditlab.sampling.record.sample_record`, the one
+place records are built) plus what a request adds: its classes' names, images per class, every
+image's label and the `ditlab sample` command that draws the same images."""
 
 from __future__ import annotations
 
@@ -11,17 +12,16 @@ from typing import Any
 
 import numpy as np
 
-RECORD_KEY = "ditlab"  # the PNG text chunk holding the record
+from ditlab.sampling.record import RECORD_TEXT_KEY as RECORD_KEY
 
 
 def sample_record(model: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
-    """The record of one request: `model` is what the server loaded (checkpoint path and format,
-    weights, config, vae, precision, image size), `settings` the request's (classes, per_class,
-    cfg_scale, sampler, steps, seed, guidance_channels). Includes the `ditlab sample` command
-    that draws the same images (image i: label classes[i // per_class], seed, index i)."""
-    import torch
-
-    import ditlab
+    """The record of one request: `model` is what the server loaded (the engine's meta: checkpoint
+    path, file, format and weight digest, weights, config, vae, precision, image size), `settings`
+    the request's (classes, per_class, cfg_scale, sampler, steps, seed, guidance_channels). Includes
+    the `ditlab sample` command that draws the same images (image i: label classes[i // per_class],
+    seed, index i)."""
+    from ditlab.sampling.record import sample_record as protocol_record
 
     classes, per_class = settings["classes"], settings["per_class"]
     labels = [c for c in classes for _ in range(per_class)]
@@ -34,16 +34,14 @@ def sample_record(model: dict[str, Any], settings: dict[str, Any]) -> dict[str, 
     n = len(labels) if classes else per_class
     cmd += ["--classes", *map(str, labels)] if classes else ["--num-samples", str(n)]
     cmd += ["--batch-size", str(n), "--nrow", str(grid_columns(len(classes), per_class)), "--out", "grid.png"]
-    return {
-        "checkpoint": model["checkpoint"], "checkpoint_format": model["checkpoint_format"],
-        "weights": model["weights"], "model_config": model["config"], "vae": model["vae"],
-        "precision": model["precision"], "image_size": model["image_size"],
-        "sampler": settings["sampler"], "steps": settings["steps"], "cfg_scale": settings["cfg_scale"],
-        "guidance_channels": settings.get("guidance_channels"), "seed": settings["seed"],
-        "classes": classes, "class_names": [names[c] for c in classes] if names else [], "per_class": per_class,
-        "labels": labels, "image_indices": [0, n - 1], "ditlab": ditlab.__version__, "torch": torch.__version__,
-        "command": " ".join(cmd),
-    }
+    device = model.get("device", "cpu").split(":")[0]
+    record = protocol_record({**model, "model_config": model["config"], "device": device},
+                             {**settings, "guidance_channels": settings.get("guidance_channels"),
+                              "label_mode": "classes" if classes else "unconditional", "classes": classes,
+                              "num_images": n, "batch_size": n, "world_size": 1})
+    record.update({"class_names": [names[c] for c in classes] if names else [], "per_class": per_class,
+                   "labels": labels, "image_indices": [0, n - 1], "command": " ".join(cmd)})
+    return record
 
 
 def grid_columns(num_classes: int, per_class: int) -> int:

@@ -72,7 +72,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     train_step = TrainStep(wrapped, ema, opt, diffusion, resolve_precision(cfg.precision, info.device), info.device,
                            cfg.ema_decay, cfg.grad_clip or None)
     run = {"steps_per_epoch": steps_per_epoch, "dataset_size": len(data.dataset), "model_config": model.config,
-           "vae": data.codec_spec}
+           "vae": data.codec_spec, "class_names": getattr(data.dataset, "classes", None)}
     log = MetricsLog(Path(cfg.results), info, cfg, resume_step=step, total=total, description=data.description)
     sample_codec = _grid_codec(data, info) if cfg.sample_every else None
     dropout = model.cfg.class_dropout_prob if model.num_classes else None  # None: no labels
