@@ -17,3 +17,5 @@ DEVICES = ("cpu", "cuda")
 """--device: forced; by default cuda when available."""
 LATENT_DTYPES = ("float16", "float32")
 """--dtype of a latent cache's stored mean and std."""
+LR_SCHEDULES = ("constant", "cosine", "linear")
+"""--lr-schedule: after the warmup, constant (the paper's), cosine or linear decay to --lr-min."""
