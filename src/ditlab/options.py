@@ -19,3 +19,5 @@ LATENT_DTYPES = ("float16", "float32")
 """--dtype of a latent cache's stored mean and std."""
 LABEL_MODES = ("random", "balanced")
 """--labels: each image's class uniformly random (the paper's FID-50K), or exactly N / K of each class."""
+LR_SCHEDULES = ("constant", "cosine", "linear")
+"""--lr-schedule: after the warmup, constant (the paper's), cosine or linear decay to --lr-min."""

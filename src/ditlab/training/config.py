@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ditlab.errors import UserError
-from ditlab.options import BLOCKS, PRECISIONS
+from ditlab.options import BLOCKS, LR_SCHEDULES, PRECISIONS
 
 
 @dataclass(kw_only=True)
@@ -45,8 +45,19 @@ class TrainConfig:
     """learned variance, loss = MSE + VLB, as the paper (--no-learn-sigma: epsilon only, MSE loss)"""
     global_batch_size: int = 256
     """images per optimizer step, summed over processes"""
+    grad_accum: int = 1
+    """micro-batches per process and step: gradients of K micro-batches are summed, one all-reduce per
+    step; the images, the random draws and the update are those of K = 1"""
     lr: float = 1e-4
-    """AdamW learning rate, constant, no weight decay"""
+    """AdamW learning rate (the peak one with a warmup or a schedule), no weight decay"""
+    lr_warmup: int = 0
+    """raise the learning rate linearly over the first N steps (0: none, as the paper)"""
+    lr_schedule: str = field(default="constant", metadata={"choices": LR_SCHEDULES})
+    """after the warmup: constant (the paper's), or cosine or linear decay to --lr-min"""
+    lr_min: float = 0.0
+    """the learning rate a cosine or linear schedule reaches at its end"""
+    lr_decay_steps: int | None = None
+    """the step the decay ends at (default: the run's end, from --max-steps or --epochs)"""
     max_steps: int | None = 7_000_000
     """stop after this many optimizer steps"""
     epochs: int | None = None
@@ -59,6 +70,8 @@ class TrainConfig:
     """write an EMA sample grid every N steps; 0 = never"""
     log_every: int = 100
     """log the mean loss terms to metrics.jsonl every N steps"""
+    wandb: str | None = None
+    """also log to this Weights & Biases project (needs the wandb extra; WANDB_MODE=offline works without network)"""
     seed: int = 0
     """the seed of the initial weights, the data order and every random draw"""
     precision: str = field(default="auto", metadata={"choices": PRECISIONS})
@@ -100,6 +113,12 @@ class TrainConfig:
             raise UserError(f"--ema-decay {self.ema_decay} must lie in [0, 1]")
         if not 0.0 <= self.class_dropout_prob < 1.0:
             raise UserError(f"--class-dropout-prob {self.class_dropout_prob} must lie in [0, 1)")
+        if self.grad_accum < 1 or self.global_batch_size % self.grad_accum:
+            raise UserError(f"--grad-accum {self.grad_accum} must be at least 1 and divide --global-batch-size "
+                            f"{self.global_batch_size}")
+        from ditlab.training.lr_schedule import check_lr_settings
+
+        check_lr_settings(self)
 
     def total_steps(self, steps_per_epoch: int) -> float:
         """The step the run ends at: max_steps or epochs x steps_per_epoch, whichever comes first."""

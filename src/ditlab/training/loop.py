@@ -11,13 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from ditlab.errors import UserError
 from ditlab.models import create_model
 from ditlab.runtime.distributed import DistInfo, all_reduce_mean, distributed_session
 from ditlab.runtime.precision import resolve_precision
-from ditlab.training import resume
+from ditlab.training import lr_schedule, resume
+from ditlab.training.accumulate import check_micro_batches
 from ditlab.training.config import TrainConfig
 from ditlab.training.data import TrainingData, open_training_data
 from ditlab.training.ema import make_ema
@@ -39,21 +40,28 @@ def _model_for(cfg: TrainConfig, data: TrainingData) -> torch.nn.Module:
     )  # fmt: skip
 
 
-def train(cfg: TrainConfig, device: str | None = None) -> dict[str, Any]:
-    """Train until max_steps / epochs; returns a summary dict. `device` forces "cpu" or "cuda"."""
+def train(cfg: TrainConfig, device: str | None = None, dataset: Dataset | None = None) -> dict[str, Any]:
+    """Train until max_steps / epochs; returns a summary dict. `device` forces "cpu" or "cuda";
+    `dataset`, a map-style Dataset of (x (C, H, W), label), replaces --data (training.custom_data)."""
     cfg.validate()
     with distributed_session(device) as info:
-        return _train(cfg, info)
+        return _train(cfg, info, dataset)
 
 
-def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
+def _train(cfg: TrainConfig, info: DistInfo, dataset: Dataset | None = None) -> dict[str, Any]:
     from ditlab.diffusion import Diffusion
 
     if cfg.global_batch_size % info.world_size:
         raise UserError(f"--global-batch-size {cfg.global_batch_size} is not divisible by "
                         f"the {info.world_size} processes")
+    check_micro_batches(cfg.global_batch_size, info.world_size, cfg.grad_accum)
     state = resume.newest_state(cfg, info)
-    data = open_training_data(cfg.data, cfg.image_size, cfg.vae, info.device)
+    if dataset is None:
+        data = open_training_data(cfg.data, cfg.image_size, cfg.vae, info.device)
+    else:
+        from ditlab.training.custom_data import dataset_training_data
+
+        data = dataset_training_data(dataset, cfg.num_classes)
     steps_per_epoch = len(data.dataset) // cfg.global_batch_size
     if steps_per_epoch == 0:
         raise UserError(f"--global-batch-size {cfg.global_batch_size} exceeds the {len(data.dataset)} training images")
@@ -67,6 +75,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     step = 0
     if state is not None:
         resume.check_same_data(state, cfg, len(data.dataset))
+        lr_schedule.check_resume(state.config, cfg, steps_per_epoch)
         resume.restore(wrapped, ema, opt, state)
         step, state = state.step, None
     train_step = TrainStep(wrapped, ema, opt, diffusion, resolve_precision(cfg.precision, info.device), info.device,
@@ -86,14 +95,15 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
         for batch in loader:
             inputs = draw_step_inputs(data, batch, diffusion, info.device, step_seed(cfg.seed, step, info.rank),
                                       dropout)
-            terms, grad_norm = train_step(*inputs)
+            lr_schedule.set_lr(opt, lr_schedule.lr_at(cfg, step, steps_per_epoch))
+            terms, grad_norm = train_step(*inputs, micro_batches=cfg.grad_accum)
             step += 1
             log.accumulate(terms, grad_norm)
             log.step_done()
             if step % cfg.log_every == 0 or step == total:
                 log.write(step, lr=opt.param_groups[0]["lr"], reduce=all_reduce_mean)
             if cfg.sample_every and step % cfg.sample_every == 0:
-                _sample_grid(ema, diffusion, data, sample_codec, cfg, info, step)
+                log.image(_sample_grid(ema, diffusion, data, sample_codec, cfg, info, step), step)
             if step % cfg.ckpt_every == 0 or step == total:
                 resume.save(wrapped, ema, opt, cfg, info, step, run)
             if step >= total:
@@ -115,12 +125,12 @@ def _grid_codec(data: TrainingData, info: DistInfo):
                          "to train without grids") from e
 
 
-def _sample_grid(ema, diffusion, data: TrainingData, codec, cfg: TrainConfig, info: DistInfo, step: int) -> None:
-    """An EMA sample grid: up to 8 classes x 8 images (or 64 unconditional), fixed seeds.
-
-    Rank 0 samples alone, except under FSDP where the sharded EMA needs every rank."""
+def _sample_grid(ema, diffusion, data: TrainingData, codec, cfg: TrainConfig, info: DistInfo,
+                 step: int) -> Path | None:  # fmt: skip
+    """An EMA sample grid: up to 8 classes x 8 images (or 64 unconditional), fixed seeds; its path on
+    rank 0 (None elsewhere). Rank 0 samples alone, except under FSDP where the sharded EMA needs every rank."""
     if not (info.is_main or cfg.fsdp):
-        return
+        return None
     from ditlab.sampling.generate import generate, save_grid, to_uint8
 
     classes = min(8, data.num_classes) if ema.num_classes else 0
@@ -131,5 +141,8 @@ def _sample_grid(ema, diffusion, data: TrainingData, codec, cfg: TrainConfig, in
         ema, diffusion, labels, cfg.seed, range(n), latent_shape=(data.channels, data.size, data.size), codec=codec,
         device=info.device, steps=cfg.sample_steps, sampler="ddpm", clip_denoised=data.kind == "pixels",
     )  # fmt: skip
-    if info.is_main:
-        save_grid(to_uint8(images), Path(cfg.results) / "samples" / f"step-{step:07d}.png", nrow=per)
+    if not info.is_main:
+        return None
+    path = Path(cfg.results) / "samples" / f"step-{step:07d}.png"
+    save_grid(to_uint8(images), path, nrow=per)
+    return path

@@ -1,4 +1,4 @@
-"""Run metrics: metrics.jsonl, an optional TensorBoard writer and a progress bar, on rank 0.
+"""Run metrics: metrics.jsonl, the sinks (TensorBoard, Weights & Biases) and a progress bar, on rank 0.
 
 Loss terms are summed on the device every step and read back only at log steps, so the
 training step never waits for the host."""
@@ -16,6 +16,7 @@ from ditlab.runtime.distributed import DistInfo
 from ditlab.runtime.files import atomic_write_text
 from ditlab.training import resume
 from ditlab.training.config import TrainConfig
+from ditlab.training.sinks import check_sinks, open_sinks
 
 TERMS = ("loss", "mse", "vb")
 
@@ -28,7 +29,8 @@ class MetricsLog:
         self.sums: torch.Tensor | None = None  # (len(TERMS) + 1,): loss, mse, vb, grad norm
         self.count = 0
         self.last_step, self.last_time, self.started = resume_step, time.perf_counter(), time.time()
-        self.bar = self.tb = None
+        self.bar, self.sinks = None, []
+        check_sinks(cfg)
         if not info.is_main:
             return
         results.mkdir(parents=True, exist_ok=True)
@@ -43,12 +45,7 @@ class MetricsLog:
                             desc="train", dynamic_ncols=True, unit="step")
             if description:
                 self.bar.write(description)
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(results / "tensorboard"))
-        except ImportError:
-            self.tb = None
+        self.sinks = open_sinks(results, cfg)
 
     def accumulate(self, terms: dict[str, torch.Tensor], grad_norm: torch.Tensor) -> None:
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
@@ -70,10 +67,8 @@ class MetricsLog:
                "images_per_sec": images_per_sec, "wall_time": time.time() - self.started}
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
-        if self.tb is not None:
-            for k, v in row.items():
-                if k != "step":
-                    self.tb.add_scalar(f"train/{k}", v, step)
+        for sink in self.sinks:
+            sink.scalars({k: v for k, v in row.items() if k != "step"}, step)
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{images_per_sec:.1f}")
 
@@ -84,5 +79,10 @@ class MetricsLog:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-        if self.tb is not None:
-            self.tb.close()
+        for sink in self.sinks:
+            sink.close()
+
+    def image(self, path: Path | None, step: int) -> None:
+        """Hand the sample grid written at `path` (None: none this step) to the sinks."""
+        for sink in self.sinks if path is not None else ():
+            sink.image("samples", path, step)

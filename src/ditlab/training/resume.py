@@ -26,6 +26,9 @@ RESUMABLE = frozenset({
     "max_steps", "epochs", "ckpt_every", "keep_last", "sample_every", "log_every", "num_workers",
     "compile", "grad_checkpointing", "fsdp", "sample_steps", "progress", "precision", "results",
 })  # fmt: skip
+# Gradient accumulation changes only the float rounding (like fsdp and precision), W&B only where the
+# metrics also go; the decay horizon may move only as far as lr_schedule.check_resume allows.
+RESUMABLE = RESUMABLE | {"grad_accum", "wandb", "lr_decay_steps"}
 
 
 def config_differences(stored: dict[str, Any], current: TrainConfig) -> list[str]:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ditlab.runtime.seeds import TRAIN_STEP, derive_seed
+from ditlab.training.accumulate import accumulate_gradients
 from ditlab.training.ema import update_ema
 
 
@@ -72,15 +73,13 @@ class TrainStep:
         return torch.autocast(self.device_type, dtype=self.amp_dtype)
 
     def __call__(self, x0: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, noise: torch.Tensor,
-                 drop: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:  # fmt: skip
+                 drop: torch.Tensor | None = None,
+                 micro_batches: int = 1) -> tuple[dict[str, torch.Tensor], torch.Tensor]:  # fmt: skip
         """x0, noise (N, C, H, W), t (N,) step indices, y (N,) labels, drop (N,) bool: labels replaced by
-        the null label (None: the model's own label dropout) -> ({"loss", "mse", "vb"} each (N,), norm)."""
-        model = self.model if drop is None else (lambda x, s, c: self.model(x, s, c, drop_labels=drop))
-        with self.autocast():
-            terms = self.diffusion.training_losses(model, x0, t, y=y, noise=noise)
-        loss = terms["loss"].mean()
+        the null label (None: the model's own label dropout) -> ({"loss", "mse", "vb"} each (N,), norm).
+        `micro_batches` K > 1 accumulates the gradients of K slices of N / K (training.accumulate)."""
         self.opt.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        terms = accumulate_gradients(self, x0, t, y, noise, drop, micro_batches)
         self.scaler.unscale_(self.opt)
         norm = grad_norm(self.params, self.grad_clip)
         self.scaler.step(self.opt)
