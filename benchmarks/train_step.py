@@ -148,7 +148,8 @@ def main() -> None:
             peer_opt, ema_update = make_optimizer(peer, LR, device), update_ema
         else:
             peer_opt, ema_update = torch.optim.AdamW(peer.parameters(), lr=LR, weight_decay=0.0), reference_ema_update
-        peer_step = TrainStep(peer, peer_ema, peer_opt, diffusion, peer_amp, device, EMA_DECAY, ema_update=ema_update)
+        peer_step = TrainStep(peer, peer_ema, peer_opt, diffusion, peer_amp, device, EMA_DECAY, ema_update=ema_update,
+                              skip_bad=False)
         use_tf32 = peer_amp is None and device.type == "cuda"
 
         def run_peer() -> None:
