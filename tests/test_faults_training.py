@@ -341,8 +341,9 @@ def test_image_size_defaults_to_the_datas_own(tmp_path):
 
 
 def test_a_relative_vae_is_stored_absolute_and_samples_from_another_folder(tmp_path, monkeypatch, vae_dir):
-    from ditlab.sampling.run import sample_to_files
     from PIL import Image
+
+    from ditlab.sampling.run import sample_to_files
 
     for c in ("a", "b"):
         (tmp_path / "imgs" / c).mkdir(parents=True)
@@ -371,3 +372,31 @@ def test_resuming_on_another_number_of_processes_warns_in_one_line(tmp_path, cap
     assert train(cfg(tmp_path, max_steps=4, ckpt_every=2), device="cpu")["step"] == 4
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "run of 2 process(es) on 1" in err[0] and "differ" in err[0]
+
+
+# ---- distributed faults ------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_stopped_rank_makes_the_other_fail_within_the_timeout_naming_it(tmp_path):
+    err_path = tmp_path / "stderr"
+    with open(err_path, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                 "-m", "ditlab", "train", *FLAGS, "--results", str(tmp_path / "r"), "--max-steps",
+                                 "100000", "--ckpt-every", "100000", "--dist-timeout", "5"],
+                                env=ENV, stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        poll(lambda: (tmp_path / "r" / "metrics.jsonl").exists() and (tmp_path / "r" / "metrics.jsonl").read_text(),
+             "training to run")
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        rank1 = next(int(c) for c in children if b"RANK=1\0" in Path(f"/proc/{c}/environ").read_bytes())
+        os.kill(rank1, signal.SIGSTOP)
+        stopped = time.monotonic()
+        line = poll(lambda: next((x for x in err_path.read_text().splitlines() if "did not answer" in x), None),
+                    "rank 0's error")
+        assert time.monotonic() - stopped < 5 + 30 + 30  # the timeout, the question, a generous margin
+        assert "rank 1 did not answer within --dist-timeout 5 s" in line and line.startswith("ditlab train: error:")
+        os.kill(rank1, signal.SIGKILL)
+    finally:
+        proc.kill() if proc.poll() is None else None
+        proc.wait(timeout=60)

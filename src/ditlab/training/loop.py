@@ -32,7 +32,7 @@ from ditlab.training.guard import NonFiniteGuard, TrainingDiverged, weights_fini
 from ditlab.training.metrics import MetricsLog
 from ditlab.training.order import RankBatchSampler
 from ditlab.training.parallel import apply_parallelism
-from ditlab.training.preempt import Preemption, stop
+from ditlab.training.preempt import Preemption, health_group, is_timeout, silent_rank_error, stop
 from ditlab.training.step import TrainStep, draw_step_inputs, step_seed
 
 
@@ -54,8 +54,14 @@ def train(cfg: TrainConfig, device: str | None = None) -> dict[str, Any]:
         raise UserError("--fsdp shards the model over processes: launch it with "
                         "`torchrun --nproc_per_node=N -m ditlab train ... --fsdp`")
     with distributed_session(device, timedelta(seconds=cfg.dist_timeout)) as info:
+        health = health_group(info.distributed)
         with owned_folder(cfg.results, "--results", info.is_main, temps_in=("", "checkpoints", "samples")):
-            return _train(cfg, info)
+            try:
+                return _train(cfg, info)
+            except RuntimeError as e:  # a collective that timed out: name the rank that stopped answering
+                if info.distributed and is_timeout(e):
+                    raise silent_rank_error(cfg.dist_timeout, info.rank, health) from e
+                raise
 
 
 def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:

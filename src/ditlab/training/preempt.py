@@ -10,6 +10,7 @@ That all-reduce is also the run's heartbeat: it fails within --dist-timeout when
 
 from __future__ import annotations
 
+import re
 import signal
 import sys
 import threading
@@ -18,6 +19,8 @@ from types import FrameType
 
 import torch
 import torch.distributed as dist
+
+from ditlab.errors import UserError
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -68,3 +71,30 @@ def stop(signum: int, step: int, saved: str, is_main: bool) -> TrainingInterrupt
         print(f"ditlab train: stopped by {name} at step {step}; checkpoint {saved}; run the same command to resume",
               file=sys.stderr, flush=True)
     return TrainingInterrupted(128 + signum)
+
+
+def is_timeout(e: BaseException) -> bool:
+    """Whether `e` is a collective that waited past the process group's timeout."""
+    text = str(e)
+    return "Timed out" in text or "timed out" in text or "Timeout" in text
+
+
+def health_group(distributed: bool):
+    """A gloo group used for nothing but `silent_rank_error`'s question (a group whose collective
+    timed out is closed; this one is still open then). None when running alone. A collective."""
+    return dist.new_group(backend="gloo") if distributed else None
+
+
+def silent_rank_error(seconds: float, rank: int, group) -> UserError:
+    """After a collective timed out: which rank stopped answering, asked with a monitored barrier on
+    the `health_group` (rank 0 learns the culprits; the others, that rank 0 gave up)."""
+    who = "another process"
+    if group is not None:
+        try:
+            dist.monitored_barrier(group, timeout=timedelta(seconds=min(seconds, 30.0)), wait_all_ranks=True)
+        except RuntimeError as e:
+            found = re.search(r"Ranks? ([\d, ]+) failed to pass", str(e))
+            who = f"rank {found.group(1).strip()}" if found else "rank 0" if rank else who
+    return UserError(f"rank {rank}: {who} did not answer within --dist-timeout {seconds:g} s (stopped, hung or "
+                     "dead); the run stops here, run the same command to resume (raise --dist-timeout if it is "
+                     "only slow)")

@@ -79,7 +79,8 @@ class TrainStep:
         return torch.autocast(self.device_type, dtype=self.amp_dtype)
 
     def __call__(self, x0: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, noise: torch.Tensor,
-                 drop: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:  # fmt: skip
+                 drop: torch.Tensor | None = None
+                 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:  # fmt: skip
         """x0, noise (N, C, H, W), t (N,) step indices, y (N,) labels, drop (N,) bool: labels replaced by
         the null label (None: the model's own label dropout) -> ({"loss", "mse", "vb"} each (N,), norm, bad)."""
         model = self.model if drop is None else (lambda x, s, c: self.model(x, s, c, drop_labels=drop))
