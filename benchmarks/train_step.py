@@ -150,7 +150,7 @@ def peer_runner(args: argparse.Namespace, setup, inputs: tuple) -> tuple:
     else:
         peer_opt, ema_update = torch.optim.AdamW(peer.parameters(), lr=LR, weight_decay=0.0), reference_ema_update
     peer_step = TrainStep(peer, peer_ema, peer_opt, setup.diffusion, peer_amp, device, EMA_DECAY,
-                          ema_update=ema_update)
+                          ema_update=ema_update, skip_bad=False)
     use_tf32 = peer_amp is None and device.type == "cuda"
 
     def run_peer() -> None:

@@ -50,7 +50,7 @@ def test_train_step_is_loss_backward_adamw_and_ema_written_out():
     for i in range(3):
         x0, t, y, noise = batch(seed=10 + i)
         torch.manual_seed(5)
-        terms, norm = step(x0, t, y, noise)
+        terms, norm, _ = step(x0, t, y, noise)
         loss, grads = grads_of(ref, x0, t, y, noise, diffusion)
         expected_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads.values()]))
         ref_opt.step()

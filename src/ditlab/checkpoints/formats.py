@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from ditlab.checkpoints.state import torch_load
+from ditlab.checkpoints.state import CHECKSUM_KEY, tensor_digests, torch_load, verify_tensors
 from ditlab.data.latents import INDEX_NAME
 from ditlab.errors import UserError, UserFileNotFoundError, one_line
 from ditlab.models.configs import model_kwargs
@@ -117,6 +117,7 @@ def _read_torch(path: Path, weights: str, model: str | None) -> DiTCheckpoint:
         raise UserError(f"{path}: holds a {type(obj).__name__}, not a DiT checkpoint ({KNOWN})")
     if "model_config" in obj:
         sd = _pick(obj, weights, path, "a ditlab checkpoint")
+        verify_tensors(obj, path, under=weights)
         vae = obj.get("vae") or codec_of_run(obj.get("config"))
         extra = {k: obj[k] for k in ("step", "class_names") if obj.get(k) is not None}
         if "class_names" not in extra:  # older checkpoints: named after their data, where still readable
@@ -142,6 +143,7 @@ def write_ditlab(ckpt: DiTCheckpoint, path: Path) -> None:
     obj = {"model_config": ckpt.config, ckpt.weights: ckpt.state_dict, **ckpt.extra}
     if ckpt.vae:
         obj["vae"] = ckpt.vae
+    obj[CHECKSUM_KEY] = tensor_digests(obj)
     _save_torch(obj, path)
 
 
@@ -266,7 +268,12 @@ def read_checkpoint(path: str | os.PathLike, weights: str = "ema", model: str | 
 
 def build_model(ckpt: DiTCheckpoint, device: torch.device | str = "cpu") -> DiT:
     """The DiT of `ckpt` in eval mode on `device`, its weights in float32 (built on the meta device,
-    so no time goes into a random initialisation that the weights replace)."""
+    so no time goes into a random initialisation that the weights replace). Weights that are not
+    finite (a run that diverged) are refused in one line naming the file and a tensor."""
+    bad = next((k for k, v in ckpt.state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise UserError(f"{ckpt.source}: its {ckpt.weights} weights are not finite ({bad} holds NaN or inf): the run "
+                        "diverged; use an earlier checkpoint")
     with torch.device("meta"):
         model = DiT(**ckpt.config)
     sd = {k: v.float() if v.is_floating_point() else v for k, v in ckpt.state_dict.items()}

@@ -2,13 +2,18 @@
 and the one `torch.load` every checkpoint reader goes through.
 
 A checkpoint is tensors plus plain dicts, loadable with `weights_only=True`, written atomically
-(temporary file, then rename) so an interrupted save never leaves a broken file."""
+(temporary file, then rename) so an interrupted save never leaves a broken file. It records the
+SHA-256 of every tensor's bytes ("tensor_sha256", computed from the tensors in memory as they are
+saved, not from a second read of the file); readers verify the tensors they use and name the
+file on a mismatch, so a flipped byte is never trained on or sampled from."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import os
+import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +25,7 @@ from ditlab.errors import UserError, UserFileNotFoundError, one_line
 from ditlab.runtime.files import atomic_write
 
 CKPT_PATTERN = re.compile(r"^step-(\d{7,})\.pt$")
+CHECKSUM_KEY = "tensor_sha256"  # {"model/x_embedder.proj.weight": hex digest, ...}
 
 
 @dataclass
@@ -51,16 +57,66 @@ class TrainingState:
     class_names: list[str] | None = None
     """the training data's class names, index = label (an image folder's or a latent cache's class folder
     names, "0".."9" for the digits); None in checkpoints that predate it"""
+    world_size: int | None = None
+    """the number of processes that trained it (None: not recorded, older checkpoints)"""
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], path: Path) -> TrainingState:
-        missing = [f.name for f in dataclasses.fields(cls) if f.name not in d and f.name not in ("vae", "class_names")]
+        optional = ("vae", "class_names", "world_size")
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in d and f.name not in optional]
         if missing:
             raise UserError(f"{path}: not a ditlab training checkpoint (no {', '.join(missing)})")
         return cls(**{f.name: d.get(f.name) for f in dataclasses.fields(cls)})
+
+
+def _tensors(obj: Any, prefix: str = "") -> Any:
+    """(name, tensor) of every tensor nested in dicts and lists of `obj`, named by their keys ("a/b/0")."""
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            if k != CHECKSUM_KEY:
+                yield from _tensors(v, f"{prefix}/{k}" if prefix else str(k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _tensors(v, f"{prefix}/{i}" if prefix else str(i))
+
+
+def _digest(t: torch.Tensor) -> str:
+    flat = t.detach().cpu().contiguous().reshape(-1)  # (numel,)
+    return hashlib.sha256(flat.view(torch.uint8).numpy() if flat.numel() else b"").hexdigest()
+
+
+def tensor_digests(obj: Any) -> dict[str, str]:
+    """The SHA-256 of the bytes of every tensor in `obj`, keyed by its name (see `_tensors`)."""
+    return {name: _digest(t) for name, t in _tensors(obj)}
+
+
+def verify_tensors(obj: dict[str, Any], path: Path, under: str | None = None) -> None:
+    """Check the tensors of a loaded checkpoint (only those named `under/...` if given) against
+    the digests it recorded; a file without digests (older ditlab, other tools) passes."""
+    recorded = obj.get(CHECKSUM_KEY)
+    if not isinstance(recorded, dict):
+        return
+    part = obj if under is None else {under: obj.get(under)}
+    found = dict(_tensors(part))
+    for name, want in recorded.items():
+        if under is not None and not name.startswith(under + "/"):
+            continue
+        if name not in found:
+            raise UserError(f"{path}: damaged checkpoint: tensor {name} is missing")
+        if _digest(found[name]) != want:
+            raise UserError(f"{path}: damaged checkpoint: tensor {name} does not match its recorded checksum")
+
+
+def _reason(e: BaseException) -> str:
+    """torch.load's error in one short line, without its advice to load unsafely."""
+    if isinstance(e, pickle.UnpicklingError):
+        return "it holds Python objects beyond tensors and plain containers, which safe loading refuses"
+    return one_line(e).split(". ")[0][:200]  # torch's first sentence says what; the rest is advice
 
 
 def torch_load(path: Path, what: str = "a torch checkpoint") -> Any:
@@ -76,7 +132,7 @@ def torch_load(path: Path, what: str = "a torch checkpoint") -> Any:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
     except Exception as e:  # truncated, foreign or unsafe pickles
-        raise UserError(f"{path}: cannot read it as {what} ({one_line(e)})") from e
+        raise UserError(f"{path}: cannot read it as {what} ({_reason(e)})") from e
 
 
 def checkpoint_path(folder: Path, step: int) -> Path:
@@ -94,6 +150,7 @@ def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
 def save_checkpoint(folder: Path, step: int, state: dict[str, Any], keep_last: int = 0) -> Path:
     """Write the dict `state` as folder/step-NNNNNNN.pt; keep only the newest `keep_last` (0 = all)."""
     path = checkpoint_path(folder, step)
+    state = {**state, CHECKSUM_KEY: tensor_digests(state)}
     atomic_write(path, lambda f: torch.save(state, f))
     if keep_last > 0:
         for _, old in list_checkpoints(folder)[:-keep_last]:
@@ -108,9 +165,11 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     except UserFileNotFoundError:
         raise
     except UserError as e:
-        raise UserError(f"cannot read checkpoint {path}: {one_line(e.__cause__ or e)}") from e
+        reason = _reason(e.__cause__) if e.__cause__ is not None else one_line(e)
+        raise UserError(f"cannot read checkpoint {path}: {reason}") from e
     if not isinstance(obj, dict):
         raise UserError(f"cannot read checkpoint {path}: it holds a {type(obj).__name__}")
+    verify_tensors(obj, path)
     return obj
 
 

@@ -31,6 +31,7 @@ from ditlab.data.latents import (
 )
 from ditlab.errors import UserError
 from ditlab.runtime.distributed import barrier, broadcast_object, distributed_session
+from ditlab.runtime.lock import owned_folder
 from ditlab.runtime.precision import vae_dtype
 
 BARRIER_TIMEOUT = timedelta(hours=6)  # ranks may finish their shards far apart after a resume
@@ -115,8 +116,9 @@ def extract_latents(data: str, out: str, *, log: Callable[[str], None] = print, 
 
 
 def run_extract(cfg: ExtractConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """`ditlab extract-latents` with the settings `cfg` (see extract_latents)."""
-    with distributed_session(timeout=BARRIER_TIMEOUT) as info:
+    """`ditlab extract-latents` with the settings `cfg` (see extract_latents). --out has one owner for
+    the run (`runtime.lock.owned_folder`: a second extraction into it is refused)."""
+    with distributed_session(timeout=BARRIER_TIMEOUT) as info, owned_folder(cfg.out, "--out", info.rank == 0):
         rank, world, device = info.rank, info.world_size, info.device
         images = ImageFolderDataset(cfg.data, cfg.image_size)
         codec = load_codec(cfg.vae, device=device, dtype=vae_dtype(cfg.precision, device))

@@ -38,6 +38,12 @@ def setup_distributed(device: str | None = None, timeout: timedelta | None = Non
     """Join the process group torchrun describes in the environment (NCCL on GPU, gloo on CPU);
     a plain process is rank 0 of 1. `device` forces "cpu" or "cuda"; `timeout` bounds collectives."""
     use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    if use_cuda and not torch.cuda.is_available():
+        from ditlab.errors import UserError
+
+        built = f"CUDA {torch.version.cuda}" if torch.version.cuda else "without CUDA"
+        raise UserError(f"--device {device}: no CUDA device is available (torch {torch.__version__}, built {built}); "
+                        "use --device cpu")
     if not launched_by_torchrun():
         return DistInfo(0, 1, torch.device("cuda" if use_cuda else "cpu"))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))

@@ -76,6 +76,10 @@ def sample_to_files(ckpt: str, out: str, **options: Any) -> dict[str, Any]:
 def run_sample(cfg: SampleConfig) -> dict[str, Any]:
     """`ditlab sample` with the settings `cfg` (see sample_to_files)."""
     with distributed_session(cfg.device) as info, sigterm_exits():
+        if info.is_main:  # leftovers of a killed run's .npz (a live process's own are kept)
+            from ditlab.runtime.temps import remove_stale_temps
+
+            remove_stale_temps(cfg.out_path.parent)
         job = _prepare(cfg, info)
         started = time.perf_counter()
         _sample_rounds(cfg, job, info)

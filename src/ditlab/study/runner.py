@@ -44,7 +44,7 @@ def model_facts(entry: Entry, study: Study) -> dict[str, Any]:
 
     t = entry.train
     digits, pixel = t["data"] == "digits", t.get("vae") == PIXEL
-    image = t.get("image_size", 256)
+    image = t.get("image_size") or (8 if digits else 256)  # train's defaults: the data's own size
     size = image if digits or pixel else image // SD_VAE_DOWNSAMPLE
     with torch.device("meta"):
         model = DiT(input_size=size, patch_size=entry.patch_size, in_channels=1 if digits else 3 if pixel else 4,

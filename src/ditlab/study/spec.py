@@ -279,7 +279,7 @@ def load_spec(path: str | os.PathLike) -> Study:
     settings = _train_settings(where, data, train)
     sizes = _sizes(where, raw.get("sizes", {}))
     entries = _entries(where, raw.get("grid", []), sizes, settings)
-    image = settings.get("image_size", TrainConfig.image_size)
+    image = settings.get("image_size") or (8 if settings["data"] == "digits" else 256)  # train's data defaults
     latent = image if settings["data"] == "digits" else None  # image folders and caches: checked by train
     for e in entries.values():
         if latent is not None and latent % e.patch_size:

@@ -33,8 +33,9 @@ class TrainConfig:
     """override the named config's patch size"""
     block: str = field(default="adaln-zero", metadata={"choices": BLOCKS})
     """block design: adaln-zero, adaln, cross-attn or in-context"""
-    image_size: int = 256
-    """image resolution in pixels (the latent is image_size / 8 with the SD VAE)"""
+    image_size: int | None = None
+    """image resolution in pixels (the latent is image_size / 8 with the SD VAE); default: the data's own
+    (digits 8, a latent cache its size, an image folder 256)"""
     vae: str = "stabilityai/sd-vae-ft-ema"
     """VAE for image folders: a hub id or a local diffusers AutoencoderKL folder"""
     num_classes: int | None = None
@@ -59,9 +60,9 @@ class TrainConfig:
     lr_decay_steps: int | None = None
     """the step the decay ends at (default: the run's end, from --max-steps or --epochs)"""
     max_steps: int | None = 7_000_000
-    """stop after this many optimizer steps"""
+    """stop after this many optimizer steps (at least 1)"""
     epochs: int | None = None
-    """stop after this many passes over the data (with --max-steps: whichever comes first)"""
+    """stop after this many passes over the data (at least 1; with --max-steps: whichever comes first)"""
     ckpt_every: int = 50_000
     """write a checkpoint every N steps (and at the end)"""
     keep_last: int = 0
@@ -92,6 +93,11 @@ class TrainConfig:
     """DDPM steps of the sample grids"""
     progress: bool = field(default=True, metadata={"flag": "--no-progress"})
     """show a progress bar on rank 0 (--no-progress: none)"""
+    max_bad_steps: int = 5
+    """stop after this many consecutive steps with a non-finite loss or gradient norm (each one's update is
+    skipped: weights, EMA and optimizer untouched)"""
+    dist_timeout: float = 300.0
+    """seconds a collective may wait for another process before the run fails, naming the rank"""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -106,6 +112,20 @@ class TrainConfig:
             raise UserError(f"--global-batch-size {self.global_batch_size} must be positive")
         if self.max_steps is None and self.epochs is None:
             raise UserError("give --max-steps or --epochs: the run needs an end")
+        for name in ("max_steps", "epochs"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UserError(f"--{name.replace('_', '-')} {value} must be at least 1 (leave it out for no limit)")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise UserError(f"--lr {self.lr} must be a positive finite number")
+        if self.grad_clip is not None and not (math.isfinite(self.grad_clip) and self.grad_clip > 0):
+            raise UserError(f"--grad-clip {self.grad_clip} must be a positive finite norm (leave it out: no clipping)")
+        if self.image_size is not None and self.image_size < 1:
+            raise UserError(f"--image-size {self.image_size} must be positive")
+        if self.max_bad_steps < 1:
+            raise UserError(f"--max-bad-steps {self.max_bad_steps} must be at least 1")
+        if not (math.isfinite(self.dist_timeout) and self.dist_timeout > 0):
+            raise UserError(f"--dist-timeout {self.dist_timeout} must be a positive number of seconds")
         for name in ("ckpt_every", "log_every"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1")

@@ -5,6 +5,8 @@ device from the step's generator, so a resumed run draws exactly what it would h
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,8 @@ import torch
 from torch.utils.data import Dataset
 
 from ditlab.errors import UserError, UserFileNotFoundError
+
+IMAGE_FOLDER_SIZE = 256  # --image-size of an image folder when it is left out (the paper's)
 
 
 @dataclass
@@ -45,6 +49,33 @@ class TrainingData:
             noise = torch.randn(mean.shape, device=device, generator=generator, dtype=mean.dtype)
             images = (mean + std * noise).float()  # a posterior sample, already scaled
         return images, labels
+
+
+def native_image_size(spec: str) -> int:
+    """The data's own image size, `--image-size` when it is left out: the digits' 8, the size a latent
+    cache was extracted at, 256 for an image folder."""
+    if spec == "digits":
+        from ditlab.data.digits import DIGITS_SIZE
+
+        return DIGITS_SIZE
+    from ditlab.data.latents import is_latent_cache, read_index
+
+    return int(read_index(spec)["image_size"]) if is_latent_cache(spec) else IMAGE_FOLDER_SIZE
+
+
+def absolute_path(spec: str) -> str:
+    """A local folder (or file) as an absolute path; anything else (digits, a hub id) unchanged."""
+    local = os.path.expanduser(spec)
+    return os.path.abspath(local) if spec != "digits" and os.path.exists(local) else spec
+
+
+def with_data_defaults(cfg: Any, stored: dict[str, Any] | None) -> Any:
+    """`cfg` (a TrainConfig) with --data and --vae made absolute (a run's stored paths work from any
+    folder) and --image-size filled in when left out: the stored run's, else the data's own."""
+    image_size = cfg.image_size
+    if image_size is None:
+        image_size = (stored or {}).get("image_size") or native_image_size(absolute_path(cfg.data))
+    return dataclasses.replace(cfg, data=absolute_path(cfg.data), vae=absolute_path(cfg.vae), image_size=image_size)
 
 
 def open_training_data(spec: str, image_size: int, vae: str, device: torch.device) -> TrainingData:

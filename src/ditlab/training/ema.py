@@ -16,8 +16,9 @@ def make_ema(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * model, over every parameter, in one foreach op."""
+def update_ema(ema: nn.Module, model: nn.Module, decay: float | torch.Tensor) -> None:
+    """ema <- decay * ema + (1 - decay) * model, over every parameter, in one foreach op; `decay` a
+    float or a 0-dim tensor on the parameters' device (1 leaves the EMA as it is)."""
     ema_params = list(ema.parameters())
     params = [p.detach().to(e.dtype) for p, e in zip(model.parameters(), ema_params, strict=True)]
     torch._foreach_lerp_(ema_params, params, 1.0 - decay)

@@ -2,29 +2,38 @@
 
 Run the same command on the same results folder to resume: the newest checkpoint holds the
 weights, the EMA, the optimizer and the step; the data position and every random draw are
-functions of (seed, step, rank), so a resumed run continues exactly as if never stopped."""
+functions of (seed, step, rank), so a resumed run continues exactly as if never stopped.
+
+Faults: the results folder is locked for the run (`runtime.lock`), leftovers of interrupted
+writes are removed at the start (`runtime.temps`), non-finite steps are skipped and counted
+(`training.guard`), and SIGTERM / SIGINT save before exiting (`training.preempt`)."""
 
 from __future__ import annotations
 
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ditlab.checkpoints.state import checkpoint_path
 from ditlab.errors import UserError
 from ditlab.models import create_model
-from ditlab.runtime.distributed import DistInfo, all_reduce_mean, distributed_session
+from ditlab.runtime.distributed import DistInfo, all_reduce_mean, distributed_session, launched_by_torchrun
+from ditlab.runtime.lock import owned_folder
 from ditlab.runtime.precision import resolve_precision
 from ditlab.training import lr_schedule, resume
 from ditlab.training.accumulate import check_micro_batches
 from ditlab.training.config import TrainConfig
 from ditlab.training.data import TrainingData, open_training_data
 from ditlab.training.ema import make_ema
+from ditlab.training.guard import NonFiniteGuard, TrainingDiverged, weights_finite
 from ditlab.training.metrics import MetricsLog
 from ditlab.training.order import RankBatchSampler
 from ditlab.training.parallel import apply_parallelism
+from ditlab.training.preempt import Preemption, health_group, is_timeout, silent_rank_error, stop
 from ditlab.training.step import TrainStep, draw_step_inputs, step_seed
 
 
@@ -42,10 +51,22 @@ def _model_for(cfg: TrainConfig, data: TrainingData) -> torch.nn.Module:
 
 def train(cfg: TrainConfig, device: str | None = None, dataset: Dataset | None = None) -> dict[str, Any]:
     """Train until max_steps / epochs; returns a summary dict. `device` forces "cpu" or "cuda";
-    `dataset`, a map-style Dataset of (x (C, H, W), label), replaces --data (training.custom_data)."""
+    `dataset`, a map-style Dataset of (x (C, H, W), label), replaces --data (training.custom_data).
+
+    On SIGTERM / SIGINT it saves and raises `training.preempt.TrainingInterrupted` (a SystemExit)."""
     cfg.validate()
-    with distributed_session(device) as info:
-        return _train(cfg, info, dataset)
+    if cfg.fsdp and not launched_by_torchrun():
+        raise UserError("--fsdp shards the model over processes: launch it with "
+                        "`torchrun --nproc_per_node=N -m ditlab train ... --fsdp`")
+    with distributed_session(device, timedelta(seconds=cfg.dist_timeout)) as info:
+        health = health_group(info.distributed)
+        with owned_folder(cfg.results, "--results", info.is_main, temps_in=("", "checkpoints", "samples")):
+            try:
+                return _train(cfg, info, dataset)
+            except RuntimeError as e:  # a collective that timed out: name the rank that stopped answering
+                if info.distributed and is_timeout(e):
+                    raise silent_rank_error(cfg.dist_timeout, info.rank, health) from e
+                raise
 
 
 def _train(cfg: TrainConfig, info: DistInfo, dataset: Dataset | None = None) -> dict[str, Any]:
@@ -55,7 +76,7 @@ def _train(cfg: TrainConfig, info: DistInfo, dataset: Dataset | None = None) -> 
         raise UserError(f"--global-batch-size {cfg.global_batch_size} is not divisible by "
                         f"the {info.world_size} processes")
     check_micro_batches(cfg.global_batch_size, info.world_size, cfg.grad_accum)
-    state = resume.newest_state(cfg, info)
+    state, cfg = resume.newest_state(cfg, info)
     if dataset is None:
         data = open_training_data(cfg.data, cfg.image_size, cfg.vae, info.device)
     else:
@@ -72,44 +93,70 @@ def _train(cfg: TrainConfig, info: DistInfo, dataset: Dataset | None = None) -> 
     ema = make_ema(model)
     diffusion = Diffusion(learn_sigma=cfg.learn_sigma)
     wrapped, opt = apply_parallelism(model, ema, cfg, info)
-    step = 0
+    step, last_good = 0, None
     if state is not None:
         resume.check_same_data(state, cfg, len(data.dataset))
         lr_schedule.check_resume(state.config, cfg, steps_per_epoch)
+        resume.check_world_size(state, info)
         resume.restore(wrapped, ema, opt, state)
         step, state = state.step, None
+        last_good = checkpoint_path(Path(cfg.results) / "checkpoints", step)
     train_step = TrainStep(wrapped, ema, opt, diffusion, resolve_precision(cfg.precision, info.device), info.device,
-                           cfg.ema_decay, cfg.grad_clip or None)
+                           cfg.ema_decay, cfg.grad_clip)
     run = {"steps_per_epoch": steps_per_epoch, "dataset_size": len(data.dataset), "model_config": model.config,
            "vae": data.codec_spec, "class_names": getattr(data.dataset, "classes", None)}
     log = MetricsLog(Path(cfg.results), info, cfg, resume_step=step, total=total, description=data.description)
     sample_codec = _grid_codec(data, info) if cfg.sample_every else None
     dropout = model.cfg.class_dropout_prob if model.num_classes else None  # None: no labels
+    guard = NonFiniteGuard(cfg.max_bad_steps, info.device)
     started = time.time()
-    while step < total:
-        epoch, start = divmod(step, steps_per_epoch)
-        batches = RankBatchSampler(len(data.dataset), cfg.global_batch_size, info.rank, info.world_size,
-                                   cfg.seed, epoch, start)
-        loader = DataLoader(data.dataset, batch_sampler=batches, num_workers=cfg.num_workers,
-                            pin_memory=info.device.type == "cuda", persistent_workers=False)
-        for batch in loader:
-            inputs = draw_step_inputs(data, batch, diffusion, info.device, step_seed(cfg.seed, step, info.rank),
-                                      dropout)
-            lr_schedule.set_lr(opt, lr_schedule.lr_at(cfg, step, steps_per_epoch))
-            terms, grad_norm = train_step(*inputs, micro_batches=cfg.grad_accum)
-            step += 1
-            log.accumulate(terms, grad_norm)
-            log.step_done()
-            if step % cfg.log_every == 0 or step == total:
-                log.write(step, lr=opt.param_groups[0]["lr"], reduce=all_reduce_mean)
-            if cfg.sample_every and step % cfg.sample_every == 0:
-                log.image(_sample_grid(ema, diffusion, data, sample_codec, cfg, info, step), step)
-            if step % cfg.ckpt_every == 0 or step == total:
-                resume.save(wrapped, ema, opt, cfg, info, step, run)
-            if step >= total:
-                break
+    with Preemption(info.distributed, timedelta(seconds=cfg.dist_timeout)) as preempt:
+        while step < total:
+            epoch, start = divmod(step, steps_per_epoch)
+            batches = RankBatchSampler(len(data.dataset), cfg.global_batch_size, info.rank, info.world_size,
+                                       cfg.seed, epoch, start)
+            loader = DataLoader(data.dataset, batch_sampler=batches, num_workers=cfg.num_workers,
+                                pin_memory=info.device.type == "cuda", persistent_workers=False)
+            for batch in loader:
+                inputs = draw_step_inputs(data, batch, diffusion, info.device,
+                                          step_seed(cfg.seed, step, info.rank), dropout)
+                lr_schedule.set_lr(opt, lr_schedule.lr_at(cfg, step, steps_per_epoch))
+                terms, grad_norm, bad = train_step(*inputs, micro_batches=cfg.grad_accum)
+                step += 1
+                guard.update(bad, step)
+                log.accumulate(terms, grad_norm, bad)
+                log.step_done()
+                signum = preempt.agreed()
+                if step % cfg.log_every == 0 or step == total:
+                    log.write(step, lr=opt.param_groups[0]["lr"], reduce=all_reduce_mean)
+                    guard.check(last_good)
+                if cfg.sample_every and step % cfg.sample_every == 0:
+                    log.image(_sample_grid(ema, diffusion, data, sample_codec, cfg, info, step), step)
+                if step % cfg.ckpt_every == 0 or step == total or signum:
+                    last_good = _checkpoint(wrapped, ema, opt, cfg, info, step, run, guard, last_good)
+                if signum:
+                    log.close()
+                    raise stop(signum, step, str(last_good), info.is_main)
+                if step >= total:
+                    break
     log.close()
-    return {"step": step, "seconds": time.time() - started, "results": str(cfg.results), "rank": info.rank}
+    skipped = guard.check(last_good)
+    if skipped and info.is_main:
+        resume.warn(f"{skipped} step(s) had a non-finite loss or gradient norm; their updates were skipped")
+    return {"step": step, "seconds": time.time() - started, "results": str(cfg.results), "rank": info.rank,
+            "skipped": skipped}
+
+
+def _checkpoint(model, ema, opt, cfg: TrainConfig, info: DistInfo, step: int, run: dict[str, Any],
+                guard: NonFiniteGuard, last_good: Path | None) -> Path:
+    """Save a checkpoint, unless the run has diverged or its weights are not finite (then raise,
+    naming the last good checkpoint). Returns the new checkpoint's path."""
+    guard.check(last_good)
+    finite = torch.tensor(float(weights_finite(model, ema)), device=info.device)
+    if all_reduce_mean(finite).item() < 1:
+        raise TrainingDiverged(f"step {step}: the weights are not finite, no checkpoint written; last good "
+                               f"checkpoint: {last_good or 'none'}; lower --lr or set --grad-clip")
+    return resume.save(model, ema, opt, cfg, info, step, run)
 
 
 def _grid_codec(data: TrainingData, info: DistInfo):

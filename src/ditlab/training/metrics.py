@@ -1,7 +1,9 @@
 """Run metrics: metrics.jsonl, the sinks (TensorBoard, Weights & Biases) and a progress bar, on rank 0.
 
 Loss terms are summed on the device every step and read back only at log steps, so the
-training step never waits for the host."""
+training step never waits for the host. Steps whose update was skipped (non-finite loss or
+gradient norm) are left out of the means and counted as "skipped"; a row whose every step was
+skipped logs null terms, so the file stays strict JSON."""
 
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ class MetricsLog:
                  description: str = ""):
         self.info, self.cfg = info, cfg
         self.path = results / "metrics.jsonl"
-        self.sums: torch.Tensor | None = None  # (len(TERMS) + 1,): loss, mse, vb, grad norm
+        self.sums: torch.Tensor | None = None  # (len(TERMS) + 2,): loss, mse, vb, grad norm, finite steps
         self.count = 0
         self.last_step, self.last_time, self.started = resume_step, time.perf_counter(), time.time()
         self.bar, self.sinks = None, []
@@ -47,17 +49,24 @@ class MetricsLog:
                 self.bar.write(description)
         self.sinks = open_sinks(results, cfg)
 
-    def accumulate(self, terms: dict[str, torch.Tensor], grad_norm: torch.Tensor) -> None:
+    def accumulate(self, terms: dict[str, torch.Tensor], grad_norm: torch.Tensor,
+                   bad: torch.Tensor | None = None) -> None:  # fmt: skip
+        """One step's terms (each (N,)), gradient norm and bad flag (0-dim bool: a skipped step)."""
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
             grad_norm = grad_norm.full_tensor()
         values = torch.stack([terms[k].detach().float().mean() for k in TERMS] + [grad_norm.detach().float()])
+        good = torch.ones((), device=values.device) if bad is None else (~bad).float()
+        values = torch.cat([torch.where(good > 0, values, torch.zeros_like(values)), good[None]])
         self.sums = values if self.sums is None else self.sums + values
         self.count += 1
 
     def write(self, step: int, lr: float, reduce: Callable[[torch.Tensor], torch.Tensor]) -> None:
         if self.sums is None:
             return
-        means = reduce(self.sums / self.count).tolist()  # the only host sync of the interval
+        totals = reduce(self.sums / self.count).tolist()  # the only host sync of the interval
+        good = totals[-1]
+        means = [v / good if good > 0 else None for v in totals[:-1]]
+        skipped = round(self.count * (1 - good))
         now = time.perf_counter()
         images_per_sec = (step - self.last_step) * self.cfg.global_batch_size / max(now - self.last_time, 1e-9)
         self.sums, self.count, self.last_step, self.last_time = None, 0, step, now
@@ -65,11 +74,13 @@ class MetricsLog:
             return
         row = {"step": step, **dict(zip(TERMS, means)), "grad_norm": means[-1], "lr": lr,
                "images_per_sec": images_per_sec, "wall_time": time.time() - self.started}
+        if skipped:
+            row["skipped"] = skipped
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
         for sink in self.sinks:
-            sink.scalars({k: v for k, v in row.items() if k != "step"}, step)
-        if self.bar is not None:
+            sink.scalars({k: v for k, v in row.items() if k != "step" and v is not None}, step)
+        if self.bar is not None and row["loss"] is not None:
             self.bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{images_per_sec:.1f}")
 
     def step_done(self) -> None:

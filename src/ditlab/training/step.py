@@ -3,7 +3,11 @@
 
 The step never waits for the host: no `.item()`, no Python branch on a tensor. The gradient
 norm is computed for the metrics without the extra pass over the gradients that clipping to an
-infinite norm would make; with --grad-clip the gradients are scaled on the device."""
+infinite norm would make; with --grad-clip the gradients are scaled on the device.
+
+A step whose loss or gradient norm is not finite changes nothing: the fused AdamW skips its update
+on the device (its `found_inf` input, as GradScaler uses it) and the EMA update's weight becomes 0;
+the step returns the flag so that the loop can count such steps (`training.guard`)."""
 
 from __future__ import annotations
 
@@ -51,17 +55,20 @@ def grad_norm(params: list[torch.Tensor], max_norm: float | None) -> torch.Tenso
 
 
 class TrainStep:
-    """Callable (x0, t, y, noise) -> (loss terms, grad norm) that updates `model`, `opt` and `ema`.
+    """Callable (x0, t, y, noise) -> (loss terms, grad norm, bad) that updates `model`, `opt` and `ema`,
+    unless the step is bad (a 0-dim bool tensor: its loss or gradient norm is not finite).
 
     model(x (N, C, H, W), t (N,), y (N,) or None) -> (N, C_out, H, W) is any callable module (DiT,
     a DDP / FSDP / compiled wrapper, or a peer's model behind an adapter); `ema_update(ema, model,
-    decay)` defaults to the fused foreach update."""
+    decay)` defaults to the fused foreach update (it must take a 0-dim tensor decay unless skip_bad is
+    False: the plain step of a reference trainer, which updates whatever the flag says)."""
 
     def __init__(self, model: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer, diffusion: Any,
                  amp_dtype: torch.dtype | None, device: torch.device, ema_decay: float,
                  grad_clip: float | None = None,
-                 ema_update: Callable[[nn.Module, nn.Module, float], None] = update_ema):  # fmt: skip
-        self.model, self.ema, self.opt, self.diffusion = model, ema, opt, diffusion
+                 ema_update: Callable[[nn.Module, nn.Module, float], None] = update_ema,
+                 skip_bad: bool = True):  # fmt: skip
+        self.model, self.ema, self.opt, self.diffusion, self.skip_bad = model, ema, opt, diffusion, skip_bad
         self.ema_decay, self.grad_clip, self.ema_update = ema_decay, grad_clip, ema_update
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -74,15 +81,42 @@ class TrainStep:
 
     def __call__(self, x0: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, noise: torch.Tensor,
                  drop: torch.Tensor | None = None,
-                 micro_batches: int = 1) -> tuple[dict[str, torch.Tensor], torch.Tensor]:  # fmt: skip
+                 micro_batches: int = 1) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:  # fmt: skip
         """x0, noise (N, C, H, W), t (N,) step indices, y (N,) labels, drop (N,) bool: labels replaced by
-        the null label (None: the model's own label dropout) -> ({"loss", "mse", "vb"} each (N,), norm).
-        `micro_batches` K > 1 accumulates the gradients of K slices of N / K (training.accumulate)."""
+        the null label (None: the model's own label dropout) -> ({"loss", "mse", "vb"} each (N,), norm, bad).
+        `micro_batches` K > 1 accumulates the gradients of K slices of N / K (training.accumulate); a
+        non-finite step (bad) leaves the weights, the optimizer and the EMA as they were."""
         self.opt.zero_grad(set_to_none=True)
         terms = accumulate_gradients(self, x0, t, y, noise, drop, micro_batches)
+        loss = terms["loss"].mean()
         self.scaler.unscale_(self.opt)
         norm = grad_norm(self.params, self.grad_clip)
-        self.scaler.step(self.opt)
-        self.scaler.update()
-        self.ema_update(self.ema, self.model, self.ema_decay)
-        return terms, norm
+        if hasattr(norm, "full_tensor"):  # a DTensor under FSDP: the global norm
+            norm = norm.full_tensor()
+        bad = ~torch.isfinite(loss.detach())
+        if not self.scaler.is_enabled():  # fp16: the scaler skips non-finite gradients (and rescales) itself
+            bad = bad | ~torch.isfinite(norm.detach())
+        if not self.skip_bad:
+            self.scaler.step(self.opt)
+            self.scaler.update()
+            self.ema_update(self.ema, self.model, self.ema_decay)
+            return terms, norm, bad
+        self._step_unless(bad)
+        decay = torch.where(bad, 1.0, self.ema_decay)  # 1: the EMA stays as it was
+        self.ema_update(self.ema, self.model, decay)
+        return terms, norm, bad
+
+    def _step_unless(self, bad: torch.Tensor) -> None:
+        """The optimizer step, skipped when `bad` is true: on the device for the fused AdamW, else with
+        one host sync (an optimizer that cannot take `found_inf`)."""
+        if self.scaler.is_enabled():
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        elif self.opt.defaults.get("fused"):
+            self.opt.found_inf = bad.float()
+            try:
+                self.opt.step()
+            finally:
+                del self.opt.found_inf
+        elif not bool(bad):
+            self.opt.step()
