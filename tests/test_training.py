@@ -130,10 +130,15 @@ def test_torchrun_two_processes_ddp_and_fsdp_on_cpu(tmp_path):
     # FSDP2 (sharded over the 2 ranks), stopped at step 2 and resumed, computes what DDP computed.
     torchrun(tmp_path / "fsdp", "--fsdp", max_steps=2)
     torchrun(tmp_path / "fsdp", "--fsdp", max_steps=4)
+    # The two reduce gradients in another order (DDP's bucketed all-reduce, FSDP's reduce-scatter of
+    # shards), so their float sums differ by rounding, which AdamW normalises: where a gradient is
+    # ~0 (rounding alone), a weight moves by up to ~lr a step either way. Measured over repeated runs
+    # on gloo: up to ~1e-6 after these 4 steps at lr 1e-4; the bound leaves room, while the logged
+    # loss and gradient norm below stay tight.
     a, b = weights(tmp_path / "ddp"), weights(tmp_path / "fsdp")
     for part in ("model", "ema"):
-        for k in a[part]:
-            assert torch.allclose(a[part][k], b[part][k], atol=1e-6), (part, k)
+        diffs = torch.cat([(a[part][k].float() - b[part][k].float()).abs().flatten() for k in a[part]])
+        assert diffs.max() <= 2e-5 and diffs.median() <= 1e-7, (part, diffs.max().item(), diffs.median().item())
     assert set(a["opt"]["state"]) == set(b["opt"]["state"])
     logged = [[json.loads(line) for line in (tmp_path / m / "metrics.jsonl").read_text().splitlines()]
               for m in ("ddp", "fsdp")]
