@@ -68,6 +68,15 @@ def run_clients(server: LiveServer, clients: int, per_client: int, body: dict) -
             "latency_max_s": round(max(latencies), 4), "pngs": pngs}
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux), else the machine type."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return os.uname().machine
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
@@ -78,6 +87,7 @@ def main() -> None:
     ap.add_argument("--window-ms", type=float, default=20.0)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    load_before = os.getloadavg()[0]
     torch.manual_seed(0)
     model = ditlab.DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=128, depth=4, num_heads=4,
                        num_classes=10).eval()
@@ -109,9 +119,9 @@ def main() -> None:
                         2) for c in args.clients}
     result = {"benchmark": "serve", "model": "DiT depth 4, width 128, patch 2, 8x8x1 pixels (the demo's shape)",
               "request": body, "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "cpu": os.uname().machine, "rows": rows, "batched_speedup": speedup,
-              "note": "identical_to_alone: responses byte-equal to the same request in the 1-client one-by-one run; "
-                      "measured on a shared 2-core machine: re-measure on an idle one"}
+              "cpu": cpu_model(), "cores": os.cpu_count(), "load_average_before": load_before,
+              "rows": rows, "batched_speedup": speedup,
+              "note": "identical_to_alone: responses byte-equal to the same request in the 1-client one-by-one run"}
     print(json.dumps(result, indent=1))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
