@@ -139,8 +139,8 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     """The autocast dtype of the DiT for a --precision choice (None: plain fp32).
 
     auto is bf16 where the hardware does bf16 well: CUDA devices that support it, and CPUs whose
-    bf16 matmul a one-time subprocess measures faster than fp32 (and not faulting; see `cpu_bf16`);
-    fp32 elsewhere."""
+    bf16 matmul a one-time subprocess measures at least BF16_SPEEDUP_NEEDED times faster than fp32
+    (and not faulting; see `cpu_bf16`); fp32 elsewhere."""
     check_precision(precision)
     if precision == "auto":
         if device.type == "cuda":

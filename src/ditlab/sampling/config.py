@@ -55,8 +55,8 @@ class SampleConfig:
     batch_size: int = 32
     """images per forward pass, per process"""
     precision: str = field(default="auto", metadata={"choices": PRECISIONS})
-    """autocast of the DiT forward: auto = bf16 on CUDA, fp32 on CPU; the diffusion maths stay fp32, the VAE
-    runs in fp32 unless bf16/fp16 is asked for"""
+    """autocast of the DiT forward: auto = bf16 on CUDA and on CPUs where a probe measures bf16 faster, else fp32;
+    the diffusion maths stay fp32, the VAE runs in fp32 unless bf16/fp16 is asked for"""
     weights: str = field(default="ema", metadata={"choices": WEIGHT_SETS})
     """EMA or raw weights, for checkpoints that hold both"""
     png_dir: str | None = None
