@@ -29,7 +29,8 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--vae", default=None,
                    help="hub id, local AutoencoderKL folder, or 'pixel' (default: as ditlab sample)")
     p.add_argument("--weights", default="ema", choices=WEIGHT_SETS, help="default ema")
-    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="autocast of the DiT forward: auto = bf16 where the hardware does it well (see ditlab sample --help) (default auto)")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="autocast of the DiT forward: auto = bf16 where the hardware does it well (default auto)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     p.add_argument("--host", default=LOCALHOST, help=f"address to listen on (default {LOCALHOST}: this machine only)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}")
