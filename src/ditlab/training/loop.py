@@ -11,6 +11,7 @@ writes are removed at the start (`runtime.temps`), non-finite steps are skipped 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ditlab.checkpoints.state import checkpoint_path
+from ditlab.checkpoints.state import TrainingState, checkpoint_path
 from ditlab.errors import UserError
 from ditlab.models import create_model
 from ditlab.runtime.distributed import DistInfo, all_reduce_mean, distributed_session, launched_by_torchrun
@@ -69,14 +70,20 @@ def train(cfg: TrainConfig, device: str | None = None, dataset: Dataset | None =
                 raise
 
 
-def _train(cfg: TrainConfig, info: DistInfo, dataset: Dataset | None = None) -> dict[str, Any]:
-    from ditlab.diffusion import Diffusion
+@dataclass
+class _Parts:
+    """What a run trains with, once built (and restored on resume)."""
 
-    if cfg.global_batch_size % info.world_size:
-        raise UserError(f"--global-batch-size {cfg.global_batch_size} is not divisible by "
-                        f"the {info.world_size} processes")
-    check_micro_batches(cfg.global_batch_size, info.world_size, cfg.grad_accum)
-    state, cfg = resume.newest_state(cfg, info)
+    model: torch.nn.Module  # the DiT itself
+    ema: torch.nn.Module
+    wrapped: torch.nn.Module  # the model behind DDP / FSDP, what the step calls
+    opt: torch.optim.Optimizer
+    diffusion: Any
+    train_step: TrainStep
+
+
+def _open_data(cfg: TrainConfig, info: DistInfo, dataset: Dataset | None) -> tuple[TrainingData, int, float]:
+    """The run's data, its steps per epoch and the step the run ends at."""
     if dataset is None:
         data = open_training_data(cfg.data, cfg.image_size, cfg.vae, info.device)
     else:
@@ -86,7 +93,13 @@ def _train(cfg: TrainConfig, info: DistInfo, dataset: Dataset | None = None) -> 
     steps_per_epoch = len(data.dataset) // cfg.global_batch_size
     if steps_per_epoch == 0:
         raise UserError(f"--global-batch-size {cfg.global_batch_size} exceeds the {len(data.dataset)} training images")
-    total = cfg.total_steps(steps_per_epoch)
+    return data, steps_per_epoch, cfg.total_steps(steps_per_epoch)
+
+
+def _build(cfg: TrainConfig, info: DistInfo, data: TrainingData, steps_per_epoch: int,
+           state: TrainingState | None) -> tuple[_Parts, int, Path | None]:
+    """The model, EMA, optimizer and step, restored from `state` on resume; (parts, step, last checkpoint)."""
+    from ditlab.diffusion import Diffusion
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank and every run of this config
     model = _model_for(cfg, data).to(info.device)
@@ -99,10 +112,24 @@ def _train(cfg: TrainConfig, info: DistInfo, dataset: Dataset | None = None) -> 
         lr_schedule.check_resume(state.config, cfg, steps_per_epoch)
         resume.check_world_size(state, info)
         resume.restore(wrapped, ema, opt, state)
-        step, state = state.step, None
+        step = state.step
         last_good = checkpoint_path(Path(cfg.results) / "checkpoints", step)
     train_step = TrainStep(wrapped, ema, opt, diffusion, resolve_precision(cfg.precision, info.device), info.device,
                            cfg.ema_decay, cfg.grad_clip)
+    return _Parts(model, ema, wrapped, opt, diffusion, train_step), step, last_good
+
+
+def _train(cfg: TrainConfig, info: DistInfo, dataset: Dataset | None = None) -> dict[str, Any]:
+    if cfg.global_batch_size % info.world_size:
+        raise UserError(f"--global-batch-size {cfg.global_batch_size} is not divisible by "
+                        f"the {info.world_size} processes")
+    check_micro_batches(cfg.global_batch_size, info.world_size, cfg.grad_accum)
+    state, cfg = resume.newest_state(cfg, info)
+    data, steps_per_epoch, total = _open_data(cfg, info, dataset)
+    parts, step, last_good = _build(cfg, info, data, steps_per_epoch, state)
+    del state  # the weights now live in the modules
+    model, ema, wrapped, opt, diffusion, train_step = (parts.model, parts.ema, parts.wrapped, parts.opt,
+                                                       parts.diffusion, parts.train_step)
     run = {"steps_per_epoch": steps_per_epoch, "dataset_size": len(data.dataset), "model_config": model.config,
            "vae": data.codec_spec, "class_names": getattr(data.dataset, "classes", None)}
     log = MetricsLog(Path(cfg.results), info, cfg, resume_step=step, total=total, description=data.description)
