@@ -49,7 +49,8 @@ def markdown(study: dict[str, Any], rows: list[dict[str, Any]], found: dict[str,
              f"{', '.join(f'{s:g}' for s in e['cfg_scales'])}; metric {found['metric']} (lower is better).", ""]
     if reference:
         lines += ["Real training digits against the held-out ones: Frechet distance "
-                  f"{reference['frechet_distance']:.3g} (a reference: as many real digits as samples; models land near it, not strictly above).", ""]
+                  f"{reference['frechet_distance']:.3g} (a reference, as many real digits as samples: models land "
+                  "near it, not strictly above).", ""]
     lines += ["## What the measurements say", ""]
     for key in ("gflops_correlation", "blocks", "sweep"):
         if found.get(key):
