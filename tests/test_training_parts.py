@@ -87,3 +87,35 @@ def test_digits_dataset_split_and_range():
     assert big.shape == (297, 1, 16, 16)
     with pytest.raises(ValueError, match="--image-size 12"):
         load_digits_arrays("train", 12)
+
+
+def test_a_run_stored_before_a_setting_existed_resumes():
+    """Settings added later (lr_warmup, lr_schedule, ...) are missing from older runs' stored
+    configs: there they had their defaults, so the resume is not refused."""
+    import dataclasses
+
+    from ditlab.training.resume import config_differences
+
+    cfg = TrainConfig(data="digits", results="r", model="DiT-S/2")
+    old = {k: v for k, v in cfg.to_dict().items() if k not in ("lr_warmup", "lr_schedule", "lr_min")}
+    assert config_differences(old, cfg) == []
+    changed = dataclasses.replace(cfg, lr_warmup=10)
+    assert config_differences(old, changed) == ["lr_warmup: 0 -> 10"]
+
+
+def test_the_ema_update_takes_a_device_tensor_decay_without_reading_it():
+    """A 0-dim tensor decay (what a skipped step passes) must not be turned into a Python number
+    (on CUDA that is a host sync every step). On the meta device reading it raises, so the update
+    there proves it is not read; on the CPU it gives what the float decay gives."""
+    from ditlab.training.ema import make_ema, update_ema
+
+    meta = torch.nn.Linear(3, 2, device="meta")
+    update_ema(make_ema(meta), meta, torch.tensor(0.9, device="meta"))  # raises if the decay is read
+    model = torch.nn.Linear(3, 2)
+    ema_a, ema_b = make_ema(model), make_ema(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    update_ema(ema_a, model, torch.tensor(0.9))
+    update_ema(ema_b, model, 0.9)
+    assert all(torch.allclose(a, b) for a, b in zip(ema_a.parameters(), ema_b.parameters()))

@@ -21,4 +21,8 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float | torch.Tensor) ->
     float or a 0-dim tensor on the parameters' device (1 leaves the EMA as it is)."""
     ema_params = list(ema.parameters())
     params = [p.detach().to(e.dtype) for p, e in zip(model.parameters(), ema_params, strict=True)]
-    torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+    weight = 1.0 - decay
+    if torch.is_tensor(weight):  # a device tensor as a list weight: a Scalar weight would sync (.item())
+        torch._foreach_lerp_(ema_params, params, [weight] * len(ema_params))
+    else:
+        torch._foreach_lerp_(ema_params, params, weight)

@@ -55,7 +55,9 @@ class MetricsLog:
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
             grad_norm = grad_norm.full_tensor()
         values = torch.stack([terms[k].detach().float().mean() for k in TERMS] + [grad_norm.detach().float()])
-        good = torch.ones((), device=values.device) if bad is None else (~bad).float()
+        # a step whose update was skipped (bad, or an fp16 overflow the scaler skipped) is left out
+        good = torch.isfinite(values).all() if bad is None else (~bad) & torch.isfinite(values).all()
+        good = good.float()
         values = torch.cat([torch.where(good > 0, values, torch.zeros_like(values)), good[None]])
         self.sums = values if self.sums is None else self.sums + values
         self.count += 1

@@ -12,6 +12,7 @@ one-line warning and the run resumes from the one before it; a torn last line of
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -47,6 +48,9 @@ def warn(message: str) -> None:
 def config_differences(stored: dict[str, Any], current: TrainConfig) -> list[str]:
     """Run-defining settings that differ between a stored run and `current`."""
     now = current.to_dict()
+    # a setting that a run stored by an older ditlab lacks had its default there
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+    stored = {**defaults, **stored}
     stored = {**stored, **{k: absolute_path(stored[k]) for k in ("data", "vae") if isinstance(stored.get(k), str)}}
     return [
         f"{k}: {stored.get(k)!r} -> {now[k]!r}"
