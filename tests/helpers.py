@@ -1,5 +1,7 @@
 """Helpers shared by the tests (importable: pytest puts tests/ on sys.path)."""
 
+import time
+
 import pytest
 import torch
 
@@ -56,3 +58,15 @@ class NearlyExact(torch.nn.Module):
         c = x.shape[1]
         eps = self.sqrt_one_minus_ab[t].reshape(-1, 1, 1, 1).to(x.dtype) * x + self.scale * out[:, :c]
         return torch.cat([eps, self.scale * out[:, c:]], dim=1)
+
+
+def wait_for(condition, what: str, deadline_s: float = 120.0):
+    """Poll `condition()` until it returns something truthy (a generous deadline: the poll stops as
+    soon as the condition holds, so no test depends on how fast the machine is)."""
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}")

@@ -6,9 +6,9 @@ import http.client
 import json
 import socket
 import threading
-import time
 
 import torch
+from helpers import wait_for  # noqa: F401  (the serve tests import it from here)
 
 DEADLINE_S = 60.0  # generous: polls stop as soon as their condition holds
 
@@ -18,17 +18,6 @@ def save_digits_checkpoint(path, model) -> str:
     torch.save({"model": model.state_dict(), "ema": model.state_dict(), "opt": {}, "step": 7,
                 "config": {"data": "digits"}, "model_config": model.config}, path)
     return str(path)
-
-
-def wait_for(condition, what: str, deadline_s: float = DEADLINE_S):
-    """Poll `condition()` until it returns something truthy; fail after the deadline."""
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class LiveServer:

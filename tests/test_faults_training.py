@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import wait_for as poll
 
 from ditlab.checkpoints.state import list_checkpoints, load_checkpoint, save_checkpoint
 from ditlab.cli import main
@@ -48,16 +49,6 @@ def dead_pid() -> int:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
     return proc.pid
-
-
-def poll(condition, what: str, deadline: float = 120.0):
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def cli_error(capsys, *args) -> str:

@@ -74,7 +74,7 @@ def owned_folder(folder: str | os.PathLike, flag: str, is_main: bool = True,
         try:
             fd = acquire(folder, flag)
             for sub in temps_in:
-                remove_stale_temps(Path(folder) / sub, owned=True)
+                remove_stale_temps(Path(folder) / sub)
         except UserError as e:
             error = e
     message = broadcast_object(None if error is None else str(error))

@@ -24,17 +24,17 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temps(folder: str | os.PathLike, owned: bool = False) -> list[Path]:
+def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
     """Remove the temporary files (or folders) of interrupted writes in `folder`; returns them.
-    Those of a live process are kept, unless `owned` (the caller holds the folder's lock, so no
-    other process writes there and a live PID is a reused one); this process's own are always kept."""
+    Those of a live process are kept, also in a folder the caller holds the lock of: another
+    command (`ditlab sample --out RESULTS/...`) may be writing there."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
     removed = []
     for name in os.listdir(folder):
         m = TEMP_PATTERN.match(name)
-        if not m or int(m.group(1)) == os.getpid() or (not owned and _alive(int(m.group(1)))):
+        if not m or int(m.group(1)) == os.getpid() or _alive(int(m.group(1))):
             continue
         path = folder / name
         if path.is_dir() and not path.is_symlink():
