@@ -8,7 +8,7 @@ import socket
 import threading
 
 import torch
-from helpers import wait_for  # noqa: F401  (the serve tests import it from here)
+from helpers import wait_for  # also imported from here by the serve and hub tests
 
 DEADLINE_S = 60.0  # generous: polls stop as soon as their condition holds
 
