@@ -195,10 +195,13 @@ class FlowMatching:
             raise UserError(f"unknown flow sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
         if not isinstance(steps, int) or steps < 1:
             raise UserError(f"steps must be an integer >= 1, got {steps}")
-        t0, _ = self.sample_interval(sampler)
+        t0, t1 = self.sample_interval(sampler)
         if sampler.startswith("sde-") and self.diffusion_form == "sbdm" and t0 == 0:
             raise UserError("diffusion form 'sbdm' is infinite at t = 0 (SiT's code returns inf there for velocity "
                             "prediction): set sample_eps > 0 or use diffusion form 'sigma'")
+        if sampler == "sde-heun" and t1 == 1 and self.prediction == "velocity":
+            raise UserError("sampler 'sde-heun' with last step 'none' ends on t = 1, where the score is infinite "
+                            "(SiT's code gives NaN there): use a last step or sample_eps > 0")
         if noise.ndim < 2:
             raise UserError(f"noise must be (N, C, ...), got shape {tuple(noise.shape)}")
         N, C = noise.shape[:2]
