@@ -12,6 +12,7 @@ from helpers import randomize
 
 import ditlab
 from ditlab.diffusion import flow, flow_samplers
+from ditlab.diffusion.samplers import Guidance
 from ditlab.errors import UserError
 
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=4, num_classes=10)
@@ -165,6 +166,10 @@ def test_guidance_scale_one_is_the_conditional_model_and_all_channels_differ_fro
     three = fm.sample(model, noise, y=y, steps=4, cfg_scale=4.0, guidance_channels=3)
     four = fm.sample(model, noise, y=y, steps=4, cfg_scale=4.0)
     assert (three - plain).abs().max() > 1e-3 and (four - three)[:, :3].abs().max() > 1e-3
+    as_value = fm.generate(model, noise, y, steps=4, sampler="euler", guidance=Guidance(scale=4.0, channels=3))
+    assert torch.equal(as_value, three)  # the guidance's null class defaults to the model's
+    clipped = fm.generate(model, noise, y, steps=4, sampler="euler", guidance=Guidance(), clip_denoised=True)
+    assert plain.abs().max() > 1 and torch.equal(clipped, plain.clamp(-1, 1))
 
 
 def test_record_round_trip():
@@ -180,8 +185,10 @@ def test_record_round_trip():
     assert "gvp" in repr(fm) and fm.diffusion_form == "sbdm"
     with pytest.raises(UserError, match="objective 'ddpm', not 'flow'"):
         ditlab.FlowMatching.from_record({"objective": "ddpm"})
-    with pytest.raises(UserError, match="unknown flow settings in the record: colour"):
-        ditlab.FlowMatching.from_record({"objective": "flow", "colour": 1})
+    run_config = {"objective": "flow", "path": "gvp", "lr": 1e-4, "global_batch_size": 256}  # a run's config
+    assert ditlab.FlowMatching.from_record(run_config).config == ditlab.FlowMatching("gvp").config
+    with pytest.raises(UserError, match="unknown path 'vp'"):
+        ditlab.FlowMatching.from_record({"objective": "flow", "path": "vp"})
 
 
 @pytest.mark.parametrize("settings, message", [

@@ -110,15 +110,12 @@ class FlowMatching:
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> FlowMatching:
-        """The process of `to_record`'s dict; settings it lacks take their defaults (older records)."""
-        settings = dict(record)
-        objective = settings.pop("objective", OBJECTIVE)
+        """The process of a `to_record` dict, or of a run's config (its flow settings; other keys are not
+        the process's): settings it lacks take their defaults (records older than a setting)."""
+        objective = record.get("objective", OBJECTIVE)
         if objective != OBJECTIVE:
             raise UserError(f"the record is of objective {objective!r}, not {OBJECTIVE!r}")
-        unknown = sorted(set(settings) - set(FlowConfig.__dataclass_fields__))
-        if unknown:
-            raise UserError(f"unknown flow settings in the record: {', '.join(unknown)}")
-        return cls(**settings)
+        return cls(**{k: v for k, v in record.items() if k in FlowConfig.__dataclass_fields__})
 
     # ---- training ------------------------------------------------------------------------------
 
@@ -156,23 +153,31 @@ class FlowMatching:
 
     def sample(self, model: ModelFn, noise: torch.Tensor, y: torch.Tensor | None = None, steps: int = DEFAULT_STEPS,
                sampler: str = SAMPLERS[0], cfg_scale: float = 1.0, guidance_channels: int | None = None,
-               generator: Generators = None, progress: bool = False) -> torch.Tensor:  # fmt: skip
+               generator: Generators = None, progress: bool = False,
+               clip_denoised: bool = False) -> torch.Tensor:  # fmt: skip
         """x at t = 1 (N, C, ...) from the noise at t = 0 (N, C, ...): `steps` intervals of the time grid
         (SiT's num_steps = steps + 1; an SDE adds its last step to 1, dopri5 chooses its own steps). y (N,)
         labels or None; cfg_scale != 1 guides the velocity with the model's null class, on all channels or
         the first `guidance_channels` (3: SiT's forward_with_cfg); generator: SDE noise, one
-        torch.Generator or one per image. The model should be in eval mode."""
+        torch.Generator or one per image; clip_denoised clamps the result to [-1, 1] (pixel space). The model
+        should be in eval mode."""
         guidance = Guidance(scale=cfg_scale, channels=guidance_channels, null_class=getattr(model, "null_class", None))
         return self.generate(model, noise, y, steps=steps, sampler=sampler, guidance=guidance, generator=generator,
-                             progress=progress)  # fmt: skip
+                             progress=progress, clip_denoised=clip_denoised)  # fmt: skip
 
     def generate(self, model: ModelFn, noise: torch.Tensor, y: torch.Tensor | None = None, *, steps: int,
                  sampler: str, guidance: Guidance, generator: Generators = None,
-                 progress: bool = False) -> torch.Tensor:  # fmt: skip
-        """`sample` with the guidance as a value."""
+                 progress: bool = False, clip_denoised: bool = False) -> torch.Tensor:  # fmt: skip
+        """`sample` with the guidance as a value (its null_class None: the model's own)."""
+        x = self._integrate(model, noise, y, steps, sampler, guidance, generator, progress)
+        return x.clamp(-1, 1) if clip_denoised else x
+
+    def _integrate(self, model: ModelFn, noise: torch.Tensor, y: torch.Tensor | None, steps: int, sampler: str,
+                   guidance: Guidance, generator: Generators, progress: bool) -> torch.Tensor:  # fmt: skip
         self._check(model, noise, y, steps, sampler, guidance)
         N, C = noise.shape[:2]
-        step_model = guided_model(model, y, float(guidance.scale), guidance.channels, C, guidance.null_class)
+        null_class = getattr(model, "null_class", None) if guidance.null_class is None else guidance.null_class
+        step_model = guided_model(model, y, float(guidance.scale), guidance.channels, C, null_class)
         x = noise.to(torch.promote_types(noise.dtype, torch.float32))
         fields = _ModelFields(step_model, self.path, self.prediction, C)
         t0, t1 = self.sample_interval(sampler)
@@ -214,7 +219,7 @@ class FlowMatching:
             raise UserError(f"guidance_channels must be between 1 and {C}, got {guidance.channels}")
         if isinstance(model, torch.nn.Module) and model.training:
             warnings.warn("sampling from a model in training mode (DiT then drops labels at random): call "
-                          "model.eval()", stacklevel=3)
+                          "model.eval()", stacklevel=4)
 
 
 class _ModelFields:
