@@ -239,3 +239,16 @@ def test_progress_bar(capsys):
     x = ditlab.FlowMatching().sample(model, noise, steps=3, sampler="sde-heun", generator=seeded(1), progress=True)
     assert "sampling" in capsys.readouterr().err
     assert torch.equal(x, ditlab.FlowMatching().sample(model, noise, steps=3, sampler="sde-heun", generator=seeded(1)))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sampler", ["sde-heun", "heun"])
+def test_cuda_sampling_matches_cpu_with_cpu_generators(sampler):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    model, fm = tiny_model(), ditlab.FlowMatching(last_step="tweedie")
+    noise, y = torch.randn(2, 4, 8, 8, generator=seeded(18)), torch.tensor([1, 2])
+    cpu = fm.sample(model, noise, y=y, steps=10, sampler=sampler, cfg_scale=2.0, generator=seeded(0, 2))
+    gpu = fm.sample(model.cuda(), noise.cuda(), y=y.cuda(), steps=10, sampler=sampler, cfg_scale=2.0,
+                    generator=seeded(0, 2))  # fmt: skip
+    assert gpu.device.type == "cuda" and (gpu.cpu() - cpu).abs().max().item() <= 1e-3 * cpu.abs().max().item()

@@ -126,7 +126,7 @@ def last_step(kind: str, sde: SDE, x: torch.Tensor, t: float, size: float) -> to
     if kind == "euler":
         return x + sde.fields.velocity(x, t) * size
     if kind == "tweedie":
-        c = flow.coefficients(sde.fields.path, torch.tensor(t, dtype=x.dtype))
+        c = flow.coefficients(sde.fields.path, torch.tensor(t, dtype=x.dtype, device=x.device))
         return x / c.alpha + c.sigma**2 / c.alpha * sde.fields.velocity_and_score(x, t)[1]
     raise ValueError(f"unknown last step {kind!r}")
 
