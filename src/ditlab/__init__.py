@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 # public name -> the module that defines it
 _MODULES = {"ditlab.models.blocks": "BLOCKS", "ditlab.models.dit": "DiT DiTConfig",
             "ditlab.models.configs": "MODEL_CONFIGS create_model", "ditlab.models.flops": "count_gflops",
-            "ditlab.diffusion.process": "Diffusion", "ditlab.training.config": "TrainConfig",
-            "ditlab.training.loop": "train"}  # fmt: skip
+            "ditlab.diffusion.process": "Diffusion", "ditlab.diffusion.flow_matching": "FlowMatching",
+            "ditlab.training.config": "TrainConfig", "ditlab.training.loop": "train"}  # fmt: skip
 __getattr__, __dir__ = lazy_exports("ditlab", _MODULES)
 __all__ = __dir__()

@@ -1,5 +1,5 @@
-"""Downloads by name: the authors' DiT checkpoints, ADM's reference batches and the FID Inception
-weights, fetched once into a cache folder and verified.
+"""Downloads by name: the authors' DiT checkpoints, SiT's, ADM's reference batches and the FID
+Inception weights, fetched once into a cache folder and verified.
 
 - Cache: `$DITLAB_HOME` (default `~/.cache/ditlab`), one file per released name. A file there is
   used as it is (it was verified when it arrived): no request is made.
@@ -40,6 +40,8 @@ READ_TIMEOUT_S = 60.0  # a stalled transfer
 RESUME_ATTEMPTS = 3  # one call resumes an interrupted transfer at most this often, and only while it progresses
 CHUNK = 1 << 20
 DIT_URL = "https://dl.fbaipublicfiles.com/DiT/models/"  # the authors' download.py
+SIT_URL = ("https://www.dl.dropboxusercontent.com/scl/fi/as9oeomcbub47de5g4be0/SiT-XL-2-256.pt"
+           "?rlkey=uxzxmpicu46coq3msb17b9ofa&dl=0")  # SiT's download.py (willisma/SiT)
 ADM_URL = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/"
 INCEPTION_NAME = "weights-inception-2015-12-05-6726825d.pth"
 
@@ -56,11 +58,15 @@ class Released:
     """the leading hex digits of its SHA-256, where known"""
     model: str | None = None
     """the named config it holds (a checkpoint's state dict does not store its heads)"""
+    objective: str = "ddpm"
+    """a checkpoint's process: "ddpm" (DiT) or "flow" (SiT: `FlowMatching()`'s defaults, linear path, velocity)"""
 
 
 RELEASED: dict[str, Released] = {
     "DiT-XL-2-256x256.pt": Released(DIT_URL + "DiT-XL-2-256x256.pt", "checkpoint", model="DiT-XL/2"),
     "DiT-XL-2-512x512.pt": Released(DIT_URL + "DiT-XL-2-512x512.pt", "checkpoint", model="DiT-XL/2"),
+    # SiT's models.py is DiT's with learn_sigma=True and the second half of the output dropped: the same keys
+    "SiT-XL-2-256x256.pt": Released(SIT_URL, "checkpoint", model="DiT-XL/2", objective="flow"),
     "VIRTUAL_imagenet256_labeled.npz": Released(ADM_URL + "256/VIRTUAL_imagenet256_labeled.npz", "reference"),
     "VIRTUAL_imagenet512.npz": Released(ADM_URL + "512/VIRTUAL_imagenet512.npz", "reference"),
     INCEPTION_NAME: Released("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_NAME,
