@@ -107,6 +107,12 @@ def test_save_ref_from_a_folder_is_used_and_cached(tmp_path, capsys, weights, no
     assert stored["fd_dinov2"] == pytest.approx(computed["fd_dinov2"], rel=1e-6)
     assert stored["precision_dinov2"] == computed["precision_dinov2"]
 
+    flat = tmp_path / "real" / "a"  # a flat folder: no labels
+    made = run_eval(capsys, "--save-ref", str(tmp_path / "flat.npz"), str(flat), "--features", "dinov2",
+                    "--dinov2", weights, "--image-size", "32")
+    with np.load(tmp_path / "flat.npz") as z:
+        assert np.array_equal(z["arr_0"], images[:3]) and "arr_1" not in z.files
+
     before = Path(out).stat().st_mtime_ns
     again = run_eval(capsys, "--save-ref", out, str(tmp_path / "real"), "--features", "dinov2", "--dinov2", weights)
     assert again["features"] == {"dinov2": "cached"} and Path(out).stat().st_mtime_ns == before
@@ -159,3 +165,18 @@ def test_released_dinov2_names_are_the_official_ones_and_checked(tmp_path, monke
     with pytest.raises(UserError, match="not dinov2_vitl14.*removed"):
         hub.fetch(hub.DINOV2_NAME, progress=False)
     assert not (tmp_path / "home" / hub.DINOV2_NAME).exists()
+
+
+@pytest.mark.gpu
+def test_cuda_features_match_cpu(weights):
+    """The CUDA path (TF32 off as ditlab eval runs, SDPA's CUDA kernels) gives the CPU's features."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from ditlab.evaluation.evaluate import _full_fp32
+    from ditlab.evaluation.fd_dinov2 import dinov2_batch
+
+    images = np.random.default_rng(2).integers(0, 256, (4, 256, 256, 3), dtype=np.uint8)
+    cpu = dinov2_batch(load_dinov2(weights), images)
+    with _full_fp32():
+        gpu = dinov2_batch(load_dinov2(weights, "cuda"), images).cpu()
+    assert (gpu - cpu).abs().max() <= 1e-4 * cpu.abs().max()

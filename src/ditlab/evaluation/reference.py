@@ -1,7 +1,7 @@
 """`ditlab eval --save-ref OUT.npz IMAGES`: a reference batch made once from real images, so that
 later evaluations read its statistics instead of computing them again.
 
-IMAGES is a folder in the ImageNet layout (ADM's center crop to `image_size`, as DiT trains), an
+IMAGES is a folder, flat or in the ImageNet layout (ADM's center crop to `image_size`, as DiT trains), an
 ADM-layout .npz (its images as they are; Inception statistics it already stores, as ADM's batches
 do, are kept rather than recomputed from its images), or the name of ADM's batch (imagenet256,
 imagenet512). OUT is ADM's layout: `arr_0` the images (precision and recall need them), `arr_1`
@@ -27,18 +27,27 @@ DEFAULT_IMAGE_SIZE = 256  # the paper's resolution, for folders of real images
 
 
 class FolderImages:
-    """The images of an ImageNet-layout folder, ADM-center-cropped: `num_images`, `shape` (S, S, 3),
-    `labels` (N,), `batches(batch_size)` -> uint8 (B, S, S, 3), as `NpzImages` reads a file."""
+    """The images of a folder, ADM-center-cropped: in the ImageNet layout (`ROOT/<class>/...`, labels
+    the sorted class order) or flat (`ROOT/<image>`, no labels). `num_images`, `shape` (S, S, 3),
+    `labels` (N,) or None, `batches(batch_size)` -> uint8 (B, S, S, 3), as `NpzImages` reads a file."""
 
     def __init__(self, root: str, image_size: int):
-        from ditlab.data.images import scan_image_folder
+        from ditlab.data.images import IMAGE_EXTENSIONS, scan_image_folder
 
         if image_size < 1:
             raise UserError(f"--image-size {image_size} must be positive")
         self.path, self.image_size = root, image_size
-        _, self.samples = scan_image_folder(root)
+        with os.scandir(root) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        if any(e.is_dir() and not e.name.startswith(".") for e in entries):
+            _, self.samples = scan_image_folder(root)
+            self.labels = np.array([label for _, label in self.samples], dtype=np.int64)
+        else:
+            self.samples = [(e.name, -1) for e in entries if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)]
+            self.labels = None
+            if not self.samples:
+                raise UserError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) and no class subfolders")
         self.num_images, self.shape = len(self.samples), (image_size, image_size, 3)
-        self.labels = np.array([label for _, label in self.samples], dtype=np.int64)
 
     def batches(self, batch_size: int) -> Iterator[np.ndarray]:
         from ditlab.data.images import center_crop_arr, load_rgb
