@@ -15,9 +15,11 @@ import torch
 
 from ditlab.errors import UserError
 from ditlab.evaluation.batches import NpzImages, load_stats
+from ditlab.evaluation.dinov2 import DinoVisionTransformer
 from ditlab.evaluation.inception import InceptionV3, default_weights_path, load_inception
 from ditlab.evaluation.metrics import (
     PR_NEIGHBOURS,
+    FeatureStats,
     feature_stats,
     frechet_distance,
     inception_score,
@@ -114,14 +116,23 @@ def evaluate(
             raise UserError(f"{imgs.path}: {imgs.num_images} images; precision/recall need more than {PR_NEIGHBOURS}")
     record = read_record(samples_path)
     torch_device = _device(device)
+    # Every network and stored statistic is loaded (and refused) before the first feature is computed.
+    if "inception" in features:
+        inception_stored = {name: load_stats(path) for name, path in files.items()}
+        inception = load_inception(inception_weights(inception_path, progress), torch_device)
+    if "dinov2" in features:
+        from ditlab.evaluation import fd_dinov2
+
+        dinov2, dinov2_record = fd_dinov2.load_network(fd_dinov2.dinov2_weights(dinov2_path, progress), torch_device)
+        dinov2_stored = fd_dinov2.load_stored(files["ref"], dinov2_record)
     result: dict[str, Any] = {}
     records: dict[str, Any] = {}
     if "inception" in features:
-        result.update(_inception_metrics(files, images, inception_path, batch_size, torch_device, progress))
+        result.update(_inception_metrics(inception, inception_stored, images, batch_size, progress))
         records["inception"] = INCEPTION_RECORD
     if "dinov2" in features:
-        metrics, records["dinov2"] = _dinov2_metrics(files, images, dinov2_path, batch_size, torch_device, progress)
-        result.update(metrics)
+        result.update(_dinov2_metrics(dinov2, dinov2_stored, images, batch_size, progress))
+        records["dinov2"] = dinov2_record
     result.update({
         "num_samples": images["samples"].num_images,
         "num_ref": images["ref"].num_images,
@@ -148,15 +159,13 @@ def check_features(features: Sequence[str] | str) -> tuple[str, ...]:
     return tuple(f for f in FEATURE_SETS if f in features)
 
 
-def _inception_metrics(files: dict[str, str], images: dict[str, NpzImages], inception_path: str | None,
-                       batch_size: int, device: torch.device, progress: bool) -> dict[str, Any]:
-    """ADM's five numbers and which statistics made them."""
-    stored = {name: load_stats(path) for name, path in files.items()}
-    model = load_inception(inception_weights(inception_path, progress), device)
+def _inception_metrics(model: InceptionV3, stored: dict[str, dict[str, FeatureStats] | None],
+                       images: dict[str, NpzImages], batch_size: int, progress: bool) -> dict[str, Any]:
+    """ADM's five numbers and which statistics made them (`stored`: each file's stored statistics or None)."""
     feats = {name: extract_features(model, imgs, batch_size, progress) for name, imgs in images.items()}
     stats = {
         name: stored[name] or {"pool": feature_stats(feats[name][0]), "spatial": feature_stats(feats[name][1])}
-        for name in files
+        for name in images
     }
     with _full_fp32(), torch.inference_mode():
         logits = model.logits(feats["samples"][0])  # (N, 1008)
@@ -173,13 +182,12 @@ def _inception_metrics(files: dict[str, str], images: dict[str, NpzImages], ince
     }
 
 
-def _dinov2_metrics(files: dict[str, str], images: dict[str, NpzImages], dinov2_path: str | None,
-                    batch_size: int, device: torch.device, progress: bool) -> tuple[dict[str, Any], dict[str, Any]]:
-    """FD-DINOv2 and precision / recall in its feature space, and the record of the network."""
+def _dinov2_metrics(model: DinoVisionTransformer, stored: tuple[torch.Tensor, FeatureStats] | None,
+                    images: dict[str, NpzImages], batch_size: int, progress: bool) -> dict[str, Any]:
+    """FD-DINOv2 and precision / recall in its feature space (`stored`: the reference's stored
+    DINOv2 features and statistics, or None to compute them from its images)."""
     from ditlab.evaluation import fd_dinov2
 
-    model, record = fd_dinov2.load_network(fd_dinov2.dinov2_weights(dinov2_path, progress), device)
-    stored = fd_dinov2.load_stored(files["ref"], record)
     with _full_fp32():
         samples = fd_dinov2.dinov2_features(model, _progress(images["samples"], batch_size, progress))
         if stored is None:
@@ -190,13 +198,12 @@ def _dinov2_metrics(files: dict[str, str], images: dict[str, NpzImages], dinov2_
         s = feature_stats(samples)
         with torch.inference_mode():
             precision, recall = precision_recall(ref, samples)
-    metrics = {
+    return {
         "fd_dinov2": frechet_distance(s.mu, s.sigma, ref_stats.mu, ref_stats.sigma),
         "precision_dinov2": precision,
         "recall_dinov2": recall,
         "ref_stats_dinov2": "computed" if stored is None else "stored",
     }
-    return metrics, record
 
 
 def _progress(images: NpzImages, batch_size: int, progress: bool) -> Iterator[np.ndarray]:
