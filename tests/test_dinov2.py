@@ -5,6 +5,7 @@ and the register kind (SwiGLU as ViT-g, 4 registers, antialiased interpolation),
 interpolate the position embedding and at its own size; and the official state-dict layout of all
 eight hub models, which must load strictly and give back their config."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -73,7 +74,7 @@ def test_offset_interpolation_differs_from_exact_size(golden):
     config = json.loads(str(golden["config"]))
     sd = state_dict(golden, "plain")
     cfg = config_from_state_dict(sd, num_heads=config["tiny"]["num_heads"])
-    model = DinoVisionTransformer(cfg.__class__(**{**cfg.__dict__, "interpolate_offset": 0.0})).eval()
+    model = DinoVisionTransformer(dataclasses.replace(cfg, interpolate_offset=0.0)).eval()
     model.load_state_dict(sd, strict=True)
     with torch.no_grad():
         got = model(torch.from_numpy(golden["input/42x42"]).float())
@@ -92,6 +93,7 @@ def test_official_layouts_load_strictly(golden, arch, registers):
     cfg = config_from_state_dict(sd)
     assert cfg == hub_config(arch, registers)
     assert arch_name(cfg) == name
+    assert arch_name(dataclasses.replace(cfg, ffn_hidden=cfg.hidden + 8)).startswith("DINOv2 ViT width")
     with torch.device("meta"):
         model = DinoVisionTransformer(cfg)
     assert {k: list(v.shape) for k, v in model.state_dict().items()} == layout

@@ -264,12 +264,14 @@ def config_from_state_dict(sd: dict[str, torch.Tensor], num_heads: int | None = 
 
 
 def arch_name(cfg: DinoConfig) -> str:
-    """The official name of a config ("dinov2_vitl14", "dinov2_vitb14_reg4"), or a description of it."""
-    for arch, (dim, depth, ffn) in ARCHS.items():
-        if (cfg.embed_dim, cfg.depth, cfg.ffn, cfg.patch_size) == (dim, depth, ffn, PATCH_SIZE):
-            return f"dinov2_{arch}" + (f"_reg{cfg.num_register_tokens}" if cfg.num_register_tokens else "")
-    return (f"DINOv2 ViT width {cfg.embed_dim}, depth {cfg.depth}, patch {cfg.patch_size}, {cfg.ffn}, "
-            f"{cfg.num_register_tokens} registers")
+    """The official name of a config that is exactly a hub model's ("dinov2_vitl14",
+    "dinov2_vitb14_reg4"), else a description of it."""
+    for arch in ARCHS:
+        for registers in (False, True):
+            if cfg == hub_config(arch, registers):
+                return f"dinov2_{arch}" + (f"_reg{HUB_REGISTERS}" if registers else "")
+    return (f"DINOv2 ViT width {cfg.embed_dim}, depth {cfg.depth}, patch {cfg.patch_size}, {cfg.ffn} "
+            f"{cfg.hidden}, {cfg.num_register_tokens} registers")
 
 
 def load_dinov2(path: str, device: str | torch.device = "cpu") -> DinoVisionTransformer:
