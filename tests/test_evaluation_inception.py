@@ -6,6 +6,7 @@ import importlib.util
 import json
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -159,10 +160,18 @@ def test_cli_eval_end_to_end(tmp_path, capsys, weights, model):
     b_pool, b_spatial = extract_features(model, NpzImages(str(tmp_path / "other.npz")))
     save_reference(ref, np.load(ref)["arr_0"], feature_stats(b_pool), feature_stats(b_spatial))
     out = tmp_path / "metrics.json"
-    argv = ["eval", samples, ref, "--inception", weights, "--batch-size", "4", "--device", "cpu", "--out", str(out)]
+    dinov2 = tmp_path / "dinov2.pth"  # both feature spaces in one run: a tiny DINOv2 in the official layout
+    with np.load(Path(__file__).parent / "data" / "golden_dinov2_reference.npz") as f:
+        torch.save({k[6:]: torch.from_numpy(f[k]).float() for k in f.files if k.startswith("plain/") and
+                    k.count("/") == 1}, dinov2)
+    argv = ["eval", samples, ref, "--inception", weights, "--batch-size", "4", "--device", "cpu", "--out", str(out),
+            "--features", "inception,dinov2", "--dinov2", str(dinov2)]
     assert main(argv) == 0
     result = json.loads(capsys.readouterr().out)
     assert json.loads(out.read_text()) == result
+    assert result["fd_dinov2"] > 0 and 0 <= result["precision_dinov2"] <= 1 and 0 <= result["recall_dinov2"] <= 1
+    assert set(result["features"]) == {"inception", "dinov2"}
+    assert result["features"]["dinov2"]["weights"] == "dinov2.pth"
     # The same numbers from the pieces: features of each file, then each metric by itself.
     s_pool, s_spatial = extract_features(model, NpzImages(samples), batch_size=3)
     a_pool, _ = extract_features(model, NpzImages(ref), batch_size=5)

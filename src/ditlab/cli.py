@@ -15,7 +15,7 @@ import sys
 
 from ditlab.errors import UserError, UserNotADirectoryError, one_line
 from ditlab.flags import add_flags, from_args
-from ditlab.options import BLOCKS, DEVICES, FORMATS, WEIGHT_SETS
+from ditlab.options import BLOCKS, DEVICES, FEATURE_SETS, FORMATS, WEIGHT_SETS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -169,31 +169,62 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="FID, sFID, IS, precision, recall of a sample batch, as ADM's evaluator has them")
-    p.add_argument("samples", metavar="SAMPLES.npz", help="sample batch: arr_0 uint8 images (N, H, W, 3)")
-    p.add_argument("ref", metavar="REF.npz",
-                   help="reference batch: arr_0 images, and mu, sigma, mu_s, sigma_s if precomputed (ADM's files); "
-                        "imagenet256 or imagenet512 fetch ADM's into $DITLAB_HOME")
+    p = sub.add_parser("eval", help="FID, sFID, IS, precision, recall (ADM's evaluator), FD-DINOv2 of a sample batch",
+                       description="`ditlab eval SAMPLES.npz REF.npz` computes ADM's five Inception metrics and, with "
+                       "--features inception,dinov2, FD-DINOv2 with precision and recall in DINOv2's feature space "
+                       "(EDM2's protocol). `ditlab eval --save-ref OUT.npz IMAGES` makes a reference batch once from "
+                       "real images (a folder, an .npz, imagenet256/imagenet512), with the statistics of --features.")
+    p.add_argument("samples", metavar="SAMPLES.npz", help="sample batch: arr_0 uint8 images (N, H, W, 3); with "
+                   "--save-ref, the real images instead: a folder (ImageNet layout), an .npz, imagenet256, imagenet512")
+    p.add_argument("ref", metavar="REF.npz", nargs="?", default=None,
+                   help="reference batch: arr_0 images, and mu, sigma, mu_s, sigma_s if precomputed (ADM's files) and "
+                        "the DINOv2 features of --save-ref; imagenet256 or imagenet512 fetch ADM's into $DITLAB_HOME")
+    p.add_argument("--features", default="inception", metavar="inception,dinov2",
+                   help=f"feature spaces, comma-separated, of {', '.join(FEATURE_SETS)} (default inception): "
+                        "dinov2 adds fd_dinov2, precision_dinov2, recall_dinov2")
     p.add_argument("--inception", metavar="PATH", default=None,
                    help="InceptionV3 weights (weights-inception-2015-12-05-6726825d.pth; default: torch hub's "
                         "checkpoints folder if there, else fetched into $DITLAB_HOME)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per Inception batch (default 64)")
+    p.add_argument("--dinov2", metavar="PATH|NAME", default=None,
+                   help="DINOv2 weights in the official layout, any size (default: dinov2_vitl14_pretrain.pth, "
+                        "FD-DINOv2's ViT-L/14, fetched into $DITLAB_HOME; other released names: "
+                        "dinov2_vit{s,b,l,g}14[_reg4]_pretrain.pth)")
+    p.add_argument("--save-ref", metavar="OUT.npz", default=None,
+                   help="write a reference batch from the images SAMPLES names (never overwritten: an OUT that "
+                        "already holds the statistics of --features is used as it is)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="with --save-ref from a folder: ADM's center crop to this size (default 256)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per network batch (default 64)")
     p.add_argument("--device", default=None, help="torch device (default cuda if available, else cpu)")
     p.add_argument("--out", metavar="FILE.json", default=None, help="also write the JSON to this file")
 
     def run(args: argparse.Namespace) -> int:
         import json
 
-        from ditlab.evaluation.evaluate import evaluate
         from ditlab.runtime.files import atomic_write_text
 
         folder = os.path.dirname(os.path.abspath(args.out)) if args.out else None
         if folder and not os.path.isdir(folder):  # checked before a long evaluation, not after
             raise UserNotADirectoryError(f"--out {args.out}: folder {folder} does not exist")
-        result = evaluate(args.samples, args.ref, args.inception, args.batch_size, args.device, sys.stderr.isatty())
+        if args.save_ref:
+            if args.ref is not None:
+                raise UserError(f"--save-ref takes one IMAGES argument, got {args.samples} and {args.ref}")
+            from ditlab.evaluation.reference import save_ref
+
+            result = save_ref(args.save_ref, args.samples, args.features, args.image_size, args.inception,
+                              args.dinov2, args.batch_size, args.device, sys.stderr.isatty())
+        else:
+            if args.ref is None:
+                raise UserError("give SAMPLES.npz and REF.npz (or --save-ref OUT.npz IMAGES)")
+            if args.image_size is not None:
+                raise UserError("--image-size is for --save-ref from a folder of images")
+            from ditlab.evaluation.evaluate import evaluate
+
+            result = evaluate(args.samples, args.ref, args.inception, args.batch_size, args.device,
+                              sys.stderr.isatty(), args.features, args.dinov2)
         text = json.dumps(result, indent=2, allow_nan=False)  # strict JSON; evaluate refuses non-finite metrics
         print(text)
-        for warning in result["warnings"]:
+        for warning in result.get("warnings", []):
             print(f"ditlab eval: warning: {warning}", file=sys.stderr)
         if args.out:
             atomic_write_text(args.out, text + "\n")

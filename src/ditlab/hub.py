@@ -1,5 +1,5 @@
-"""Downloads by name: the authors' DiT checkpoints, SiT's, ADM's reference batches and the FID
-Inception weights, fetched once into a cache folder and verified.
+"""Downloads by name: the authors' DiT checkpoints, SiT's, ADM's reference batches, the FID
+Inception weights and the official DINOv2 backbones, fetched once into a cache folder and verified.
 
 - Cache: `$DITLAB_HOME` (default `~/.cache/ditlab`), one file per released name. A file there is
   used as it is (it was verified when it arrived): no request is made.
@@ -13,7 +13,8 @@ Inception weights, fetched once into a cache folder and verified.
   HTTP Range request, by the same call (a few times, while it makes progress) or by the next run.
   It is verified before it is renamed into place: the byte count the server announced, the
   SHA-256 prefix a name carries (torch hub's convention: torch-fidelity's Inception weights), and
-  a structural check (it loads as what it claims to be). A file that fails is removed.
+  a structural check (it loads as what it claims to be; DINOv2's weights, whose checksums are not
+  published, load strictly as the architecture their name says). A file that fails is removed.
 - Under torchrun rank 0 downloads while the other ranks wait at a barrier."""
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ SIT_URL = ("https://www.dl.dropboxusercontent.com/scl/fi/as9oeomcbub47de5g4be0/S
            "?rlkey=uxzxmpicu46coq3msb17b9ofa&dl=0")  # SiT's download.py (willisma/SiT)
 ADM_URL = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/"
 INCEPTION_NAME = "weights-inception-2015-12-05-6726825d.pth"
+DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/"  # the official hubconf's _DINOV2_BASE_URL
+DINOV2_ARCHS = ("vits14", "vitb14", "vitl14", "vitg14")
+DINOV2_NAME = "dinov2_vitl14_pretrain.pth"  # FD-DINOv2's network (EDM2, dgm-eval)
 
 
 @dataclass(frozen=True)
@@ -53,11 +57,12 @@ class Released:
     url: str
     """its own download location (a mirror replaces everything up to the name)"""
     kind: str
-    """"checkpoint", "reference" or "inception": which structural check it gets"""
+    """"checkpoint", "reference", "inception" or "dinov2": which structural check it gets"""
     sha256_prefix: str | None = None
     """the leading hex digits of its SHA-256, where known"""
     model: str | None = None
-    """the named config it holds (a checkpoint's state dict does not store its heads)"""
+    """the named config it holds (a checkpoint's state dict does not store its heads; a DINOv2
+    file's official model name, which its shapes must match)"""
     objective: str = "ddpm"
     """a checkpoint's process: "ddpm" (DiT) or "flow" (SiT: `FlowMatching()`'s defaults, linear path, velocity)"""
 
@@ -72,6 +77,10 @@ RELEASED: dict[str, Released] = {
     INCEPTION_NAME: Released("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_NAME,
                              "inception", sha256_prefix="6726825d"),
 }
+RELEASED.update({  # the official hubconf's files: dinov2_{arch}/dinov2_{arch}[_reg4]_pretrain.pth
+    f"{model}_pretrain.pth": Released(f"{DINOV2_URL}dinov2_{arch}/{model}_pretrain.pth", "dinov2", model=model)
+    for arch in DINOV2_ARCHS for model in (f"dinov2_{arch}", f"dinov2_{arch}_reg4")
+})
 REFERENCE_BATCHES = {"imagenet256": "VIRTUAL_imagenet256_labeled.npz", "imagenet512": "VIRTUAL_imagenet512.npz"}
 """`ditlab eval`'s names for ADM's reference batches"""
 
@@ -218,7 +227,10 @@ def _verify(name: str, path: Path, url: str) -> None:
             digest = file_sha256(path)
             if not digest.startswith(entry.sha256_prefix):
                 raise UserError(f"SHA-256 {digest[:16]}... does not start with {entry.sha256_prefix}")
-        CHECKS[entry.kind](path)
+        if entry.kind == "dinov2":
+            check_dinov2(path, entry.model)
+        else:
+            CHECKS[entry.kind](path)
     except UserError as e:
         path.unlink(missing_ok=True)
         raise UserError(f"{url}: not a valid {name} ({one_line(e)}); removed it") from e
@@ -275,4 +287,15 @@ def check_inception(path: Path) -> None:
     load_inception(str(path))
 
 
-CHECKS = {"checkpoint": check_checkpoint, "reference": check_reference, "inception": check_inception}
+def check_dinov2(path: Path, model: str | None = None) -> None:
+    """It loads, strictly, as a DINOv2 ViT in the official layout, of the architecture `model`
+    names ("dinov2_vitl14", "dinov2_vitb14_reg4", ...) when given."""
+    from ditlab.evaluation.dinov2 import arch_name, load_dinov2
+
+    found = arch_name(load_dinov2(str(path), "meta").cfg)
+    if model is not None and found != model:
+        raise UserError(f"holds {found}, not {model}")
+
+
+CHECKS = {"checkpoint": check_checkpoint, "reference": check_reference, "inception": check_inception,
+          "dinov2": check_dinov2}

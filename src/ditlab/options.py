@@ -21,3 +21,5 @@ LABEL_MODES = ("random", "balanced")
 """--labels: each image's class uniformly random (the paper's FID-50K), or exactly N / K of each class."""
 LR_SCHEDULES = ("constant", "cosine", "linear")
 """--lr-schedule: after the warmup, constant (the paper's), cosine or linear decay to --lr-min."""
+FEATURE_SETS = ("inception", "dinov2")
+"""--features of `ditlab eval`: ADM's Inception metrics, FD-DINOv2 (EDM2's protocol); comma-separated."""
