@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from ditlab.errors import UserError
 from ditlab.models.blocks import BLOCKS, FinalLayer
 from ditlab.models.layers import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_2d
+from ditlab.models.repa import REPA_WIDTH, Projector, check_repa_config
 from ditlab.models.rope import RotaryEmbedding2D
 from ditlab.options import check_block_options
 
@@ -55,11 +56,18 @@ class DiTConfig:
     """gelu (the paper's) or swiglu (hidden width int(2/3 x mlp_ratio x D), LightningDiT's)"""
     pos: str = "sincos"
     """sincos (the fixed table, the paper's), sincos+rope (the table and 2-D rotary q/k, LightningDiT's) or rope"""
+    repa_dim: int = 0
+    """REPA: the frozen encoder's feature width its projector predicts (0: no projector)"""
+    repa_depth: int = 0
+    """REPA: the projector reads the tokens after this block (1-based, REPA's encoder_depth; 8 for XL/2)"""
+    repa_width: int = REPA_WIDTH
+    """REPA: the projector's hidden width"""
 
     def __post_init__(self) -> None:
         if self.block not in BLOCKS:
             raise UserError(f"unknown block design {self.block!r}; choose one of {', '.join(BLOCKS)}")
         check_block_options(self)
+        check_repa_config(self.depth, self.repa_dim, self.repa_depth, self.repa_width)
         for name in ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)} must be positive")
@@ -98,6 +106,9 @@ class DiT(nn.Module):
         options = {"norm": cfg.norm, "qk_norm": cfg.qk_norm, "mlp": cfg.mlp}
         self.blocks = nn.ModuleList(self.block_type(D, cfg.num_heads, cfg.mlp_ratio, **options)
                                     for _ in range(cfg.depth))  # fmt: skip
+        self.projectors = None  # REPA's projector (one, as a list: REPA's names), for training only
+        if cfg.repa_dim:
+            self.projectors = nn.ModuleList([Projector(D, cfg.repa_width, cfg.repa_dim)])
         self.final_layer = FinalLayer(D, cfg.patch_size, cfg.out_channels, self.block_type.adaptive_final, cfg.norm)
         self.initialize_weights()
 
@@ -172,11 +183,15 @@ class DiT(nn.Module):
         return t_emb + y_emb, torch.stack([t_emb, y_emb], dim=1)  # (N, D), (N, 2, D)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
-                drop_labels: torch.Tensor | None = None) -> torch.Tensor:
+                drop_labels: torch.Tensor | None = None,
+                return_projection: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """x (N, C, H, W) noised input, t (N,) the time as the process gives it (DDPM's original step
         index, flow matching's float t in [0, 1]: the timestep features take any float), y (N,) labels
         (num_classes is the null label), drop_labels (N,) bool: labels replaced by the null label
-        (default: the training-mode dropout) -> (N, C_out, H, W), C_out = 2C with learned sigma."""
+        (default: the training-mode dropout) -> (N, C_out, H, W), C_out = 2C with learned sigma.
+
+        return_projection=True (a DiT with a REPA projector) also returns the projector's prediction of
+        the encoder's features from the tokens after block repa_depth: (out, (N, T, repa_dim))."""
         if x.ndim != 4 or x.shape[1] != self.in_channels or x.shape[-2:] != (self.input_size,) * 2:
             raise UserError(
                 f"DiT expects input of shape (N, {self.in_channels}, {self.input_size}, {self.input_size}), "
@@ -190,11 +205,17 @@ class DiT(nn.Module):
         if self.block_type.extra_tokens:  # in-context: the conditioning joins the sequence
             x = torch.cat([x, context.to(x.dtype)], dim=1)  # (N, T + S, D)
         rope = self.feat_rope.tables() if self.feat_rope is not None else None  # 2 x (T, D / heads)
-        for block in self.blocks:
+        if return_projection and self.projectors is None:
+            raise UserError("this DiT has no REPA projector (repa_dim=0): it cannot return a projection")
+        aligned = self.cfg.repa_depth if return_projection else 0  # the block whose tokens REPA aligns (1-based)
+        for i, block in enumerate(self.blocks, start=1):
             if self.grad_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, x, c, context, rope, use_reentrant=False)  # (N, T, D)
             else:
                 x = block(x, c, context, rope)  # (N, T, D)
+            if i == aligned:
+                projection = self.projectors[0](x[:, :T])  # (N, T, repa_dim)
         x = x[:, :T]  # (N, T, D): in-context drops its conditioning tokens
         x = self.final_layer(x, c)  # (N, T, p * p * C_out)
-        return self.unpatchify(x)  # (N, C_out, H, W)
+        out = self.unpatchify(x)  # (N, C_out, H, W)
+        return (out, projection) if return_projection else out
