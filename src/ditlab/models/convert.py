@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from ditlab.errors import UserError
+from ditlab.models.repa import NO_PROJECTOR
 from ditlab.options import BLOCK_OPTIONS
 
 DIFFUSERS_DOWNSCALE_FREQ_SHIFT = 0  # our timestep frequencies divide by half, not half - 1
@@ -143,6 +144,7 @@ def config_from_diffusers(dconfig: dict[str, Any]) -> dict[str, Any]:
         "learn_sigma": out_ch == 2 * in_ch,
         "block": "adaln-zero",
         **{name: choices[0] for name, choices in BLOCK_OPTIONS.items()},  # the paper's block: diffusers' only one
+        **NO_PROJECTOR,
     }
 
 

@@ -16,6 +16,7 @@ from ditlab.errors import UserError
 REPA_WIDTH = 2048  # REPA's projector_dim
 REPA_DEPTH_XL = 8  # REPA's encoder_depth for SiT-XL/2: the tokens after block 8 are aligned
 PROJECTOR_PREFIX = "projectors."  # the state-dict keys of the projector
+NO_PROJECTOR = {"repa_dim": 0, "repa_depth": 0, "repa_width": REPA_WIDTH}  # the config fields of a DiT without one
 
 
 class Projector(nn.Sequential):
@@ -41,4 +42,4 @@ def drop_projector(config: dict[str, Any], state_dict: dict[str, torch.Tensor]
     kept = {k: v for k, v in state_dict.items() if not k.startswith(PROJECTOR_PREFIX)}
     if len(kept) == len(state_dict) and not config.get("repa_dim"):
         return config, state_dict
-    return {**config, "repa_dim": 0, "repa_depth": 0}, kept
+    return {**config, **NO_PROJECTOR}, kept

@@ -11,6 +11,7 @@ from ditlab.errors import UserError
 from ditlab.models.configs import SIZES
 from ditlab.models.dit import DiT
 from ditlab.models.layers import SWIGLU_FRACTION, mlp_hidden
+from ditlab.models.repa import NO_PROJECTOR
 
 DEFAULT_MLP_RATIO = 4.0
 ADALN_ZERO_MODULATIONS = 6  # shift, scale, gate for attention and for the MLP
@@ -75,8 +76,8 @@ def _block_options(sd: dict[str, torch.Tensor], hidden: int) -> dict[str, Any]:
 def infer_config(state_dict: dict[str, torch.Tensor], num_heads: int | None = None) -> dict[str, Any]:
     """DiT constructor arguments read off an adaLN-Zero state dict (ours, the authors' or LightningDiT's).
 
-    The number of heads is not stored in weights: unless given, it is taken from the named
-    config of the same width (S: 6, B: 12, L and XL: 16)."""
+    The number of heads is not stored in weights (except as the width of a rotary table, which then
+    decides): unless given, it is taken from the named config of the same width (S: 6, B: 12, L and XL: 16)."""
     try:
         proj = state_dict["x_embedder.proj.weight"]  # (D, C, p, p)
         final = state_dict["final_layer.linear.weight"]  # (p * p * C_out, D)
@@ -93,6 +94,8 @@ def infer_config(state_dict: dict[str, torch.Tensor], num_heads: int | None = No
         raise UserError(f"blocks regress {modulation.shape[0] // hidden} modulation vectors, not adaLN-Zero's "
                         f"{ADALN_ZERO_MODULATIONS} (LightningDiT's wo_shift blocks are not supported)")
     heads = num_heads or {d["hidden_size"]: d["num_heads"] for d in SIZES.values()}.get(hidden)
+    if "feat_rope.freqs_cos" in state_dict:  # the rotary table's width is the head dimension: the heads are stored
+        heads = hidden // state_dict["feat_rope.freqs_cos"].shape[1]
     if heads is None:
         widths = ", ".join(str(d["hidden_size"]) for d in SIZES.values())
         raise UserError(f"hidden size {hidden} matches no named DiT config ({widths}), and the weights do not store "
@@ -118,4 +121,5 @@ def infer_config(state_dict: dict[str, torch.Tensor], num_heads: int | None = No
         "learn_sigma": final.shape[0] == 2 * in_channels * patch * patch,
         "block": "adaln-zero",
         **options,
+        **NO_PROJECTOR,  # a REPA projector is for training: read for sampling, the DiT has none
     }
