@@ -64,7 +64,7 @@ class RotaryEmbedding2D(nn.Module):
     def tables(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.freqs_cos, self.freqs_sin
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
+    def _load_from_state_dict(self, state_dict: dict[str, torch.Tensor], prefix: str, *args, **kwargs) -> None:
         """Rebuild the tables instead of reading them (a shape mismatch is still reported as one)."""
         cos, sin = rope_tables(self.head_dim, self.grid_size)
         for name, table in (("freqs_cos", cos), ("freqs_sin", sin)):
