@@ -15,7 +15,7 @@ import sys
 
 from ditlab.errors import UserError, UserNotADirectoryError, one_line
 from ditlab.flags import add_flags, from_args
-from ditlab.options import BLOCKS, DEVICES, FEATURE_SETS, FORMATS, WEIGHT_SETS
+from ditlab.options import BLOCK_OPTIONS, BLOCKS, DEVICES, FEATURE_SETS, FORMATS, WEIGHT_SETS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -45,11 +45,15 @@ def _add_flops(sub: argparse._SubParsersAction) -> None:
                    help="image pixels per latent pixel: 8 for the SD VAE, 1 in pixel space (default 8)")
     p.add_argument("--in-channels", type=int, default=4, help="latent channels (default 4)")
     p.add_argument("--block", default="adaln-zero", choices=BLOCKS, help="block design (default adaln-zero)")
+    for name, choices in BLOCK_OPTIONS.items():
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, default=choices[0], choices=choices,
+                       help=f"block option (default {choices[0]}; of these only swiglu changes the count)")
 
     def run(args: argparse.Namespace) -> int:
         from ditlab.models.flops import flops_table
 
-        print(flops_table(args.image_size, args.block, args.latent_factor, args.in_channels))
+        options = {k: getattr(args, k) for k, choices in BLOCK_OPTIONS.items() if getattr(args, k) != choices[0]}
+        print(flops_table(args.image_size, args.block, args.latent_factor, args.in_channels, **options))
         return 0
 
     p.set_defaults(func=run)

@@ -23,3 +23,23 @@ LR_SCHEDULES = ("constant", "cosine", "linear")
 """--lr-schedule: after the warmup, constant (the paper's), cosine or linear decay to --lr-min."""
 FEATURE_SETS = ("inception", "dinov2")
 """--features of `ditlab eval`: ADM's Inception metrics, FD-DINOv2 (EDM2's protocol); comma-separated."""
+NORMS = ("layernorm", "rmsnorm")
+"""--norm: the blocks' and the final layer's normalisation; LayerNorm (the paper's) or RMSNorm (LightningDiT)."""
+QK_NORMS = ("none", "rmsnorm", "layernorm")
+"""--qk-norm: normalise queries and keys per head before attention (LightningDiT's QK-norm), or not."""
+MLPS = ("gelu", "swiglu")
+"""--mlp: the paper's GELU MLP, or LightningDiT's SwiGLU of hidden width int(2/3 x mlp_ratio x D)."""
+POSITIONS = ("sincos", "sincos+rope", "rope")
+"""--pos: the fixed 2-D sin-cos table (the paper's), the table plus 2-D rotary q/k (LightningDiT's), or rotary only."""
+BLOCK_OPTIONS = {"norm": NORMS, "qk_norm": QK_NORMS, "mlp": MLPS, "pos": POSITIONS}
+"""The modern block options (DiTConfig fields, `train` and `flops` flags) and their choices, the paper's first."""
+
+
+def check_block_options(settings: object) -> None:
+    """Refuse, naming the flag, a block option of `settings` (a DiTConfig or TrainConfig) not among its choices."""
+    from ditlab.errors import UserError
+
+    for name, choices in BLOCK_OPTIONS.items():
+        value = getattr(settings, name)
+        if value not in choices:
+            raise UserError(f"--{name.replace('_', '-')} {value!r}: choose one of {', '.join(choices)}")

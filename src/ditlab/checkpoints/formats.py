@@ -29,6 +29,7 @@ from ditlab.data.latents import INDEX_NAME
 from ditlab.errors import UserError, UserFileNotFoundError, one_line
 from ditlab.models.configs import model_kwargs
 from ditlab.models.dit import DiT
+from ditlab.models.repa import drop_projector
 from ditlab.models.weights import check_weights, infer_config, load_weights
 from ditlab.options import FORMATS, WEIGHT_SETS
 from ditlab.runtime.files import fsync_file
@@ -239,7 +240,8 @@ def released_checkpoint(path: str | os.PathLike) -> tuple[Path, str | None]:
 def read_checkpoint(path: str | os.PathLike, weights: str = "ema", model: str | None = None) -> DiTCheckpoint:
     """Read the DiT in `path`, whichever of FORMATS it is in; `weights` picks the EMA ("ema") or
     raw ("model") weights where a file holds both. `model` (a named config, "DiT-XL/2") supplies the
-    number of heads the authors' state dicts do not store, and is checked against the weights.
+    number of heads the authors' state dicts do not store, and is checked against the weights. A REPA
+    projector (training only) is left out of the weights and the config.
 
     Unknown, corrupt or mismatching files raise a one-line ValueError naming the file."""
     if weights not in WEIGHT_SETS:
@@ -257,6 +259,8 @@ def read_checkpoint(path: str | os.PathLike, weights: str = "ema", model: str | 
         ckpt = _read_torch(p, weights, model or implied)
     if model is not None:
         _check_named(ckpt, model)
+    # REPA's projector is for training only: what is read here samples, converts or serves without it
+    ckpt.config, ckpt.state_dict = drop_projector(ckpt.config, ckpt.state_dict)
     try:
         with torch.device("meta"):
             shell = DiT(**ckpt.config)

@@ -11,6 +11,8 @@ from typing import Any
 import torch
 
 from ditlab.errors import UserError
+from ditlab.models.repa import NO_PROJECTOR
+from ditlab.options import BLOCK_OPTIONS
 
 DIFFUSERS_DOWNSCALE_FREQ_SHIFT = 0  # our timestep frequencies divide by half, not half - 1
 DIFFUSERS_NORM_EPS = 1e-6  # the reference LayerNorm epsilon (diffusers' default is 1e-5)
@@ -109,6 +111,11 @@ def diffusers_config(config: dict[str, Any]) -> dict[str, Any]:
         raise UserError(f"diffusers' DiT has only the adaLN-Zero design, not {config['block']!r}")
     if config["mlp_ratio"] != 4.0:
         raise UserError("diffusers' DiT has a fixed MLP ratio of 4")
+    modern = [f"{k.replace('_', '-')} {config[k]}" for k, choices in BLOCK_OPTIONS.items()
+              if config.get(k, choices[0]) != choices[0]]  # fmt: skip
+    if modern:
+        raise UserError("diffusers' DiT has the paper's block only (LayerNorm, GELU, sin-cos), not "
+                        + ", ".join(modern))
     hidden, heads = config["hidden_size"], config["num_heads"]
     return {
         "num_attention_heads": heads,
@@ -136,6 +143,8 @@ def config_from_diffusers(dconfig: dict[str, Any]) -> dict[str, Any]:
         "num_classes": dconfig["num_embeds_ada_norm"],
         "learn_sigma": out_ch == 2 * in_ch,
         "block": "adaln-zero",
+        **{name: choices[0] for name, choices in BLOCK_OPTIONS.items()},  # the paper's block: diffusers' only one
+        **NO_PROJECTOR,
     }
 
 

@@ -1,6 +1,8 @@
 """DiT: a Vision Transformer over patches of (latent) images, conditioned on the diffusion
 timestep and the class label through one of the four block designs of the paper (section 3.2).
-The adaLN-Zero design uses the parameter names of the authors' checkpoints."""
+The adaLN-Zero design uses the parameter names of the authors' checkpoints; the modern block
+options (`norm`, `qk_norm`, `mlp`, `pos`) those of LightningDiT's, so that its state dicts load
+strictly with the matching options and learn_sigma=False."""
 
 from __future__ import annotations
 
@@ -15,6 +17,9 @@ from torch.utils.checkpoint import checkpoint
 from ditlab.errors import UserError
 from ditlab.models.blocks import BLOCKS, FinalLayer
 from ditlab.models.layers import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_2d
+from ditlab.models.repa import REPA_WIDTH, Projector, check_repa_config
+from ditlab.models.rope import RotaryEmbedding2D
+from ditlab.options import check_block_options
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,15 +48,35 @@ class DiTConfig:
     """also predict the variance: 2C output channels"""
     block: str = "adaln-zero"
     """block design, one of models.blocks.BLOCKS"""
+    norm: str = "layernorm"
+    """the blocks' and final layer's norm: layernorm (the paper's) or rmsnorm (LightningDiT's, with a weight)"""
+    qk_norm: str = "none"
+    """normalise each head's queries and keys before attention: none, rmsnorm or layernorm"""
+    mlp: str = "gelu"
+    """gelu (the paper's) or swiglu (hidden width int(2/3 x mlp_ratio x D), LightningDiT's)"""
+    pos: str = "sincos"
+    """sincos (the fixed table, the paper's), sincos+rope (the table and 2-D rotary q/k, LightningDiT's) or rope"""
+    repa_dim: int = 0
+    """REPA: the frozen encoder's feature width its projector predicts (0: no projector)"""
+    repa_depth: int = 0
+    """REPA: the projector reads the tokens after this block (1-based, REPA's encoder_depth; 8 for XL/2)"""
+    repa_width: int = REPA_WIDTH
+    """REPA: the projector's hidden width"""
 
     def __post_init__(self) -> None:
         if self.block not in BLOCKS:
             raise UserError(f"unknown block design {self.block!r}; choose one of {', '.join(BLOCKS)}")
+        check_block_options(self)
+        check_repa_config(self.depth, self.repa_dim, self.repa_depth, self.repa_width)
         for name in ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)} must be positive")
         if self.num_classes < 0:
             raise UserError(f"--num-classes {self.num_classes} must be 0 (unconditional) or more")
+        head_dim = self.hidden_size // self.num_heads
+        if "rope" in self.pos and (self.hidden_size % self.num_heads or head_dim % 4):
+            raise UserError(f"--pos {self.pos}: the head dimension (hidden size {self.hidden_size} / {self.num_heads} "
+                            "heads) must be a whole multiple of 4 for the 2-D rotary embedding")
 
     @property
     def out_channels(self) -> int:
@@ -72,9 +97,19 @@ class DiT(nn.Module):
         self.x_embedder = PatchEmbed(cfg.input_size, cfg.patch_size, cfg.in_channels, D)
         self.t_embedder = TimestepEmbedder(D)
         self.y_embedder = LabelEmbedder(cfg.num_classes, D, cfg.class_dropout_prob) if cfg.num_classes else None
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.x_embedder.num_patches, D), requires_grad=False)
-        self.blocks = nn.ModuleList(self.block_type(D, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth))
-        self.final_layer = FinalLayer(D, cfg.patch_size, cfg.out_channels, self.block_type.adaptive_final)
+        self.pos_embed = None  # the fixed sin-cos table (1, T, D), a frozen parameter as in the authors' files
+        if "sincos" in cfg.pos:
+            self.pos_embed = nn.Parameter(torch.zeros(1, self.x_embedder.num_patches, D), requires_grad=False)
+        self.feat_rope = None  # LightningDiT's name for the rotary tables, shared by every block
+        if "rope" in cfg.pos:
+            self.feat_rope = RotaryEmbedding2D(D // cfg.num_heads, self.x_embedder.grid_size)
+        options = {"norm": cfg.norm, "qk_norm": cfg.qk_norm, "mlp": cfg.mlp}
+        self.blocks = nn.ModuleList(self.block_type(D, cfg.num_heads, cfg.mlp_ratio, **options)
+                                    for _ in range(cfg.depth))  # fmt: skip
+        self.projectors = None  # REPA's projector (one, as a list: REPA's names), for training only
+        if cfg.repa_dim:
+            self.projectors = nn.ModuleList([Projector(D, cfg.repa_width, cfg.repa_dim)])
+        self.final_layer = FinalLayer(D, cfg.patch_size, cfg.out_channels, self.block_type.adaptive_final, cfg.norm)
         self.initialize_weights()
 
     @property
@@ -106,8 +141,9 @@ class DiT(nn.Module):
                 nn.init.zeros_(module.bias)
 
         self.apply(_basic_init)
-        grid = self.cfg.input_size // self.cfg.patch_size
-        self.pos_embed.data.copy_(sincos_2d(self.pos_embed.shape[-1], grid).float().unsqueeze(0))
+        if self.pos_embed is not None:
+            grid = self.cfg.input_size // self.cfg.patch_size
+            self.pos_embed.data.copy_(sincos_2d(self.pos_embed.shape[-1], grid).float().unsqueeze(0))
         w = self.x_embedder.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # as a Linear over flattened patches
         nn.init.zeros_(self.x_embedder.proj.bias)
@@ -147,25 +183,39 @@ class DiT(nn.Module):
         return t_emb + y_emb, torch.stack([t_emb, y_emb], dim=1)  # (N, D), (N, 2, D)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
-                drop_labels: torch.Tensor | None = None) -> torch.Tensor:
-        """x (N, C, H, W) noised input, t (N,) original timestep index, y (N,) labels
+                drop_labels: torch.Tensor | None = None,
+                return_projection: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """x (N, C, H, W) noised input, t (N,) the time as the process gives it (DDPM's original step
+        index, flow matching's float t in [0, 1]: the timestep features take any float), y (N,) labels
         (num_classes is the null label), drop_labels (N,) bool: labels replaced by the null label
-        (default: the training-mode dropout) -> (N, C_out, H, W), C_out = 2C with learned sigma."""
+        (default: the training-mode dropout) -> (N, C_out, H, W), C_out = 2C with learned sigma.
+
+        return_projection=True (a DiT with a REPA projector) also returns the projector's prediction of
+        the encoder's features from the tokens after block repa_depth: (out, (N, T, repa_dim))."""
         if x.ndim != 4 or x.shape[1] != self.in_channels or x.shape[-2:] != (self.input_size,) * 2:
             raise UserError(
                 f"DiT expects input of shape (N, {self.in_channels}, {self.input_size}, {self.input_size}), "
                 f"got {tuple(x.shape)}"
             )
         T = self.x_embedder.num_patches
-        x = self.x_embedder(x) + self.pos_embed  # (N, T, D), where T = H * W / p ** 2
+        x = self.x_embedder(x)  # (N, T, D), where T = H * W / p ** 2
+        if self.pos_embed is not None:
+            x = x + self.pos_embed
         c, context = self.condition(t, y, drop_labels)  # (N, D), (N, S, D)
         if self.block_type.extra_tokens:  # in-context: the conditioning joins the sequence
             x = torch.cat([x, context.to(x.dtype)], dim=1)  # (N, T + S, D)
-        for block in self.blocks:
+        rope = self.feat_rope.tables() if self.feat_rope is not None else None  # 2 x (T, D / heads)
+        if return_projection and self.projectors is None:
+            raise UserError("this DiT has no REPA projector (repa_dim=0): it cannot return a projection")
+        aligned = self.cfg.repa_depth if return_projection else 0  # the block whose tokens REPA aligns (1-based)
+        for i, block in enumerate(self.blocks, start=1):
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, c, context, use_reentrant=False)  # (N, T, D)
+                x = checkpoint(block, x, c, context, rope, use_reentrant=False)  # (N, T, D)
             else:
-                x = block(x, c, context)  # (N, T, D)
+                x = block(x, c, context, rope)  # (N, T, D)
+            if i == aligned:
+                projection = self.projectors[0](x[:, :T])  # (N, T, repa_dim)
         x = x[:, :T]  # (N, T, D): in-context drops its conditioning tokens
         x = self.final_layer(x, c)  # (N, T, p * p * C_out)
-        return self.unpatchify(x)  # (N, C_out, H, W)
+        out = self.unpatchify(x)  # (N, C_out, H, W)
+        return (out, projection) if return_projection else out

@@ -1,6 +1,8 @@
 """Analytic compute of one DiT forward pass, counted as the paper counts "Gflops":
 multiply-accumulates for one image, every Linear and the patch convolution, plus the two
-attention matmuls (QK^T and AV). Elementwise work (norms, activations, softmax) is not counted.
+attention matmuls (QK^T and AV). Elementwise work (norms, activations, softmax) is not counted,
+so of the modern block options only SwiGLU changes the count (its three matrices: w12 holds two);
+RMSNorm, QK-norm and RoPE add no multiply-accumulates.
 
 Each block design counts its own extra work (`models.blocks`); everything is derived from the
 config, so a model built on the meta device (e.g. DiT-XL/2 at 512x512) is counted without
@@ -14,6 +16,7 @@ from ditlab.errors import UserError
 from ditlab.models.blocks import block_macs, final_macs
 from ditlab.models.configs import MODEL_CONFIGS, create_model
 from ditlab.models.dit import DiT
+from ditlab.models.layers import mlp_hidden
 
 # Bounds of the `ditlab flops` table: 32x the paper's 256 px, and far more channels than any VAE has.
 MAX_IMAGE_SIZE = 8192
@@ -29,7 +32,8 @@ def count_macs(model: DiT) -> int:
     macs = T * p * p * C * D  # patch embedding
     macs += model.t_embedder.frequency_size * D + D * D  # timestep MLP
     tokens = T + n_cond if block.extra_tokens else T
-    per_block = block_macs(tokens, D, int(D * cfg.mlp_ratio)) + block.extra_macs(T, n_cond, D)
+    hidden = mlp_hidden(cfg.mlp, D, cfg.mlp_ratio)
+    per_block = block_macs(tokens, D, hidden, cfg.mlp) + block.extra_macs(T, n_cond, D)
     macs += cfg.depth * per_block
     return macs + final_macs(T, D, p, cfg.out_channels, block.adaptive_final)
 
@@ -40,8 +44,9 @@ def count_gflops(model: DiT) -> float:
 
 
 def flops_rows(image_size: int = 256, block: str = "adaln-zero", latent_factor: int = 8,
-               in_channels: int = 4) -> list[dict]:
-    """One row per named config, counted on the meta device (no weights allocated)."""
+               in_channels: int = 4, **options: str) -> list[dict]:
+    """One row per named config, counted on the meta device (no weights allocated); `options` are the
+    modern block options (norm, qk_norm, mlp, pos)."""
     if image_size < 1 or latent_factor < 1 or in_channels < 1:
         raise UserError(f"--image-size {image_size}, --latent-factor {latent_factor} and --in-channels "
                         f"{in_channels} must be positive")
@@ -55,7 +60,7 @@ def flops_rows(image_size: int = 256, block: str = "adaln-zero", latent_factor: 
     rows = []
     for name in MODEL_CONFIGS:
         with torch.device("meta"):
-            model = create_model(name, input_size=input_size, in_channels=in_channels, block=block)
+            model = create_model(name, input_size=input_size, in_channels=in_channels, block=block, **options)
         rows.append({
             "model": name,
             "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
@@ -66,9 +71,11 @@ def flops_rows(image_size: int = 256, block: str = "adaln-zero", latent_factor: 
 
 
 def flops_table(image_size: int = 256, block: str = "adaln-zero", latent_factor: int = 8,
-                in_channels: int = 4) -> str:
-    rows = flops_rows(image_size, block, latent_factor, in_channels)
-    lines = [f"# {image_size}x{image_size} images, {block} blocks; Gflops = multiply-accumulates / 1e9 per image",
+                in_channels: int = 4, **options: str) -> str:
+    rows = flops_rows(image_size, block, latent_factor, in_channels, **options)
+    chosen = "".join(f", {k.replace('_', '-')} {v}" for k, v in options.items() if v is not None)
+    lines = [f"# {image_size}x{image_size} images, {block} blocks{chosen}; Gflops = multiply-accumulates / 1e9 "
+             "per image",
              f"{'model':<10} {'params':>9} {'tokens':>7} {'Gflops':>8}"]
     lines += [f"{r['model']:<10} {r['params_m']:>8.1f}M {r['tokens']:>7d} {r['gflops']:>8.2f}" for r in rows]
     return "\n".join(lines)

@@ -1,5 +1,7 @@
 """The layers DiT is made of: patch embedding, attention, MLP, timestep and label embedders,
-and the fixed 2-D sin-cos position table. Parameter names follow the authors' checkpoints."""
+and the fixed 2-D sin-cos position table. Parameter names follow the authors' checkpoints; the
+modern options (RMSNorm, QK-norm, SwiGLU) follow LightningDiT's (`norm1.weight`, `attn.q_norm`,
+`mlp.w12`, `mlp.w3`)."""
 
 from __future__ import annotations
 
@@ -10,9 +12,44 @@ import torch.nn.functional as F
 from torch import nn
 
 from ditlab.errors import UserError
+from ditlab.models.rope import apply_rope
 
 TIMESTEP_FREQUENCIES = 256  # size of the sinusoidal timestep features fed to the MLP
 MAX_PERIOD = 10_000  # longest wavelength of the timestep and position sinusoids
+
+
+LN_EPS = 1e-6  # LayerNorm epsilon of the reference implementation
+RMS_EPS = 1e-6  # RMSNorm epsilon of LightningDiT
+QK_LN_EPS = 1e-5  # LightningDiT's LayerNorm QK-norm is torch's default LayerNorm
+SWIGLU_FRACTION = 2 / 3  # SwiGLU's hidden width: int(2/3 x the GELU MLP's), as LightningDiT
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight over the last dim, computed in float32 and cast back before the weight
+    (as LightningDiT's, which is LLaMA's)."""
+
+    def __init__(self, dim: int, eps: float = RMS_EPS):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
+
+
+def make_norm(kind: str, dim: int, affine: bool) -> nn.Module:
+    """The blocks' norm: LayerNorm (affine only where nothing modulates it) or RMSNorm (always with its
+    weight, as LightningDiT's, even under adaLN)."""
+    if kind == "rmsnorm":
+        return RMSNorm(dim)
+    return nn.LayerNorm(dim, elementwise_affine=affine, eps=LN_EPS)
+
+
+def make_qk_norm(kind: str, head_dim: int) -> nn.Module | None:
+    """QK-norm of one head's queries or keys (LightningDiT: RMSNorm, or timm's default LayerNorm)."""
+    if kind == "none":
+        return None
+    return RMSNorm(head_dim) if kind == "rmsnorm" else nn.LayerNorm(head_dim, eps=QK_LN_EPS)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -67,20 +104,27 @@ class PatchEmbed(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention through scaled_dot_product_attention."""
 
-    def __init__(self, dim: int, num_heads: int):
+    def __init__(self, dim: int, num_heads: int, qk_norm: str = "none"):
         super().__init__()
         if dim % num_heads:
             raise UserError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.q_norm = make_qk_norm(qk_norm, dim // num_heads)
+        self.k_norm = make_qk_norm(qk_norm, dim // num_heads)
         self.proj = nn.Linear(dim, dim, bias=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """x (B, T, C); rope: the (cos, sin) tables of `models.rope` for the first T' <= T tokens."""
         B, T, C = x.shape
         H = self.num_heads
         # einops: "b t (three h d) -> three b h t d"
         qkv = self.qkv(x).reshape(B, T, 3, H, C // H).permute(2, 0, 3, 1, 4)  # (3, B, H, T, C/H)
         q, k, v = qkv.unbind(0)  # 3 x (B, H, T, C/H); unbind's backward is one stack, not 3 zero-filled copies
+        if self.q_norm is not None:  # QK-norm per head, before the rotation (as LightningDiT)
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         x = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, C/H)
         x = x.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.proj(x)
@@ -89,13 +133,15 @@ class Attention(nn.Module):
 class CrossAttention(nn.Module):
     """Multi-head attention of image tokens (N, T, D) over a short context (N, S, D)."""
 
-    def __init__(self, dim: int, num_heads: int):
+    def __init__(self, dim: int, num_heads: int, qk_norm: str = "none"):
         super().__init__()
         if dim % num_heads:
             raise UserError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.q = nn.Linear(dim, dim, bias=True)
         self.kv = nn.Linear(dim, dim * 2, bias=True)
+        self.q_norm = make_qk_norm(qk_norm, dim // num_heads)
+        self.k_norm = make_qk_norm(qk_norm, dim // num_heads)
         self.proj = nn.Linear(dim, dim, bias=True)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -104,6 +150,8 @@ class CrossAttention(nn.Module):
         q = self.q(x).reshape(B, T, H, C // H).transpose(1, 2)  # (B, H, T, C/H)
         kv = self.kv(context).reshape(B, S, 2, H, C // H).permute(2, 0, 3, 1, 4)  # (2, B, H, S, C/H)
         k, v = kv.unbind(0)  # 2 x (B, H, S, C/H)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         x = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, C/H)
         x = x.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.proj(x)
@@ -119,6 +167,30 @@ class Mlp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class SwiGLU(nn.Module):
+    """SwiGLU MLP (LightningDiT's names): w12 gives both hidden halves, silu(x1) * x2, then w3."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w12 = nn.Linear(dim, 2 * hidden_dim, bias=True)
+        self.w3 = nn.Linear(hidden_dim, dim, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = self.w12(x).chunk(2, dim=-1)  # 2 x (N, T, hidden)
+        return self.w3(F.silu(x1) * x2)
+
+
+def mlp_hidden(kind: str, dim: int, mlp_ratio: float) -> int:
+    """Hidden width of the MLP: int(ratio x D) for GELU, int(2/3 x int(ratio x D)) for SwiGLU."""
+    hidden = int(dim * mlp_ratio)
+    return int(SWIGLU_FRACTION * hidden) if kind == "swiglu" else hidden
+
+
+def make_mlp(kind: str, dim: int, mlp_ratio: float) -> nn.Module:
+    hidden = mlp_hidden(kind, dim, mlp_ratio)
+    return SwiGLU(dim, hidden) if kind == "swiglu" else Mlp(dim, hidden)
 
 
 def timestep_features(t: torch.Tensor, dim: int = TIMESTEP_FREQUENCIES) -> torch.Tensor:

@@ -7,7 +7,9 @@ and its values are typed without YAML's guesses (`no` is a string, not False). T
   `[train]` (`eval_steps` and the `ditlab train` settings shared by every run),
 - `[sizes]` custom model sizes (`S = {depth = 2, hidden_size = 64, num_heads = 2}`) beside the
   paper's S/B/L/XL,
-- `[[grid]]` tables of `sizes` x `patch_sizes` x `blocks` x `seeds`, each combination one entry,
+- `[[grid]]` tables of `sizes` x `patch_sizes` x `blocks` x `seeds` (and the modern block options
+  `norms` x `qk_norms` x `mlps` x `positions`, each the paper's alone by default), each combination
+  one entry, named after its non-default choices (`DiT-S-2-rmsnorm-swiglu-sincos+rope`),
 - `[eval]` how each evaluation point is judged (metric, samples, sampler, steps, guidance, seeds),
 - `[sweep]` (optional) sampling step counts for some entries at their last evaluation point.
 String values may name environment variables (`"${IMAGENET_LATENTS}"`)."""
@@ -31,11 +33,13 @@ LABELS = ("balanced", "random")
 PRIMARY = {"digits": "frechet_distance", "fid": "fid"}
 # Settings of an entry that the spec does not set through [train]: they come from the grid.
 PER_ENTRY = ("data", "results", "model", "depth", "hidden_size", "num_heads", "patch_size", "block", "seed",
-             "max_steps", "epochs", "progress")
+             "max_steps", "epochs", "progress", "norm", "qk_norm", "mlp", "pos")
 EVAL_KEYS = {"metric", "num_samples", "labels", "seeds", "sampler", "steps", "cfg_scales", "batch_size",
              "keep_samples", "ref", "inception", "guidance_channels"}
 SWEEP_KEYS = {"entries", "steps", "sampler", "seeds", "num_samples", "cfg_scale"}
-GRID_KEYS = {"sizes", "patch_sizes", "blocks", "seeds"}
+# Grid keys of the modern block options -> the TrainConfig field each sets.
+OPTION_GRID_KEYS = {"norms": "norm", "qk_norms": "qk_norm", "mlps": "mlp", "positions": "pos"}
+GRID_KEYS = {"sizes", "patch_sizes", "blocks", "seeds", *OPTION_GRID_KEYS}
 
 
 def _fail(where: str, message: str) -> None:
@@ -72,11 +76,13 @@ class Entry:
     """depth, hidden_size, num_heads of its size."""
     train: dict[str, Any]
     """The shared `ditlab train` settings (everything of TrainConfig but results and max_steps)."""
+    options: dict[str, str] = field(default_factory=dict)
+    """The modern block options this entry sets (norm, qk_norm, mlp, pos); absent ones are the paper's."""
 
     def train_config(self, results: Path, max_steps: int, progress: bool) -> TrainConfig:
         return TrainConfig(**self.train, results=str(results), max_steps=max_steps, progress=progress,
                            model="DiT-S/2", patch_size=self.patch_size, block=self.block, seed=self.seed,
-                           **self.model)  # fmt: skip
+                           **self.model, **self.options)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -179,6 +185,25 @@ def _train_settings(where: str, data: dict[str, Any], train: dict[str, Any]) -> 
     return settings
 
 
+def _option_choices(at: str, g: dict[str, Any]) -> list[dict[str, str]]:
+    """Every combination of the grid's block options, each as {field: value} of its non-default values."""
+    from ditlab.options import BLOCK_OPTIONS
+
+    combos: list[dict[str, str]] = [{}]
+    for key, name in OPTION_GRID_KEYS.items():
+        choices = BLOCK_OPTIONS[name]
+        values = g.get(key, [choices[0]])
+        if not isinstance(values, list) or not values or any(v not in choices for v in values):
+            _fail(at, f"{key} {values!r}: a non-empty list of {', '.join(choices)}")
+        combos = [{**c, **({name: v} if v != choices[0] else {})} for c in combos for v in values]
+    return combos
+
+
+def _option_suffix(options: dict[str, str]) -> str:
+    """The entry name's part for its non-default options: -rmsnorm, -qk-layernorm, -swiglu, -sincos+rope."""
+    return "".join(f"-qk-{v}" if k == "qk_norm" else f"-{v}" for k, v in options.items())
+
+
 def _entries(where: str, grids: list[Any], sizes: dict[str, dict[str, int]], train: dict[str, Any]) -> dict[str, Entry]:
     from ditlab.models.blocks import BLOCKS
 
@@ -194,13 +219,15 @@ def _entries(where: str, grids: list[Any], sizes: dict[str, dict[str, int]], tra
         blocks = g.get("blocks", ["adaln-zero"])
         if not isinstance(blocks, list) or any(b not in BLOCKS for b in blocks):
             _fail(at, f"blocks {blocks!r}: a list of {', '.join(BLOCKS)}")
+        combos = _option_choices(at, g)
         for size in names:
             for p in _ints(f"{at} patch_sizes", g.get("patch_sizes"), 1):
                 for block in blocks:
-                    for seed in _ints(f"{at} seeds", g.get("seeds", [0])):
-                        name = f"DiT-{size}-{p}" + ("" if block == "adaln-zero" else f"-{block}") + \
-                               ("" if seed == 0 else f"-seed{seed}")
-                        entries[name] = Entry(name, size, p, block, seed, sizes[size], train)
+                    for options in combos:
+                        for seed in _ints(f"{at} seeds", g.get("seeds", [0])):
+                            name = f"DiT-{size}-{p}" + ("" if block == "adaln-zero" else f"-{block}") + \
+                                   _option_suffix(options) + ("" if seed == 0 else f"-seed{seed}")
+                            entries[name] = Entry(name, size, p, block, seed, sizes[size], train, options)
     return entries
 
 

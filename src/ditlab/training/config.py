@@ -9,7 +9,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ditlab.errors import UserError
-from ditlab.options import BLOCKS, LR_SCHEDULES, PRECISIONS
+from ditlab.options import (
+    BLOCK_OPTIONS,
+    BLOCKS,
+    LR_SCHEDULES,
+    MLPS,
+    NORMS,
+    POSITIONS,
+    PRECISIONS,
+    QK_NORMS,
+    check_block_options,
+)
 
 
 @dataclass(kw_only=True)
@@ -33,6 +43,14 @@ class TrainConfig:
     """override the named config's patch size"""
     block: str = field(default="adaln-zero", metadata={"choices": BLOCKS})
     """block design: adaln-zero, adaln, cross-attn or in-context"""
+    norm: str = field(default="layernorm", metadata={"choices": NORMS})
+    """the blocks' norm: layernorm (the paper's) or rmsnorm (LightningDiT's)"""
+    qk_norm: str = field(default="none", metadata={"choices": QK_NORMS})
+    """normalise each head's queries and keys before attention: none (the paper's), rmsnorm or layernorm"""
+    mlp: str = field(default="gelu", metadata={"choices": MLPS})
+    """gelu (the paper's) or swiglu (hidden width int(2/3 x 4 x D), LightningDiT's)"""
+    pos: str = field(default="sincos", metadata={"choices": POSITIONS})
+    """positions: sincos (the paper's fixed table), sincos+rope (plus 2-D rotary q/k, LightningDiT's) or rope"""
     image_size: int | None = None
     """image resolution in pixels (the latent is image_size / 8 with the SD VAE); default: the data's own
     (digits 8, a latent cache its size, an image folder 256)"""
@@ -108,6 +126,7 @@ class TrainConfig:
             raise UserError(f"--precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
         if self.block not in BLOCKS:
             raise UserError(f"--block {self.block!r}: choose one of {', '.join(BLOCKS)}")
+        check_block_options(self)
         if self.global_batch_size < 1:
             raise UserError(f"--global-batch-size {self.global_batch_size} must be positive")
         if self.max_steps is None and self.epochs is None:
@@ -139,6 +158,10 @@ class TrainConfig:
         from ditlab.training.lr_schedule import check_lr_settings
 
         check_lr_settings(self)
+
+    def block_options(self) -> dict[str, str]:
+        """The modern block options (--norm --qk-norm --mlp --pos) as keyword arguments of create_model."""
+        return {name: getattr(self, name) for name in BLOCK_OPTIONS}
 
     def total_steps(self, steps_per_epoch: int) -> float:
         """The step the run ends at: max_steps or epochs x steps_per_epoch, whichever comes first."""
