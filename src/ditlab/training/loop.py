@@ -46,7 +46,7 @@ def _model_for(cfg: TrainConfig, data: TrainingData) -> torch.nn.Module:
     return create_model(
         cfg.model, input_size=data.size, in_channels=data.channels, num_classes=num_classes,
         depth=cfg.depth, hidden_size=cfg.hidden_size, num_heads=cfg.num_heads, patch_size=cfg.patch_size,
-        block=cfg.block, learn_sigma=cfg.learn_sigma, class_dropout_prob=cfg.class_dropout_prob,
+        block=cfg.block, learn_sigma=cfg.learn_sigma, class_dropout_prob=cfg.class_dropout_prob, **cfg.block_options(),
     )  # fmt: skip
 
 
