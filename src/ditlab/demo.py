@@ -75,12 +75,12 @@ class DigitsJudge:
 
 def run_demo(out: str | Path, max_steps: int | None = None, progress: bool = True) -> dict[str, Any]:
     """Train, sample and judge; writes samples.png, samples.npz and report.json into `out`."""
-    from ditlab.checkpoints.formats import build_model, read_checkpoint
     from ditlab.checkpoints.state import list_checkpoints
-    from ditlab.diffusion import Diffusion
+    from ditlab.diffusion.guidance import Guidance
     from ditlab.evaluation.batches import save_samples
     from ditlab.runtime.files import atomic_write_text
-    from ditlab.sampling.generate import generate, save_grid, to_uint8
+    from ditlab.sampling.generate import save_grid, to_uint8
+    from ditlab.sampling.pipeline import SamplingPipeline
     from ditlab.training import TrainConfig, train
 
     out = Path(out)
@@ -89,8 +89,8 @@ def run_demo(out: str | Path, max_steps: int | None = None, progress: bool = Tru
     summary = train(cfg, device="cpu")  # resumes (and returns at once) when `out` holds a finished run
     metrics = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
     train_seconds = metrics[-1]["wall_time"]  # of the run that trained the last steps
-    ema = build_model(read_checkpoint(list_checkpoints(out / "run" / "checkpoints")[-1][1]))  # EMA weights
-    diffusion = Diffusion()
+    newest = list_checkpoints(out / "run" / "checkpoints")[-1][1]
+    pipeline = SamplingPipeline.from_checkpoint(str(newest), weights="ema", precision="fp32", device="cpu")
 
     judge = DigitsJudge()
     real_test, real_test_labels = load_digits_arrays("test")
@@ -100,8 +100,8 @@ def run_demo(out: str | Path, max_steps: int | None = None, progress: bool = Tru
     grid_images = None
     for sampler, steps in SAMPLERS:
         t1 = time.time()
-        images = generate(ema, diffusion, labels, 0, range(len(labels)), latent_shape=(1, 8, 8), steps=steps,
-                          sampler=sampler, cfg_scale=CFG_SCALE, clip_denoised=True, progress=progress)
+        images = pipeline.images(labels, 0, range(len(labels)), guidance=Guidance(scale=CFG_SCALE), sampler=sampler,
+                                 steps=steps, progress=progress)  # pixel space: x_0 predictions clipped
         seconds = time.time() - t1
         results[f"{sampler}-{steps}"] = {
             "class_accuracy": judge.accuracy(images, labels),

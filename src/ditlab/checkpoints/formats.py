@@ -55,7 +55,8 @@ class DiTCheckpoint:
     vae: str | None = None
     """The codec the model was trained with, where the checkpoint says ("pixel", a hub id or a folder)."""
     extra: dict[str, Any] = field(default_factory=dict)
-    """What else a ditlab checkpoint holds: "step", "class_names" (its training data's class names)."""
+    """What else a ditlab checkpoint holds: "step", "class_names" (its training data's class names), "process"
+    (the record of its training objective, `diffusion.protocol.process_from_record`; absent: the paper's)."""
 
 
 def codec_of_run(train_config: dict[str, Any] | None) -> str | None:
@@ -119,7 +120,9 @@ def _read_torch(path: Path, weights: str, model: str | None) -> DiTCheckpoint:
         sd = _pick(obj, weights, path, "a ditlab checkpoint")
         verify_tensors(obj, path, under=weights)
         vae = obj.get("vae") or codec_of_run(obj.get("config"))
-        extra = {k: obj[k] for k in ("step", "class_names") if obj.get(k) is not None}
+        extra = {k: obj[k] for k in ("step", "class_names", "process") if obj.get(k) is not None}
+        if "process" not in extra and isinstance(obj.get("config"), dict) and "objective" in obj["config"]:
+            extra["process"] = dict(obj["config"])  # a run's config names its objective and that one's settings
         if "class_names" not in extra:  # older checkpoints: named after their data, where still readable
             from ditlab.data.classes import training_class_names
 
