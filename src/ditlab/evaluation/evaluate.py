@@ -92,7 +92,7 @@ def evaluate(
     weights come from torch hub's folder or are fetched (`ditlab.hub`)."""
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
-    from ditlab.sampling.record import read_record
+    from ditlab.data.npz import read_record
 
     files = {"samples": samples_path, "ref": reference_path(ref_path, progress)}
     images = {name: NpzImages(path) for name, path in files.items()}  # layout errors before any compute

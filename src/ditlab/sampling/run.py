@@ -121,7 +121,8 @@ def _sample_rounds(cfg: SampleConfig, job: _Job, info: DistInfo) -> None:
     """Every round: this rank's images sampled, decoded and quantized, gathered on rank 0 and written."""
     from tqdm.auto import tqdm
 
-    from ditlab.runtime.files import PROTOCOL_KEY, NpzWriter, atomic_write_text
+    from ditlab.data.npz import PROTOCOL_KEY, NpzWriter
+    from ditlab.runtime.files import atomic_write_text
     from ditlab.sampling.generate import quantize, save_grid, save_pngs
 
     n, out, png_dir = cfg.num_images, cfg.out_path, cfg.png_dir
