@@ -13,7 +13,8 @@ weights, fetched once into a cache folder and verified.
   HTTP Range request, by the same call (a few times, while it makes progress) or by the next run.
   It is verified before it is renamed into place: the byte count the server announced, the
   SHA-256 prefix a name carries (torch hub's convention: torch-fidelity's Inception weights), and
-  a structural check (it loads as what it claims to be). A file that fails is removed.
+  the structural check its registry entry names (it loads as what it claims to be), which lives
+  with the code that reads such files. A file that fails is removed.
 - Under torchrun rank 0 downloads while the other ranks wait at a barrier."""
 
 from __future__ import annotations
@@ -21,12 +22,14 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import http.client
+import importlib
 import os
 import shutil
 import socket
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -51,20 +54,32 @@ class Released:
     url: str
     """its own download location (a mirror replaces everything up to the name)"""
     kind: str
-    """"checkpoint", "reference" or "inception": which structural check it gets"""
+    """"checkpoint", "reference" or "inception": what it is"""
     sha256_prefix: str | None = None
     """the leading hex digits of its SHA-256, where known"""
     model: str | None = None
     """the named config it holds (a checkpoint's state dict does not store its heads)"""
+    check: str | None = None
+    """"module:function" of its structural check, called with the downloaded file's path before it is
+    kept (a UserError refuses it; None: KIND_CHECKS of its kind). The module of the code that reads
+    such files knows what they should hold; the downloader does not (it imports none of them)."""
 
 
+CHECK_CHECKPOINT = "ditlab.checkpoints.formats:check_released_checkpoint"
+CHECK_REFERENCE = "ditlab.evaluation.batches:check_reference_batch"
+CHECK_INCEPTION = "ditlab.evaluation.inception:check_weights_file"
+KIND_CHECKS = {"checkpoint": CHECK_CHECKPOINT, "reference": CHECK_REFERENCE, "inception": CHECK_INCEPTION}
 RELEASED: dict[str, Released] = {
-    "DiT-XL-2-256x256.pt": Released(DIT_URL + "DiT-XL-2-256x256.pt", "checkpoint", model="DiT-XL/2"),
-    "DiT-XL-2-512x512.pt": Released(DIT_URL + "DiT-XL-2-512x512.pt", "checkpoint", model="DiT-XL/2"),
-    "VIRTUAL_imagenet256_labeled.npz": Released(ADM_URL + "256/VIRTUAL_imagenet256_labeled.npz", "reference"),
-    "VIRTUAL_imagenet512.npz": Released(ADM_URL + "512/VIRTUAL_imagenet512.npz", "reference"),
+    "DiT-XL-2-256x256.pt": Released(DIT_URL + "DiT-XL-2-256x256.pt", "checkpoint", model="DiT-XL/2",
+                                    check=CHECK_CHECKPOINT),
+    "DiT-XL-2-512x512.pt": Released(DIT_URL + "DiT-XL-2-512x512.pt", "checkpoint", model="DiT-XL/2",
+                                    check=CHECK_CHECKPOINT),
+    "VIRTUAL_imagenet256_labeled.npz": Released(ADM_URL + "256/VIRTUAL_imagenet256_labeled.npz", "reference",
+                                                check=CHECK_REFERENCE),
+    "VIRTUAL_imagenet512.npz": Released(ADM_URL + "512/VIRTUAL_imagenet512.npz", "reference",
+                                        check=CHECK_REFERENCE),
     INCEPTION_NAME: Released("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_NAME,
-                             "inception", sha256_prefix="6726825d"),
+                             "inception", sha256_prefix="6726825d", check=CHECK_INCEPTION),
 }
 REFERENCE_BATCHES = {"imagenet256": "VIRTUAL_imagenet256_labeled.npz", "imagenet512": "VIRTUAL_imagenet512.npz"}
 """`ditlab eval`'s names for ADM's reference batches"""
@@ -212,10 +227,31 @@ def _verify(name: str, path: Path, url: str) -> None:
             digest = file_sha256(path)
             if not digest.startswith(entry.sha256_prefix):
                 raise UserError(f"SHA-256 {digest[:16]}... does not start with {entry.sha256_prefix}")
-        CHECKS[entry.kind](path)
+        check_of(entry)(path)
     except UserError as e:
         path.unlink(missing_ok=True)
         raise UserError(f"{url}: not a valid {name} ({one_line(e)}); removed it") from e
+
+
+def check_of(entry: Released) -> Callable[[Path], None]:
+    """The structural check an entry names ("module:function"), imported on use."""
+    return _named(entry.check or KIND_CHECKS[entry.kind])
+
+
+def _named(target: str) -> Callable[[Path], None]:
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+OLD_CHECK_NAMES = {"check_checkpoint": CHECK_CHECKPOINT, "check_reference": CHECK_REFERENCE,
+                   "check_inception": CHECK_INCEPTION}
+"""The names the checks had here, before they moved to the modules of the files they check."""
+
+
+def __getattr__(name: str) -> Callable[[Path], None]:
+    if name in OLD_CHECK_NAMES:
+        return _named(OLD_CHECK_NAMES[name])
+    raise AttributeError(f"module 'ditlab.hub' has no attribute {name!r}")
 
 
 def file_sha256(path: Path) -> str:
@@ -231,42 +267,3 @@ class _HashWriter:
 
     def write(self, data: bytes) -> None:
         self.h.update(data)
-
-
-def check_checkpoint(path: Path) -> None:
-    """It loads as the weights of a DiT: a bare state dict (or a training checkpoint's "ema") whose
-    tensors have the shapes of the DiT they describe."""
-    import torch
-
-    from ditlab.checkpoints.state import torch_load
-    from ditlab.models.dit import DiT
-    from ditlab.models.weights import check_weights, infer_config
-
-    obj = torch_load(path, "a DiT checkpoint")
-    sd = obj.get("ema", obj) if isinstance(obj, dict) else None
-    if not isinstance(sd, dict) or "x_embedder.proj.weight" not in sd:
-        raise UserError("not a DiT state dict")
-    try:
-        with torch.device("meta"):
-            shell = DiT(**infer_config(sd, num_heads=1))  # structure only: the weights do not store heads
-        check_weights(shell, sd)
-    except (TypeError, ValueError) as e:
-        raise UserError(one_line(e)) from e
-
-
-def check_reference(path: Path) -> None:
-    """It opens as an ADM batch: uint8 images (N, H, W, 3) in arr_0, well-formed statistics if any."""
-    from ditlab.evaluation.batches import NpzImages, load_stats
-
-    NpzImages(str(path))
-    load_stats(str(path))
-
-
-def check_inception(path: Path) -> None:
-    """It loads, strictly, as the state dict of `evaluation.inception.InceptionV3`."""
-    from ditlab.evaluation.inception import load_inception
-
-    load_inception(str(path))
-
-
-CHECKS = {"checkpoint": check_checkpoint, "reference": check_reference, "inception": check_inception}

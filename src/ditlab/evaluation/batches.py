@@ -7,6 +7,8 @@ refused, since the Frechet distance of such statistics is meaningless (even nega
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -83,3 +85,10 @@ def save_reference(path: str, images: np.ndarray, pool: FeatureStats, spatial: F
         mu_key, sigma_key = STATS_KEYS[kind]
         arrays[mu_key], arrays[sigma_key] = stats.mu, stats.sigma
     atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
+def check_reference_batch(path: Path) -> None:
+    """It opens as an ADM batch: uint8 images (N, H, W, 3) in arr_0, well-formed statistics if any.
+    (`ditlab.hub` checks a download of a reference batch with it.)"""
+    NpzImages(str(path))
+    load_stats(str(path))

@@ -102,7 +102,7 @@ class Judge:
         """The demo's classifier (trained once) and the held-out real digits (N, 1, 8, 8)."""
         if self._digits is None:
             from ditlab.data.digits import load_digits_arrays
-            from ditlab.demo import DigitsJudge
+            from ditlab.evaluation.digits_judge import DigitsJudge
 
             self._digits = DigitsJudge(), load_digits_arrays("test")[0]
         return self._digits
