@@ -2,8 +2,9 @@
 
 Trains a small DiT in pixel space, samples a class-balanced set with guidance from three
 samplers (DDPM-250, DDIM-50 and the fast solver at 20 steps), and judges the samples with a
-classifier trained on real digits: its accuracy on the requested classes, and the Frechet
-distance in its feature space to held-out real digits (beside the real-vs-real value)."""
+classifier trained on real digits (`evaluation.digits_judge`): its accuracy on the requested
+classes, and the Frechet distance in its feature space to held-out real digits (beside the
+real-vs-real value)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
-from ditlab.data.digits import DIGITS_CLASSES, DIGITS_SIZE, load_digits_arrays
+from ditlab.data.digits import DIGITS_CLASSES, load_digits_arrays
+from ditlab.evaluation.digits_judge import DigitsJudge as DigitsJudge  # its old home
 
 # The demo run: a DiT-S-shaped model, smaller, on 8x8 digits (16 tokens of 2x2 patches).
 DEMO_TRAIN = dict(
@@ -29,58 +29,14 @@ CFG_SCALE = 2.0
 SAMPLERS = [("ddpm", 250), ("ddim", 50), ("dpm++2m", 20)]
 
 
-class DigitsJudge:
-    """A small MLP classifier trained on the real training digits; its hidden layer is the
-    feature space of the Frechet distance."""
-
-    def __init__(self, seed: int = 0):
-        from sklearn.neural_network import MLPClassifier
-
-        self.train_images, labels = load_digits_arrays("train")  # (1500, 1, 8, 8), also the real reference
-        self.clf = MLPClassifier(hidden_layer_sizes=(128,), max_iter=500, random_state=seed)
-        self.clf.fit(self._flat(self.train_images), labels.numpy())
-
-    @staticmethod
-    def _flat(images: torch.Tensor) -> np.ndarray:
-        """(N, 1, S, S) in [-1, 1] -> (N, 64) at the native 8x8 resolution."""
-        images = images.float().clamp(-1, 1)
-        if images.shape[-1] != DIGITS_SIZE:
-            images = F.adaptive_avg_pool2d(images, DIGITS_SIZE)
-        return images.reshape(images.shape[0], -1).numpy().astype(np.float64)  # (N, 64)
-
-    def predict(self, images: torch.Tensor) -> np.ndarray:
-        return self.clf.predict(self._flat(images))
-
-    def accuracy(self, images: torch.Tensor, labels: torch.Tensor) -> float:
-        return float((self.predict(images) == labels.numpy()).mean())
-
-    def features(self, images: torch.Tensor) -> np.ndarray:
-        """Hidden-layer activations (N, 128)."""
-        x = self._flat(images)
-        return np.maximum(x @ self.clf.coefs_[0] + self.clf.intercepts_[0], 0.0)
-
-    def diversity(self, images: torch.Tensor, labels: torch.Tensor) -> float:
-        """Mean over classes of the mean pairwise pixel distance between images of that class."""
-        flat = torch.from_numpy(self._flat(images))
-        per_class = [torch.pdist(flat[labels == c]).mean().item() for c in labels.unique().tolist()
-                     if int((labels == c).sum()) > 1]
-        return float(np.mean(per_class))
-
-    def frechet(self, a: torch.Tensor, b: torch.Tensor) -> float:
-        from ditlab.evaluation import feature_stats, frechet_distance
-
-        sa, sb = feature_stats(self.features(a)), feature_stats(self.features(b))
-        return float(frechet_distance(sa.mu, sa.sigma, sb.mu, sb.sigma))
-
-
 def run_demo(out: str | Path, max_steps: int | None = None, progress: bool = True) -> dict[str, Any]:
     """Train, sample and judge; writes samples.png, samples.npz and report.json into `out`."""
-    from ditlab.checkpoints.formats import build_model, read_checkpoint
     from ditlab.checkpoints.state import list_checkpoints
-    from ditlab.diffusion import Diffusion
+    from ditlab.diffusion.guidance import Guidance
     from ditlab.evaluation.batches import save_samples
     from ditlab.runtime.files import atomic_write_text
-    from ditlab.sampling.generate import generate, save_grid, to_uint8
+    from ditlab.sampling.generate import save_grid, to_uint8
+    from ditlab.sampling.pipeline import SamplingPipeline
     from ditlab.training import TrainConfig, train
 
     out = Path(out)
@@ -89,8 +45,8 @@ def run_demo(out: str | Path, max_steps: int | None = None, progress: bool = Tru
     summary = train(cfg, device="cpu")  # resumes (and returns at once) when `out` holds a finished run
     metrics = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
     train_seconds = metrics[-1]["wall_time"]  # of the run that trained the last steps
-    ema = build_model(read_checkpoint(list_checkpoints(out / "run" / "checkpoints")[-1][1]))  # EMA weights
-    diffusion = Diffusion()
+    newest = list_checkpoints(out / "run" / "checkpoints")[-1][1]
+    pipeline = SamplingPipeline.from_checkpoint(str(newest), weights="ema", precision="fp32", device="cpu")
 
     judge = DigitsJudge()
     real_test, real_test_labels = load_digits_arrays("test")
@@ -100,8 +56,8 @@ def run_demo(out: str | Path, max_steps: int | None = None, progress: bool = Tru
     grid_images = None
     for sampler, steps in SAMPLERS:
         t1 = time.time()
-        images = generate(ema, diffusion, labels, 0, range(len(labels)), latent_shape=(1, 8, 8), steps=steps,
-                          sampler=sampler, cfg_scale=CFG_SCALE, clip_denoised=True, progress=progress)
+        images = pipeline.images(labels, 0, range(len(labels)), guidance=Guidance(scale=CFG_SCALE), sampler=sampler,
+                                 steps=steps, progress=progress)  # pixel space: x_0 predictions clipped
         seconds = time.time() - t1
         results[f"{sampler}-{steps}"] = {
             "class_accuracy": judge.accuracy(images, labels),

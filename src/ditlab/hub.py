@@ -13,21 +13,25 @@ Inception weights and the official DINOv2 backbones, fetched once into a cache f
   HTTP Range request, by the same call (a few times, while it makes progress) or by the next run.
   It is verified before it is renamed into place: the byte count the server announced, the
   SHA-256 prefix a name carries (torch hub's convention: torch-fidelity's Inception weights), and
-  a structural check (it loads as what it claims to be; DINOv2's weights, whose checksums are not
-  published, load strictly as the architecture their name says). A file that fails is removed.
+  the structural check its registry entry names (it loads as what it claims to be: DiT weights,
+  an ADM batch, Inception's or a DINOv2's state dict of the architecture the name says), which lives
+  with the code that reads such files. A file that fails is removed.
 - Under torchrun rank 0 downloads while the other ranks wait at a barrier."""
 
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import http.client
+import importlib
 import os
 import shutil
 import socket
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -57,28 +61,45 @@ class Released:
     url: str
     """its own download location (a mirror replaces everything up to the name)"""
     kind: str
-    """"checkpoint", "reference", "inception" or "dinov2": which structural check it gets"""
+    """"checkpoint", "reference", "inception" or "dinov2": what it is"""
     sha256_prefix: str | None = None
     """the leading hex digits of its SHA-256, where known"""
     model: str | None = None
     """the named config it holds (a checkpoint's state dict does not store its heads; a DINOv2
-    file's official model name, which its shapes must match)"""
+    file's official model name, which its shapes must match); passed to its check as `model`"""
     objective: str = "ddpm"
     """a checkpoint's process: "ddpm" (DiT) or "flow" (SiT: `FlowMatching()`'s defaults, linear path, velocity)"""
+    check: str | None = None
+    """"module:function" of its structural check, called with the downloaded file's path (and
+    `model=` where the entry names one) before it is kept (a UserError refuses it; None: KIND_CHECKS
+    of its kind). The module of the code that reads such files knows what they should hold; the
+    downloader does not (it imports none of them)."""
 
 
+CHECK_CHECKPOINT = "ditlab.checkpoints.formats:check_released_checkpoint"
+CHECK_REFERENCE = "ditlab.evaluation.batches:check_reference_batch"
+CHECK_INCEPTION = "ditlab.evaluation.inception:check_weights_file"
+CHECK_DINOV2 = "ditlab.evaluation.dinov2:check_released"
+KIND_CHECKS = {"checkpoint": CHECK_CHECKPOINT, "reference": CHECK_REFERENCE, "inception": CHECK_INCEPTION,
+               "dinov2": CHECK_DINOV2}
 RELEASED: dict[str, Released] = {
-    "DiT-XL-2-256x256.pt": Released(DIT_URL + "DiT-XL-2-256x256.pt", "checkpoint", model="DiT-XL/2"),
-    "DiT-XL-2-512x512.pt": Released(DIT_URL + "DiT-XL-2-512x512.pt", "checkpoint", model="DiT-XL/2"),
+    "DiT-XL-2-256x256.pt": Released(DIT_URL + "DiT-XL-2-256x256.pt", "checkpoint", model="DiT-XL/2",
+                                    check=CHECK_CHECKPOINT),
+    "DiT-XL-2-512x512.pt": Released(DIT_URL + "DiT-XL-2-512x512.pt", "checkpoint", model="DiT-XL/2",
+                                    check=CHECK_CHECKPOINT),
     # SiT's models.py is DiT's with learn_sigma=True and the second half of the output dropped: the same keys
-    "SiT-XL-2-256x256.pt": Released(SIT_URL, "checkpoint", model="DiT-XL/2", objective="flow"),
-    "VIRTUAL_imagenet256_labeled.npz": Released(ADM_URL + "256/VIRTUAL_imagenet256_labeled.npz", "reference"),
-    "VIRTUAL_imagenet512.npz": Released(ADM_URL + "512/VIRTUAL_imagenet512.npz", "reference"),
+    "SiT-XL-2-256x256.pt": Released(SIT_URL, "checkpoint", model="DiT-XL/2", objective="flow",
+                                    check=CHECK_CHECKPOINT),
+    "VIRTUAL_imagenet256_labeled.npz": Released(ADM_URL + "256/VIRTUAL_imagenet256_labeled.npz", "reference",
+                                                check=CHECK_REFERENCE),
+    "VIRTUAL_imagenet512.npz": Released(ADM_URL + "512/VIRTUAL_imagenet512.npz", "reference",
+                                        check=CHECK_REFERENCE),
     INCEPTION_NAME: Released("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_NAME,
-                             "inception", sha256_prefix="6726825d"),
+                             "inception", sha256_prefix="6726825d", check=CHECK_INCEPTION),
 }
 RELEASED.update({  # the official hubconf's files: dinov2_{arch}/dinov2_{arch}[_reg4]_pretrain.pth
-    f"{model}_pretrain.pth": Released(f"{DINOV2_URL}dinov2_{arch}/{model}_pretrain.pth", "dinov2", model=model)
+    f"{model}_pretrain.pth": Released(f"{DINOV2_URL}dinov2_{arch}/{model}_pretrain.pth", "dinov2", model=model,
+                                      check=CHECK_DINOV2)
     for arch in DINOV2_ARCHS for model in (f"dinov2_{arch}", f"dinov2_{arch}_reg4")
 })
 REFERENCE_BATCHES = {"imagenet256": "VIRTUAL_imagenet256_labeled.npz", "imagenet512": "VIRTUAL_imagenet512.npz"}
@@ -227,13 +248,32 @@ def _verify(name: str, path: Path, url: str) -> None:
             digest = file_sha256(path)
             if not digest.startswith(entry.sha256_prefix):
                 raise UserError(f"SHA-256 {digest[:16]}... does not start with {entry.sha256_prefix}")
-        if entry.kind == "dinov2":
-            check_dinov2(path, entry.model)
-        else:
-            CHECKS[entry.kind](path)
+        check_of(entry)(path)
     except UserError as e:
         path.unlink(missing_ok=True)
         raise UserError(f"{url}: not a valid {name} ({one_line(e)}); removed it") from e
+
+
+def check_of(entry: Released) -> Callable[[Path], None]:
+    """The structural check an entry names ("module:function"), imported on use."""
+    check = _named(entry.check or KIND_CHECKS[entry.kind])
+    return functools.partial(check, model=entry.model) if entry.model is not None else check
+
+
+def _named(target: str) -> Callable[[Path], None]:
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+OLD_CHECK_NAMES = {"check_checkpoint": CHECK_CHECKPOINT, "check_reference": CHECK_REFERENCE,
+                   "check_inception": CHECK_INCEPTION}
+"""The names the checks had here, before they moved to the modules of the files they check."""
+
+
+def __getattr__(name: str) -> Callable[[Path], None]:
+    if name in OLD_CHECK_NAMES:
+        return _named(OLD_CHECK_NAMES[name])
+    raise AttributeError(f"module 'ditlab.hub' has no attribute {name!r}")
 
 
 def file_sha256(path: Path) -> str:
@@ -249,53 +289,3 @@ class _HashWriter:
 
     def write(self, data: bytes) -> None:
         self.h.update(data)
-
-
-def check_checkpoint(path: Path) -> None:
-    """It loads as the weights of a DiT: a bare state dict (or a training checkpoint's "ema") whose
-    tensors have the shapes of the DiT they describe."""
-    import torch
-
-    from ditlab.checkpoints.state import torch_load
-    from ditlab.models.dit import DiT
-    from ditlab.models.weights import check_weights, infer_config
-
-    obj = torch_load(path, "a DiT checkpoint")
-    sd = obj.get("ema", obj) if isinstance(obj, dict) else None
-    if not isinstance(sd, dict) or "x_embedder.proj.weight" not in sd:
-        raise UserError("not a DiT state dict")
-    try:
-        with torch.device("meta"):
-            shell = DiT(**infer_config(sd, num_heads=1))  # structure only: the weights do not store heads
-        check_weights(shell, sd)
-    except (TypeError, ValueError) as e:
-        raise UserError(one_line(e)) from e
-
-
-def check_reference(path: Path) -> None:
-    """It opens as an ADM batch: uint8 images (N, H, W, 3) in arr_0, well-formed statistics if any."""
-    from ditlab.evaluation.batches import NpzImages, load_stats
-
-    NpzImages(str(path))
-    load_stats(str(path))
-
-
-def check_inception(path: Path) -> None:
-    """It loads, strictly, as the state dict of `evaluation.inception.InceptionV3`."""
-    from ditlab.evaluation.inception import load_inception
-
-    load_inception(str(path))
-
-
-def check_dinov2(path: Path, model: str | None = None) -> None:
-    """It loads, strictly, as a DINOv2 ViT in the official layout, of the architecture `model`
-    names ("dinov2_vitl14", "dinov2_vitb14_reg4", ...) when given."""
-    from ditlab.evaluation.dinov2 import arch_name, load_dinov2
-
-    found = arch_name(load_dinov2(str(path), "meta").cfg)
-    if model is not None and found != model:
-        raise UserError(f"holds {found}, not {model}")
-
-
-CHECKS = {"checkpoint": check_checkpoint, "reference": check_reference, "inception": check_inception,
-          "dinov2": check_dinov2}

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ditlab.checkpoints.formats import KNOWN, DiTCheckpoint, _save_safetensors, _single_set
+from ditlab.checkpoints.dit_checkpoint import KNOWN, DiTCheckpoint, save_safetensors, single_set
 from ditlab.checkpoints.state import torch_load
 from ditlab.errors import UserError, UserFileNotFoundError, one_line
 
@@ -38,7 +38,7 @@ def _diffusers_weights(folder: Path) -> dict[str, torch.Tensor]:
 def read_diffusers(folder: Path, weights: str) -> DiTCheckpoint:
     from ditlab.models.convert import config_from_diffusers, from_diffusers
 
-    _single_set(folder, weights)
+    single_set(folder, weights)
     root, vae = folder, None
     if not (folder / DIFFUSERS_CONFIG).is_file() and (folder / "transformer" / DIFFUSERS_CONFIG).is_file():
         folder = folder / "transformer"  # a whole DiTPipeline folder: use its VAE too
@@ -82,7 +82,7 @@ def write_diffusers(ckpt: DiTCheckpoint, path: Path) -> None:
                "norm_type": "ada_norm_zero", **diffusers_config(config)}
     sd = to_diffusers(ckpt.state_dict)
     path.mkdir()
-    _save_safetensors(sd, path / DIFFUSERS_SAFETENSORS, {"format": "pt"})
+    save_safetensors(sd, path / DIFFUSERS_SAFETENSORS, {"format": "pt"})
     (path / DIFFUSERS_CONFIG).write_text(json.dumps(dconfig, indent=2, sort_keys=True) + "\n")
 
 

@@ -18,12 +18,12 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ditlab.checkpoints.dit_checkpoint import KNOWN, DiTCheckpoint, save_safetensors, single_set
 from ditlab.checkpoints.state import CHECKSUM_KEY, tensor_digests, torch_load, verify_tensors
 from ditlab.data.latents import INDEX_NAME
 from ditlab.errors import UserError, UserFileNotFoundError, one_line
@@ -32,31 +32,10 @@ from ditlab.models.dit import DiT
 from ditlab.models.repa import drop_projector
 from ditlab.models.weights import check_weights, infer_config, load_weights
 from ditlab.options import FORMATS, WEIGHT_SETS
-from ditlab.runtime.files import fsync_file
 
 CONFIG_METADATA_KEY = "ditlab_model_config"  # safetensors metadata: the DiT config as JSON
 CODEC_METADATA_KEY = "ditlab_vae"  # safetensors metadata: the codec the model was trained with
-KNOWN = "a ditlab checkpoint, the authors' .pt, a diffusers DiT folder or a .safetensors file"
 __all__ = ["FORMATS", "WEIGHT_SETS", "DiTCheckpoint", "read_checkpoint", "build_model", "WRITERS"]
-
-
-@dataclass
-class DiTCheckpoint:
-    """One set of DiT weights with what is known about it."""
-
-    state_dict: dict[str, torch.Tensor]
-    """Our (= the authors') parameter names; tensors as stored (dtype kept)."""
-    config: dict[str, Any]
-    """DiT constructor arguments."""
-    format: str
-    """Where it came from: one of FORMATS."""
-    source: str
-    weights: str = "ema"
-    """"ema" or "model"; files with one set of weights count as "ema" (the authors release EMA weights)."""
-    vae: str | None = None
-    """The codec the model was trained with, where the checkpoint says ("pixel", a hub id or a folder)."""
-    extra: dict[str, Any] = field(default_factory=dict)
-    """What else a ditlab checkpoint holds: "step", "class_names" (its training data's class names)."""
 
 
 def codec_of_run(train_config: dict[str, Any] | None) -> str | None:
@@ -83,12 +62,6 @@ def _pick(obj: dict[str, Any], weights: str, path: Path, what: str) -> dict[str,
         hint = f"; pass --weights {held[0]}" if held else ""
         raise UserError(f"{path}: {what} without {weights!r} weights (it holds {', '.join(held) or 'none'}){hint}")
     return sd
-
-
-def _single_set(path: Path, weights: str) -> None:
-    if weights != "ema":
-        raise UserError(f"{path} holds one set of weights: --weights {weights} applies only to checkpoints with "
-                         "both EMA and raw weights")
 
 
 def _authors_config(sd: dict[str, torch.Tensor], name: str | None, path: Path) -> dict[str, Any]:
@@ -120,7 +93,9 @@ def _read_torch(path: Path, weights: str, model: str | None) -> DiTCheckpoint:
         sd = _pick(obj, weights, path, "a ditlab checkpoint")
         verify_tensors(obj, path, under=weights)
         vae = obj.get("vae") or codec_of_run(obj.get("config"))
-        extra = {k: obj[k] for k in ("step", "class_names") if obj.get(k) is not None}
+        extra = {k: obj[k] for k in ("step", "class_names", "process") if obj.get(k) is not None}
+        if "process" not in extra and isinstance(obj.get("config"), dict) and "objective" in obj["config"]:
+            extra["process"] = dict(obj["config"])  # a run's config names its objective and that one's settings
         if "class_names" not in extra:  # older checkpoints: named after their data, where still readable
             from ditlab.data.classes import training_class_names
 
@@ -133,7 +108,7 @@ def _read_torch(path: Path, weights: str, model: str | None) -> DiTCheckpoint:
         name = model or getattr(obj.get("args"), "model", None)
         return DiTCheckpoint(sd, _authors_config(sd, name, path), "original", str(path), weights)
     if "x_embedder.proj.weight" in obj:
-        _single_set(path, weights)
+        single_set(path, weights)
         return DiTCheckpoint(obj, _authors_config(obj, model, path), "original", str(path))
     keys = ", ".join(list(obj)[:4])
     raise UserError(f"{path}: a dict with keys {keys}..., not a DiT checkpoint ({KNOWN})")
@@ -179,17 +154,10 @@ def is_safetensors(path: Path) -> bool:
     return 0 < int.from_bytes(head[:8], "little") < path.stat().st_size
 
 
-def _save_safetensors(sd: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file
-
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(path), metadata=metadata)
-    fsync_file(path)
-
-
 def _read_safetensors(path: Path, weights: str, model: str | None) -> DiTCheckpoint:
     from safetensors import safe_open
 
-    _single_set(path, weights)
+    single_set(path, weights)
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -210,7 +178,7 @@ def write_safetensors(ckpt: DiTCheckpoint, path: Path) -> None:
     metadata = {"format": "pt", CONFIG_METADATA_KEY: json.dumps(ckpt.config)}
     if ckpt.vae:
         metadata[CODEC_METADATA_KEY] = ckpt.vae
-    _save_safetensors(ckpt.state_dict, path, metadata)
+    save_safetensors(ckpt.state_dict, path, metadata)
 
 
 # ---- any format --------------------------------------------------------------------------------------
@@ -235,6 +203,31 @@ def released_checkpoint(path: str | os.PathLike) -> tuple[Path, str | None]:
     if p.exists() or entry is None or entry.kind != "checkpoint":
         return p, None
     return fetch(str(path)), entry.model
+
+
+def check_released_checkpoint(path: Path, model: str | None = None) -> None:
+    """It loads as the weights of a DiT: a bare state dict (or a training checkpoint's "ema") whose
+    tensors have the shapes of the DiT they describe, and of the named config `model` ("DiT-XL/2")
+    where given. (`ditlab.hub` checks a download of a released checkpoint with it.)"""
+    from ditlab.models.configs import MODEL_CONFIGS
+
+    obj = torch_load(path, "a DiT checkpoint")
+    sd = obj.get("ema", obj) if isinstance(obj, dict) else None
+    if not isinstance(sd, dict) or "x_embedder.proj.weight" not in sd:
+        raise UserError("not a DiT state dict")
+    try:
+        config = infer_config(sd, num_heads=1)
+        with torch.device("meta"):
+            shell = DiT(**config)  # structure only: the weights do not store heads
+        check_weights(shell, sd)
+    except (TypeError, ValueError) as e:
+        raise UserError(one_line(e)) from e
+    if model is not None:
+        named = MODEL_CONFIGS[model]
+        found = {k: config[k] for k in ("depth", "hidden_size", "patch_size")}
+        if found != {k: named[k] for k in found}:
+            raise UserError(f"holds a DiT of depth {found['depth']}, width {found['hidden_size']}, patch "
+                            f"{found['patch_size']}, not {model}")
 
 
 def read_checkpoint(path: str | os.PathLike, weights: str = "ema", model: str | None = None) -> DiTCheckpoint:

@@ -5,15 +5,21 @@ tables (and their per-device copies), respacing, and dispatches to the pure func
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from ditlab.diffusion import gaussian, samplers
 from ditlab.diffusion.gaussian import FIXED_VARIANCES, ModelFn, ProcessTables
+from ditlab.diffusion.guidance import Guidance
 from ditlab.diffusion.schedule import get_betas, respaced_betas, spaced_timesteps
 from ditlab.errors import UserError
+
+DEFAULT_TIMESTEPS = 1000  # DiT's process length
+DEFAULT_SAMPLING_STEPS = 250  # the paper's DDPM sampling steps
 
 
 class Diffusion:
@@ -23,9 +29,15 @@ class Diffusion:
     `fixed_variance` ("large" = beta_t, "small" = the posterior variance) is used only when
     learn_sigma is False; DiT's reference uses "large"."""
 
+    objective = "ddpm"
+    """What `diffusion.protocol.PROCESSES` calls it (a checkpoint's record names it)."""
+    sampler_names: tuple[str, ...] = tuple(samplers.SAMPLERS)
+    """The samplers `generate` takes; the first is the default."""
+    default_steps = DEFAULT_SAMPLING_STEPS
+
     def __init__(
         self,
-        num_timesteps: int = 1000,
+        num_timesteps: int = DEFAULT_TIMESTEPS,
         schedule: str = "linear",
         learn_sigma: bool = True,
         fixed_variance: str = "large",
@@ -146,18 +158,26 @@ class Diffusion:
         tab = self.tables_on(x0.device)
         return gaussian.training_losses(tab, model, x0, t, y, noise, self.learn_sigma, self.fixed_variance)
 
-    def sample(self, model: ModelFn, noise: torch.Tensor, y: torch.Tensor | None = None, steps: int = 250,
-               sampler: str = "ddpm", cfg_scale: float = 1.0, guidance_channels: int | None = None, eta: float = 0.0,
-               generator: samplers.Generators = None, progress: bool = False,
-               clip_denoised: bool = False) -> torch.Tensor:  # fmt: skip
-        """Generate x_0 (N, C, ...) from x_T = noise (N, C, ...) with `steps` respaced steps.
+    # ---- the Process protocol (diffusion.protocol) -------------------------------------------------
 
-        sampler: "ddpm" (ancestral, 250 steps in the paper), "ddim" (eta), "dpm++2m" (20-25 steps).
-        y (N,) long labels, or None for an unconditional model. cfg_scale != 1 applies classifier-free
-        guidance with the model's `null_class`; guidance_channels=3 reproduces DiT's reference (which
-        guides only 3 of the 4 latent channels). generator: one torch.Generator, or one per image.
-        clip_denoised clamps x_0 predictions to [-1, 1] (pixel space; DiT samples latents without).
-        The model should be in eval mode (DiT drops labels in training mode)."""
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> Diffusion:
+        """The Diffusion of a `to_record` dict (or of a run's config: its "learn_sigma"; DiT's
+        defaults for what it lacks)."""
+        return cls(num_timesteps=int(record.get("num_timesteps", DEFAULT_TIMESTEPS)),
+                   schedule=str(record.get("schedule", "linear")), learn_sigma=bool(record.get("learn_sigma", True)),
+                   fixed_variance=str(record.get("fixed_variance", "large")))
+
+    def to_record(self) -> dict[str, Any]:
+        """The settings of the (unspaced) process, JSON-able; `from_record` rebuilds it."""
+        return {"objective": self.objective, "num_timesteps": len(self.base_alphas_cumprod),
+                "schedule": self.schedule, "learn_sigma": self.learn_sigma, "fixed_variance": self.fixed_variance}
+
+    def generate(self, model: ModelFn, noise: torch.Tensor, y: torch.Tensor | None = None, *, steps: int,
+                 sampler: str, guidance: Guidance, generator: samplers.Generators = None, progress: bool = False,
+                 clip_denoised: bool = False, eta: float = 0.0) -> torch.Tensor:  # fmt: skip
+        """x_0 (N, C, ...) from x_T = noise (N, C, ...) with `steps` respaced steps of `sampler`, guided
+        as `guidance` says (its null_class None: the model's `null_class`). See `sample` for the rest."""
         if sampler not in samplers.SAMPLERS:
             raise UserError(f"unknown sampler {sampler!r}; choose one of {', '.join(samplers.SAMPLERS)}")
         if not isinstance(steps, int) or not 1 <= steps <= self.num_timesteps:
@@ -172,12 +192,29 @@ class Diffusion:
             raise UserError(f"the model is class-conditional ({num_classes} classes): pass labels y")
         if y is not None and tuple(y.shape) != (N,):
             raise UserError(f"y must have shape ({N},) to match the noise, got {tuple(y.shape)}")
-        if guidance_channels is not None and not 1 <= guidance_channels <= C:
-            raise UserError(f"guidance_channels must be between 1 and {C}, got {guidance_channels}")
+        if guidance.channels is not None and not 1 <= guidance.channels <= C:
+            raise UserError(f"guidance_channels must be between 1 and {C}, got {guidance.channels}")
         if isinstance(model, torch.nn.Module) and model.training:
             warnings.warn("sampling from a model in training mode (DiT then drops labels at random): call "
-                          "model.eval()", stacklevel=2)
-        guidance = samplers.Guidance(scale=cfg_scale, channels=guidance_channels,
-                                     null_class=getattr(model, "null_class", None))
+                          "model.eval()", stacklevel=3)
+        if guidance.null_class is None:
+            guidance = dataclasses.replace(guidance, null_class=getattr(model, "null_class", None))
         options = samplers.Options(sampler=sampler, eta=eta, clip_denoised=clip_denoised, progress=progress)
         return samplers.sample(self.respace(steps), model, noise, y, guidance, options, generator)
+
+    def sample(self, model: ModelFn, noise: torch.Tensor, y: torch.Tensor | None = None, steps: int = 250,
+               sampler: str = "ddpm", cfg_scale: float = 1.0, guidance_channels: int | None = None, eta: float = 0.0,
+               generator: samplers.Generators = None, progress: bool = False,
+               clip_denoised: bool = False) -> torch.Tensor:  # fmt: skip
+        """Generate x_0 (N, C, ...) from x_T = noise (N, C, ...) with `steps` respaced steps.
+
+        sampler: "ddpm" (ancestral, 250 steps in the paper), "ddim" (eta), "dpm++2m" (20-25 steps).
+        y (N,) long labels, or None for an unconditional model. cfg_scale != 1 applies classifier-free
+        guidance with the model's `null_class`; guidance_channels=3 reproduces DiT's reference (which
+        guides only 3 of the 4 latent channels). generator: one torch.Generator, or one per image.
+        clip_denoised clamps x_0 predictions to [-1, 1] (pixel space; DiT samples latents without).
+        The model should be in eval mode (DiT drops labels in training mode). The keyword form of
+        `generate`, which takes the guidance as one value."""
+        return self.generate(model, noise, y, steps=steps, sampler=sampler,
+                             guidance=Guidance(scale=cfg_scale, channels=guidance_channels), generator=generator,
+                             progress=progress, clip_denoised=clip_denoised, eta=eta)

@@ -16,11 +16,13 @@ from typing import Protocol
 import torch
 
 from ditlab.diffusion.gaussian import ModelFn, ProcessTables, extract, predict_eps_from_x0
+from ditlab.diffusion.guidance import Guidance
 from ditlab.errors import UserError
 
 
 class Process(Protocol):
-    """What a sampler needs of a (respaced) process: `diffusion.Diffusion` is one."""
+    """What a sampler needs of a (respaced) Gaussian process: `diffusion.Diffusion` is one. (The
+    protocol every training objective implements is `diffusion.protocol.Process`.)"""
 
     num_timesteps: int
     timesteps: torch.Tensor  # (T,) long original indices
@@ -179,16 +181,6 @@ SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "ddim": ddim_loop,
     "dpm++2m": dpm_solver_2m_loop,
 }
-
-
-@dataclass(frozen=True, kw_only=True)
-class Guidance:
-    """Classifier-free guidance: scale s (1: none), the channels it applies to (None: all) and the
-    null label of the unconditional branch."""
-
-    scale: float = 1.0
-    channels: int | None = None
-    null_class: int | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -296,3 +296,12 @@ def load_dinov2(path: str, device: str | torch.device = "cpu") -> DinoVisionTran
     except RuntimeError as e:
         raise UserError(f"{path}: not the DINOv2 layout it claims ({' '.join(str(e).split())[:300]})") from e
     return model.float().to(device).eval().requires_grad_(False)
+
+
+def check_released(path: os.PathLike | str, model: str | None = None) -> None:
+    """It loads, strictly, as a DINOv2 ViT in the official layout, of the architecture `model` names
+    ("dinov2_vitl14", "dinov2_vitb14_reg4", ...) when given. (`ditlab.hub` checks a download of the
+    official weights with it.)"""
+    found = arch_name(load_dinov2(str(path), "meta").cfg)
+    if model is not None and found != model:
+        raise UserError(f"holds {found}, not {model}")

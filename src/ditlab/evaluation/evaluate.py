@@ -13,8 +13,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ditlab.data.npz import NpzImages
 from ditlab.errors import UserError
-from ditlab.evaluation.batches import NpzImages, load_stats
+from ditlab.evaluation.batches import load_stats
 from ditlab.evaluation.dinov2 import DinoVisionTransformer
 from ditlab.evaluation.inception import InceptionV3, default_weights_path, load_inception
 from ditlab.evaluation.metrics import (
@@ -107,7 +108,7 @@ def evaluate(
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
     features = check_features(features)
-    from ditlab.sampling.record import read_record
+    from ditlab.data.npz import read_record
 
     files = {"samples": samples_path, "ref": reference_path(ref_path, progress)}
     images = {name: NpzImages(path) for name, path in files.items()}  # layout errors before any compute

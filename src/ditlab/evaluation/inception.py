@@ -9,6 +9,7 @@ pools that ignore padding, a max pool in the last block, and logits without the 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -236,6 +237,12 @@ class InceptionV3(nn.Module):
     def logits(self, pool: torch.Tensor) -> torch.Tensor:
         """Unbiased logits as ADM's IS takes them: pool_3 (N, 2048) @ W.T -> (N, 1008), no bias."""
         return pool.to(self.fc.weight.dtype) @ self.fc.weight.T
+
+
+def check_weights_file(path: Path) -> None:
+    """It loads, strictly, as the state dict of `InceptionV3`. (`ditlab.hub` checks a download of
+    the weights with it.)"""
+    load_inception(str(path))
 
 
 def load_inception(path: str | None = None, device: str | torch.device = "cpu") -> InceptionV3:

@@ -19,8 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ditlab.data.npz import NpzImages
 from ditlab.errors import UserError
-from ditlab.evaluation.batches import NpzImages, load_stats
+from ditlab.evaluation.batches import load_stats
 from ditlab.evaluation.metrics import FeatureStats, feature_stats
 
 DEFAULT_IMAGE_SIZE = 256  # the paper's resolution, for folders of real images
@@ -80,10 +81,10 @@ def save_ref(out: str, source: str, features: Sequence[str] = ("inception",), im
     """Write the reference batch OUT from IMAGES (see the module); returns a JSON-ready summary:
     out, images, image_shape, features, per feature space "stored" (kept from IMAGES), "computed"
     or "cached" (OUT already held it), and the feature spaces' records."""
+    from ditlab.data.npz import NpzWriter
     from ditlab.evaluation import fd_dinov2
     from ditlab.evaluation.evaluate import INCEPTION_RECORD, _device, _full_fp32, check_features, inception_weights
     from ditlab.evaluation.inception import load_inception
-    from ditlab.runtime.files import NpzWriter
 
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")

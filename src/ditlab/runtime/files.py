@@ -1,27 +1,24 @@
 """Atomic writes, the only way ditlab writes a file: build the new file (or folder) under a
 temporary name beside the target, flush it to disk, then rename it into place, so a reader (or a
-crash) never sees a half-written one. Also ADM's .npz sample batch, streamed the same way."""
+crash) never sees a half-written one. (ADM's .npz batch, streamed the same way, is `data.npz`'s:
+its old names here load it on first use.)"""
 
 from __future__ import annotations
 
 import errno
 import os
 import shutil
-import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-import numpy as np
-
 from ditlab.errors import UserWriteError
+from ditlab.lazy import lazy_exports
 
-# ADM's .npz sample batches: arr_0 uint8 images (N, H, W, C), arr_1 int64 labels (N,)
-ADM_IMAGES_KEY = "arr_0"
-ADM_LABELS_KEY = "arr_1"
-PROTOCOL_KEY = "protocol"  # ditlab's addition: the settings that made the batch, a JSON string (0-d array)
-
+# the names of ADM's .npz batch that lived here, now in data.npz (a string: runtime imports no data module)
+__getattr__, _ = lazy_exports("ditlab.runtime.files", {"ditlab.data.npz": "ADM_IMAGES_KEY ADM_LABELS_KEY PROTOCOL_KEY "
+                                                                          "NpzWriter"})
 
 # errno -> how a failed write is told to the user (a full disk, a folder not writable)
 WRITE_ERRORS = {
@@ -142,73 +139,3 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write(path, lambda f: f.write(text.encode()))
-
-
-class NpzWriter:
-    """ADM's .npz written as the images arrive, so N of them never sit in memory at once:
-    arr_0 (N, H, W, C) uint8 streamed in order, then arr_1 (N,) int64 labels at `close`. The file
-    is a temporary one until `close` renames it onto `path`; `abort` (or leaving the `with` block
-    without `close`) deletes it. The result is what `np.savez(path, images, labels)` writes."""
-
-    def __init__(self, path: str | Path, shape: tuple[int, int, int, int]):
-        self.path, self.shape, self.written = Path(path), tuple(shape), 0
-        self.tmp = temp_path(self.path)
-        with user_write_errors(self.path):
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                self._zip = zipfile.ZipFile(self.tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
-                self._entry = self._zip.open(ADM_IMAGES_KEY + ".npy", "w", force_zip64=True)
-                header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
-                          "shape": self.shape}  # fmt: skip
-                np.lib.format.write_array_header_1_0(self._entry, header)
-            except BaseException:
-                self.tmp.unlink(missing_ok=True)
-                raise
-
-    def write(self, images: np.ndarray) -> None:
-        """Append (n, H, W, C) uint8 images."""
-        if images.dtype != np.uint8 or images.shape[1:] != self.shape[1:]:
-            raise ValueError(f"{self.path}: expected uint8 images (n, {', '.join(map(str, self.shape[1:]))}), "
-                             f"got {images.dtype} {images.shape}")
-        if self.written + len(images) > self.shape[0]:
-            raise ValueError(f"{self.path}: more than the {self.shape[0]} images announced")
-        with user_write_errors(self.path):
-            self._entry.write(np.ascontiguousarray(images).reshape(-1).data)
-        self.written += len(images)
-
-    def close(self, labels: np.ndarray | None, extra: dict[str, np.ndarray] | None = None) -> None:
-        """Finish arr_0, add arr_1 = labels (N,) (None: none, as for an unconditional model) and the
-        arrays of `extra` under their names (e.g. PROTOCOL_KEY), rename."""
-        if self.written != self.shape[0]:
-            raise ValueError(f"{self.path}: {self.written} of {self.shape[0]} images written")
-        with user_write_errors(self.path):
-            self._entry.close()
-            if labels is not None:
-                with self._zip.open(ADM_LABELS_KEY + ".npy", "w", force_zip64=True) as f:
-                    np.lib.format.write_array(f, np.asarray(labels, dtype=np.int64))
-            for name, array in (extra or {}).items():
-                with self._zip.open(name + ".npy", "w", force_zip64=True) as f:
-                    np.lib.format.write_array(f, np.asarray(array), allow_pickle=False)
-            self._zip.close()
-            fsync_file(self.tmp)
-            os.replace(self.tmp, self.path)
-
-    def abort(self) -> None:
-        try:
-            self._entry.close()
-            self._zip.close()
-        except (OSError, ValueError):  # e.g. the disk is full: drop the archive's file without finishing it
-            fp, self._zip.fp = self._zip.fp, None
-            try:
-                if fp is not None:
-                    fp.close()
-            except OSError:
-                pass
-        self.tmp.unlink(missing_ok=True)
-
-    def __enter__(self) -> NpzWriter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.tmp.exists():
-            self.abort()

@@ -13,6 +13,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from ditlab.data.codecs import Codec
+from ditlab.diffusion.gaussian import ModelFn
+from ditlab.diffusion.guidance import Guidance
+from ditlab.diffusion.protocol import Process
 from ditlab.errors import UserError
 from ditlab.runtime.files import atomic_write
 from ditlab.runtime.seeds import BALANCED_LABELS, IMAGE_LABELS, IMAGE_NOISE, derive_seed
@@ -60,21 +64,28 @@ def initial_noise(shape: tuple[int, ...], generators: list[torch.Generator],
 
 
 @torch.no_grad()
-def generate(model: torch.nn.Module, diffusion: Any, labels: torch.Tensor | None, seed: int | list[int],
-             indices: list[int] | range, *, latent_shape: tuple[int, int, int], codec: Any = None,
-             device: torch.device | str = "cpu", **sample_kwargs: Any) -> torch.Tensor:
-    """Images (N, C, H, W) in about [-1, 1] for `labels` (N,) (None: unconditional).
+def generate(model: ModelFn, process: Process, labels: torch.Tensor | None, seed: int | list[int],
+             indices: list[int] | range, *, latent_shape: tuple[int, int, int], codec: Codec | None = None,
+             device: torch.device | str = "cpu", steps: int | None = None, sampler: str | None = None,
+             guidance: Guidance | None = None, cfg_scale: float = 1.0, guidance_channels: int | None = None,
+             progress: bool = False, clip_denoised: bool = False, **options: Any) -> torch.Tensor:  # fmt: skip
+    """Images (N, C, H, W) in about [-1, 1] for `labels` (N,) (None: unconditional), drawn by
+    `process.generate` and decoded by `codec` (None: the latents themselves).
 
     `seed`: the run's seed, or one per image (N,) when images of several runs share a batch
-    (image j is then image indices[j] of the run seeded seed[j]).
-    sample_kwargs go to `diffusion.sample` (steps, sampler, cfg_scale, guidance_channels, eta, ...)."""
+    (image j is then image indices[j] of the run seeded seed[j]). `steps` and `sampler` default to
+    the process's; `guidance` (or its keyword form cfg_scale, guidance_channels) is classifier-free
+    guidance; `options` go to the process's `generate` as they are (e.g. DDIM's eta)."""
     if isinstance(seed, int):
         gens = image_generators(seed, indices, device)
     else:
         gens = [g for s, i in zip(seed, indices, strict=True) for g in image_generators(s, [i], device)]
     noise = initial_noise(latent_shape, gens, device)  # (N, C, h, w)
     y = labels.to(device) if labels is not None else None
-    latents = diffusion.sample(model, noise, y=y, generator=gens, **sample_kwargs)
+    guidance = guidance if guidance is not None else Guidance(scale=cfg_scale, channels=guidance_channels)
+    latents = process.generate(model, noise, y, steps=process.default_steps if steps is None else steps,
+                               sampler=sampler or process.sampler_names[0], guidance=guidance, generator=gens,
+                               progress=progress, clip_denoised=clip_denoised, **options)
     return codec.decode(latents) if codec is not None else latents
 
 

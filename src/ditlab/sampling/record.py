@@ -13,8 +13,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
+
+from ditlab.data.npz import read_record as read_record  # the record's read and write live with the .npz format
+from ditlab.data.npz import record_array as record_array
 
 RECORD_VERSION = 1
 RECORD_TEXT_KEY = "ditlab"  # the PNG text chunk that holds the record of a grid
@@ -53,12 +55,6 @@ def sample_record(model: Mapping[str, Any], settings: Mapping[str, Any]) -> dict
     return record
 
 
-def record_array(record: Mapping[str, Any]) -> np.ndarray:
-    """The record as the .npz stores it: a 0-d unicode array holding its JSON (np.load reads it
-    without pickles)."""
-    return np.array(json.dumps(record, sort_keys=True))
-
-
 def record_json(record: Mapping[str, Any]) -> str:
     return json.dumps(record, indent=2, sort_keys=True) + "\n"
 
@@ -66,16 +62,3 @@ def record_json(record: Mapping[str, Any]) -> str:
 def record_path(out: str | Path) -> Path:
     """The sidecar of an output file: samples.npz -> samples.json, grid.png -> grid.json."""
     return Path(out).with_suffix(".json")
-
-
-def read_record(npz_path: str | Path) -> dict[str, Any] | None:
-    """The record a sample .npz holds (None for a batch without one, e.g. ADM's reference batches)."""
-    import zipfile
-
-    from ditlab.runtime.files import PROTOCOL_KEY
-
-    with zipfile.ZipFile(npz_path) as z:
-        if PROTOCOL_KEY + ".npy" not in z.namelist():
-            return None
-        with z.open(PROTOCOL_KEY + ".npy") as f:
-            return json.loads(str(np.lib.format.read_array(f, allow_pickle=False)))

@@ -22,27 +22,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ditlab.diffusion.guidance import Guidance
 from ditlab.errors import UserError
+from ditlab.runtime.autocast import AUTOCAST_NAMES as AUTOCAST_NAMES  # their old home
+from ditlab.runtime.autocast import AutocastModel as AutocastModel
 from ditlab.runtime.distributed import DistInfo, barrier, distributed_session, sigterm_exits
 from ditlab.sampling.config import SampleConfig
+from ditlab.sampling.pipeline import SamplingPipeline
 from ditlab.sampling.record import RECORD_TEXT_KEY, record_array, record_json, record_path
-
-
-class AutocastModel(torch.nn.Module):
-    """A DiT whose forward runs under autocast(dtype); the diffusion maths around it stay float32
-    (the guided output is promoted to float32 by the sampler)."""
-
-    def __init__(self, model: torch.nn.Module, dtype: torch.dtype):
-        super().__init__()
-        self.model, self.dtype, self.num_classes = model, dtype, model.num_classes
-
-    @property
-    def null_class(self) -> int | None:
-        return self.model.null_class
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        with torch.autocast(x.device.type, dtype=self.dtype):
-            return self.model(x, t, y)
 
 
 def rank_indices(n: int, batch_size: int, rank: int, world: int, round_: int) -> range:
@@ -86,82 +73,57 @@ def run_sample(cfg: SampleConfig) -> dict[str, Any]:
         seconds = time.perf_counter() - started
     n = cfg.num_images
     return {"out": str(cfg.out_path), "images": n, "image_shape": list(job.shape[1:]), "seconds": seconds,
-            "images_per_s": n / seconds, "checkpoint_format": job.format, "weights": job.weights,
-            "vae": job.codec_spec, "processes": info.world_size, "rank": info.rank,
-            "record": str(record_path(cfg.out_path)), "label_mode": job.record["label_mode"]}
+            "images_per_s": n / seconds, "checkpoint_format": job.record["checkpoint_format"],
+            "weights": job.record["weights"], "vae": job.record["vae"], "processes": info.world_size,
+            "rank": info.rank, "record": str(record_path(cfg.out_path)), "label_mode": job.record["label_mode"]}
 
 
 @dataclass
 class _Job:
     """What the sampling rounds need, once the checkpoint and codec are loaded."""
 
-    net: torch.nn.Module
-    codec: Any
-    codec_spec: str
-    diffusion: Any
+    pipeline: SamplingPipeline
     labels: torch.Tensor | None  # (N,) long, None for an unconditional model
     shape: tuple[int, int, int, int]  # (N, H, W, C) of the output images
-    latent_shape: tuple[int, int, int]  # (C, h, w) of the model's input
-    clip_denoised: bool  # pixel space: x_0 predictions are clipped to the [-1, 1] of images
-    format: str
-    weights: str
     record: dict[str, Any]  # the protocol record (sampling/record.py)
-    class_names: list[str]  # index = label; empty for an unconditional model
 
-
-AUTOCAST_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    @property
+    def guidance(self) -> Guidance:
+        return Guidance(scale=self.record["cfg_scale"], channels=self.record["guidance_channels"])
 
 
 def _prepare(cfg: SampleConfig, info: DistInfo) -> _Job:
-    from ditlab.checkpoints.formats import build_model, read_checkpoint
-    from ditlab.data.classes import class_names
-    from ditlab.data.codecs import DEFAULT_VAE, PIXEL, load_codec
-    from ditlab.diffusion import Diffusion
-    from ditlab.runtime.precision import resolve_precision, sampling_vae_dtype
     from ditlab.sampling.labels import run_labels
-    from ditlab.sampling.record import sample_record, weights_sha256
+    from ditlab.sampling.record import sample_record
 
-    ckpt = read_checkpoint(cfg.ckpt, weights=cfg.weights, model=cfg.model)
-    mc = ckpt.config
-    amp = resolve_precision(cfg.precision, info.device)
-    names = class_names(mc["num_classes"], stored=ckpt.extra.get("class_names"))
-    labels, label_mode, classes = run_labels(cfg, names, ckpt.source)  # name errors before the VAE loads
-    codec_spec = cfg.vae or ckpt.vae or DEFAULT_VAE
-    codec = load_codec(codec_spec, device=info.device, dtype=sampling_vae_dtype(cfg.precision),
-                       pixel_channels=mc["in_channels"])
-    if codec.latent_channels != mc["in_channels"]:
-        raise UserError(f"--vae {codec_spec} makes {codec.latent_channels}-channel latents, but {ckpt.source} "
-                        f"takes {mc['in_channels']} channels")
-    size = mc["input_size"] * codec.downsample
+    resolved: list[tuple[torch.Tensor | None, str, list[int] | None]] = []
+
+    def labels_of(names: list[str], source: str) -> None:  # name errors before the VAE loads
+        resolved.append(run_labels(cfg, names, source))
+
+    pipeline = SamplingPipeline.from_checkpoint(cfg.ckpt, vae=cfg.vae, weights=cfg.weights, model=cfg.model,
+                                                precision=cfg.precision, device=info.device, check_names=labels_of)
+    (labels, label_mode, classes), = resolved
+    size = pipeline.image_size
     if cfg.image_size is not None and cfg.image_size != size:
-        raise UserError(f"--image-size {cfg.image_size}: {ckpt.source} makes {size}x{size} images "
-                        f"({mc['input_size']}x{mc['input_size']} latents, --vae {codec_spec})")
-    model = {"checkpoint": cfg.ckpt, "checkpoint_file": str(Path(ckpt.source).resolve()),
-             "checkpoint_format": ckpt.format, "weights": ckpt.weights,
-             "weights_sha256": weights_sha256(ckpt.state_dict),
-             "model_config": dict(mc), "vae": codec_spec, "precision": cfg.precision, "autocast": AUTOCAST_NAMES[amp],
-             "device": info.device.type, "image_size": size}
+        mc = pipeline.config
+        raise UserError(f"--image-size {cfg.image_size}: {pipeline.source} makes {size}x{size} images "
+                        f"({mc['input_size']}x{mc['input_size']} latents, --vae {pipeline.vae})")
     settings = {"sampler": cfg.sampler, "steps": cfg.steps, "cfg_scale": cfg.cfg_scale,
                 "guidance_channels": cfg.guidance_channels, "label_mode": label_mode, "classes": classes,
                 "seed": cfg.seed, "num_images": cfg.num_images, "batch_size": cfg.batch_size,
                 "world_size": info.world_size}
-    net: torch.nn.Module = build_model(ckpt, info.device)
-    fmt, held = ckpt.format, ckpt.weights
-    del ckpt  # the weights now live in `net`: do not hold a second copy for the whole run
-    if amp is not None:
-        net = AutocastModel(net, amp).eval()
-    n = cfg.num_images
-    return _Job(net, codec, codec_spec, Diffusion(learn_sigma=mc["learn_sigma"]), labels,
-                (n, size, size, codec.image_channels), (mc["in_channels"], mc["input_size"], mc["input_size"]),
-                codec_spec == PIXEL, fmt, held, sample_record(model, settings), names)
+    shape = (cfg.num_images, size, size, pipeline.image_channels)
+    return _Job(pipeline, labels, shape, sample_record(pipeline.record_fields, settings))
 
 
 def _sample_rounds(cfg: SampleConfig, job: _Job, info: DistInfo) -> None:
     """Every round: this rank's images sampled, decoded and quantized, gathered on rank 0 and written."""
     from tqdm.auto import tqdm
 
-    from ditlab.runtime.files import PROTOCOL_KEY, NpzWriter, atomic_write_text
-    from ditlab.sampling.generate import generate, quantize, save_grid, save_pngs
+    from ditlab.data.npz import PROTOCOL_KEY, NpzWriter
+    from ditlab.runtime.files import atomic_write_text
+    from ditlab.sampling.generate import quantize, save_grid, save_pngs
 
     n, out, png_dir = cfg.num_images, cfg.out_path, cfg.png_dir
     if png_dir and info.is_main:
@@ -182,10 +144,8 @@ def _sample_rounds(cfg: SampleConfig, job: _Job, info: DistInfo) -> None:
             pixels = torch.empty((0, *job.shape[1:]), dtype=torch.uint8, device=info.device)
             if len(mine):
                 labels = job.labels[mine.start:mine.stop] if job.labels is not None else None
-                images = generate(job.net, job.diffusion, labels, cfg.seed, mine, latent_shape=job.latent_shape,
-                                  codec=job.codec, device=info.device, steps=cfg.steps, sampler=cfg.sampler,
-                                  cfg_scale=cfg.cfg_scale, guidance_channels=cfg.guidance_channels,
-                                  clip_denoised=job.clip_denoised)
+                images = job.pipeline.images(labels, cfg.seed, mine, guidance=job.guidance, sampler=cfg.sampler,
+                                             steps=cfg.steps)
                 pixels = quantize(images)  # (b, H, W, C) uint8
                 if png_dir:
                     try:
@@ -200,8 +160,8 @@ def _sample_rounds(cfg: SampleConfig, job: _Job, info: DistInfo) -> None:
             npz.close(job.labels.numpy() if job.labels is not None else None,
                       {PROTOCOL_KEY: record_array(job.record)})
     if info.is_main and out.suffix.lower() == ".png":
-        captions = [job.class_names[c] for c in job.labels.tolist()] if cfg.captions and job.labels is not None \
-            else None
+        names = job.pipeline.class_names
+        captions = [names[c] for c in job.labels.tolist()] if cfg.captions and job.labels is not None else None
         save_grid(np.concatenate(grid), out, nrow=cfg.nrow or min(n, 8), captions=captions,
                   text={RECORD_TEXT_KEY: json.dumps(job.record, sort_keys=True)})
     if info.is_main:

@@ -15,7 +15,6 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from ditlab.checkpoints.state import checkpoint_path, list_checkpoints
@@ -89,9 +88,13 @@ class Judge:
 
             r = evaluate(str(npz), ev.ref, ev.inception, device=str(self.device), progress=self.progress)
             return {k: float(r[k]) for k in ("fid", "sfid", "is", "precision", "recall")}
+        from ditlab.data.npz import read_samples
+
         judge, real = self.digits()
-        with np.load(npz) as f:
-            pixels, labels = f["arr_0"], torch.from_numpy(f["arr_1"])
+        pixels, stored = read_samples(npz)
+        if stored is None:
+            raise UserError(f"{npz}: no labels, so no class accuracy to judge")
+        labels = torch.from_numpy(stored)
         images = (torch.from_numpy(pixels[..., :1]).permute(0, 3, 1, 2).float() - 127.5) / 127.5  # (N, 1, H, W)
         return {"frechet_distance": judge.frechet(images, real), "class_accuracy": judge.accuracy(images, labels)}
 
@@ -99,7 +102,7 @@ class Judge:
         """The demo's classifier (trained once) and the held-out real digits (N, 1, 8, 8)."""
         if self._digits is None:
             from ditlab.data.digits import load_digits_arrays
-            from ditlab.demo import DigitsJudge
+            from ditlab.evaluation.digits_judge import DigitsJudge
 
             self._digits = DigitsJudge(), load_digits_arrays("test")[0]
         return self._digits

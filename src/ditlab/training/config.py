@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 from ditlab.errors import UserError
@@ -21,15 +23,22 @@ from ditlab.options import (
     check_block_options,
 )
 
+RESUMABLE: Mapping[str, Any] = MappingProxyType({"resumable": True})
+"""The metadata of a setting that may differ between a stored run and the command that resumes it:
+what only changes how the run is carried out (its length, its logging, its parallelism, its float
+rounding: --grad-accum, --fsdp, --precision), where its metrics also go (--wandb), and --lr-decay-steps
+as far as `lr_schedule.check_resume` allows. Any other difference is refused."""
+
 
 @dataclass(kw_only=True)
 class TrainConfig:
-    """Every setting of a run. Those in `training.resume.RESUMABLE` may change when a run is
-    resumed; any other difference from the run stored in the results folder is refused."""
+    """Every setting of a run. Those whose metadata holds RESUMABLE may change when a run is
+    resumed (`resumable_fields`); any other difference from the run stored in the results folder is
+    refused."""
 
     data: str
     """'digits' (bundled, pixel space), an image folder (ImageNet layout) or a latent cache"""
-    results: str
+    results: str = field(metadata=RESUMABLE)
     """results folder: checkpoints/, samples/, metrics.jsonl, config.json"""
     model: str = "DiT-XL/2"
     """named config (ditlab.MODEL_CONFIGS); --depth, --hidden-size, --num-heads, --patch-size override it"""
@@ -64,7 +73,7 @@ class TrainConfig:
     """learned variance, loss = MSE + VLB, as the paper (--no-learn-sigma: epsilon only, MSE loss)"""
     global_batch_size: int = 256
     """images per optimizer step, summed over processes"""
-    grad_accum: int = 1
+    grad_accum: int = field(default=1, metadata=RESUMABLE)
     """micro-batches per process and step: gradients of K micro-batches are summed, one all-reduce per
     step; the images, the random draws and the update are those of K = 1"""
     lr: float = 1e-4
@@ -75,46 +84,46 @@ class TrainConfig:
     """after the warmup: constant (the paper's), or cosine or linear decay to --lr-min"""
     lr_min: float = 0.0
     """the learning rate a cosine or linear schedule reaches at its end"""
-    lr_decay_steps: int | None = None
+    lr_decay_steps: int | None = field(default=None, metadata=RESUMABLE)
     """the step the decay ends at (default: the run's end, from --max-steps or --epochs)"""
-    max_steps: int | None = 7_000_000
+    max_steps: int | None = field(default=7_000_000, metadata=RESUMABLE)
     """stop after this many optimizer steps (at least 1)"""
-    epochs: int | None = None
+    epochs: int | None = field(default=None, metadata=RESUMABLE)
     """stop after this many passes over the data (at least 1; with --max-steps: whichever comes first)"""
-    ckpt_every: int = 50_000
+    ckpt_every: int = field(default=50_000, metadata=RESUMABLE)
     """write a checkpoint every N steps (and at the end)"""
-    keep_last: int = 0
+    keep_last: int = field(default=0, metadata=RESUMABLE)
     """keep only the newest K checkpoints (0 = all)"""
-    sample_every: int = 10_000
+    sample_every: int = field(default=10_000, metadata=RESUMABLE)
     """write an EMA sample grid every N steps; 0 = never"""
-    log_every: int = 100
+    log_every: int = field(default=100, metadata=RESUMABLE)
     """log the mean loss terms to metrics.jsonl every N steps"""
-    wandb: str | None = None
+    wandb: str | None = field(default=None, metadata=RESUMABLE)
     """also log to this Weights & Biases project (needs the wandb extra; WANDB_MODE=offline works without network)"""
     seed: int = 0
     """the seed of the initial weights, the data order and every random draw"""
-    precision: str = field(default="auto", metadata={"choices": PRECISIONS})
+    precision: str = field(default="auto", metadata={**RESUMABLE, "choices": PRECISIONS})
     """auto = bf16 autocast where the hardware does it well, else fp32"""
-    num_workers: int = 4
+    num_workers: int = field(default=4, metadata=RESUMABLE)
     """data loader workers"""
     ema_decay: float = 0.9999
     """decay of the exponential moving average of the weights"""
     grad_clip: float | None = None
     """clip the global gradient norm to this value (default: off, as the paper)"""
-    compile: bool = False
+    compile: bool = field(default=False, metadata=RESUMABLE)
     """torch.compile each block"""
-    grad_checkpointing: bool = False
+    grad_checkpointing: bool = field(default=False, metadata=RESUMABLE)
     """recompute activations in the backward pass to save memory"""
-    fsdp: bool = False
+    fsdp: bool = field(default=False, metadata=RESUMABLE)
     """shard with FSDP2 per block instead of DDP"""
-    sample_steps: int = 50
+    sample_steps: int = field(default=50, metadata=RESUMABLE)
     """DDPM steps of the sample grids"""
-    progress: bool = field(default=True, metadata={"flag": "--no-progress"})
+    progress: bool = field(default=True, metadata={**RESUMABLE, "flag": "--no-progress"})
     """show a progress bar on rank 0 (--no-progress: none)"""
-    max_bad_steps: int = 5
+    max_bad_steps: int = field(default=5, metadata=RESUMABLE)
     """stop after this many consecutive steps with a non-finite loss or gradient norm (each one's update is
     skipped: weights, EMA and optimizer untouched)"""
-    dist_timeout: float = 300.0
+    dist_timeout: float = field(default=300.0, metadata=RESUMABLE)
     """seconds a collective may wait for another process before the run fails, naming the rank"""
 
     def __post_init__(self) -> None:
@@ -155,9 +164,20 @@ class TrainConfig:
         if self.grad_accum < 1 or self.global_batch_size % self.grad_accum:
             raise UserError(f"--grad-accum {self.grad_accum} must be at least 1 and divide --global-batch-size "
                             f"{self.global_batch_size}")
-        from ditlab.training.lr_schedule import check_lr_settings
+        self.check_lr()
 
-        check_lr_settings(self)
+    def check_lr(self) -> None:
+        """Refuse learning-rate settings that make no schedule, naming the flag."""
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise UserError(f"--lr-schedule {self.lr_schedule!r}: choose one of {', '.join(LR_SCHEDULES)}")
+        if self.lr <= 0:
+            raise UserError(f"--lr {self.lr} must be positive")
+        if self.lr_warmup < 0:
+            raise UserError(f"--lr-warmup {self.lr_warmup} must be at least 0")
+        if not 0.0 <= self.lr_min <= self.lr:
+            raise UserError(f"--lr-min {self.lr_min} must lie in [0, --lr {self.lr}]")
+        if self.lr_decay_steps is not None and self.lr_decay_steps <= self.lr_warmup:
+            raise UserError(f"--lr-decay-steps {self.lr_decay_steps} must exceed --lr-warmup {self.lr_warmup}")
 
     def block_options(self) -> dict[str, str]:
         """The modern block options (--norm --qk-norm --mlp --pos) as keyword arguments of create_model."""
@@ -169,6 +189,11 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def resumable_fields(cls) -> frozenset[str]:
+        """The names of the settings that may change on resume (metadata RESUMABLE)."""
+        return frozenset(f.name for f in dataclasses.fields(cls) if f.metadata.get("resumable"))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:

@@ -35,6 +35,7 @@ from ditlab.training.metrics import MetricsLog
 from ditlab.training.order import RankBatchSampler
 from ditlab.training.parallel import apply_parallelism
 from ditlab.training.preempt import Preemption, health_group, is_timeout, silent_rank_error, stop
+from ditlab.training.sinks import check_sinks
 from ditlab.training.step import TrainStep, draw_step_inputs, step_seed
 
 
@@ -132,6 +133,9 @@ def _train(cfg: TrainConfig, info: DistInfo, dataset: Dataset | None = None) -> 
                                                        parts.diffusion, parts.train_step)
     run = {"steps_per_epoch": steps_per_epoch, "dataset_size": len(data.dataset), "model_config": model.config,
            "vae": data.codec_spec, "class_names": getattr(data.dataset, "classes", None)}
+    check_sinks(cfg)  # a missing sink's package is refused before anything is written
+    if info.is_main:
+        resume.start_results(Path(cfg.results), cfg, step)  # config.json; metrics.jsonl cut back to `step`
     log = MetricsLog(Path(cfg.results), info, cfg, resume_step=step, total=total, description=data.description)
     sample_codec = _grid_codec(data, info) if cfg.sample_every else None
     dropout = model.cfg.class_dropout_prob if model.num_classes else None  # None: no labels

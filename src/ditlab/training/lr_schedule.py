@@ -5,27 +5,16 @@ run sets exactly the learning rates the uninterrupted one set. Light: no torch."
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ditlab.errors import UserError
-from ditlab.options import LR_SCHEDULES
-
-if TYPE_CHECKING:
-    from ditlab.training.config import TrainConfig
+from ditlab.training.config import TrainConfig
 
 
 def check_lr_settings(cfg: TrainConfig) -> None:
-    """Refuse learning-rate settings that make no schedule, naming the flag."""
-    if cfg.lr_schedule not in LR_SCHEDULES:
-        raise UserError(f"--lr-schedule {cfg.lr_schedule!r}: choose one of {', '.join(LR_SCHEDULES)}")
-    if cfg.lr <= 0:
-        raise UserError(f"--lr {cfg.lr} must be positive")
-    if cfg.lr_warmup < 0:
-        raise UserError(f"--lr-warmup {cfg.lr_warmup} must be at least 0")
-    if not 0.0 <= cfg.lr_min <= cfg.lr:
-        raise UserError(f"--lr-min {cfg.lr_min} must lie in [0, --lr {cfg.lr}]")
-    if cfg.lr_decay_steps is not None and cfg.lr_decay_steps <= cfg.lr_warmup:
-        raise UserError(f"--lr-decay-steps {cfg.lr_decay_steps} must exceed --lr-warmup {cfg.lr_warmup}")
+    """Refuse learning-rate settings that make no schedule, naming the flag (`TrainConfig.check_lr`,
+    part of its validation)."""
+    cfg.check_lr()
 
 
 def decay_end(cfg: TrainConfig, steps_per_epoch: int) -> float:
@@ -60,8 +49,6 @@ def set_lr(opt: Any, lr: float) -> None:
 def check_resume(stored: dict[str, Any], cfg: TrainConfig, steps_per_epoch: int) -> None:
     """A resumed run may extend --max-steps / --epochs, but not when that moves the end of its decay
     (the learning rates of the steps already taken would then differ from the new run's)."""
-    from ditlab.training.config import TrainConfig
-
     if cfg.lr_schedule == "constant":
         return
     before = decay_end(TrainConfig.from_dict(stored), steps_per_epoch)

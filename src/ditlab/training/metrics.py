@@ -15,8 +15,6 @@ from pathlib import Path
 import torch
 
 from ditlab.runtime.distributed import DistInfo
-from ditlab.runtime.files import atomic_write_text
-from ditlab.training import resume
 from ditlab.training.config import TrainConfig
 from ditlab.training.sinks import check_sinks, open_sinks
 
@@ -36,10 +34,6 @@ class MetricsLog:
         if not info.is_main:
             return
         results.mkdir(parents=True, exist_ok=True)
-        config_path = results / "config.json"
-        if not config_path.exists():
-            atomic_write_text(config_path, json.dumps(cfg.to_dict(), indent=2) + "\n")
-        resume.truncate_metrics(self.path, resume_step)
         if cfg.progress:
             from tqdm import tqdm
 

@@ -29,15 +29,9 @@ from ditlab.runtime.files import atomic_write_text
 from ditlab.training.config import TrainConfig
 from ditlab.training.data import absolute_path, with_data_defaults
 
-# Settings that may differ between the stored run and the command that resumes it.
-RESUMABLE = frozenset({
-    "max_steps", "epochs", "ckpt_every", "keep_last", "sample_every", "log_every", "num_workers",
-    "compile", "grad_checkpointing", "fsdp", "sample_steps", "progress", "precision", "results",
-    "max_bad_steps", "dist_timeout",
-})  # fmt: skip
-# Gradient accumulation changes only the float rounding (like fsdp and precision), W&B only where the
-# metrics also go; the decay horizon may move only as far as lr_schedule.check_resume allows.
-RESUMABLE = RESUMABLE | {"grad_accum", "wandb", "lr_decay_steps"}
+RESUMABLE = TrainConfig.resumable_fields()
+"""Settings that may differ between the stored run and the command that resumes it: the fields
+whose metadata says so (`training.config.RESUMABLE`)."""
 DAMAGED_SUFFIX = ".damaged"
 
 
@@ -175,6 +169,17 @@ def save(model: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer, cfg: Trai
         save_state(Path(cfg.results) / "checkpoints", state, cfg.keep_last)
     barrier()
     return checkpoint_path(Path(cfg.results) / "checkpoints", step)
+
+
+def start_results(results: Path, cfg: TrainConfig, step: int) -> None:
+    """The results folder of a run starting or resuming at `step` (rank 0): its config.json, written
+    once (what a later command is checked against before the first checkpoint exists), and its
+    metrics.jsonl cut back to the checkpoint resumed from."""
+    results.mkdir(parents=True, exist_ok=True)
+    config_path = results / "config.json"
+    if not config_path.exists():
+        atomic_write_text(config_path, json.dumps(cfg.to_dict(), indent=2) + "\n")
+    truncate_metrics(results / "metrics.jsonl", step)
 
 
 def truncate_metrics(path: Path, step: int) -> None:
