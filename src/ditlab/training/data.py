@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 
 from ditlab.data.codecs import Codec
 from ditlab.errors import UserError, UserFileNotFoundError
+from ditlab.training.config import TrainConfig
 
 IMAGE_FOLDER_SIZE = 256  # --image-size of an image folder when it is left out (the paper's)
 
@@ -75,7 +76,7 @@ def absolute_path(spec: str) -> str:
     return os.path.abspath(local) if spec != "digits" and os.path.exists(local) else spec
 
 
-def with_data_defaults(cfg: Any, stored: dict[str, Any] | None) -> Any:
+def with_data_defaults(cfg: TrainConfig, stored: dict[str, Any] | None) -> TrainConfig:
     """`cfg` (a TrainConfig) with --data and --vae made absolute (a run's stored paths work from any
     folder) and --image-size filled in when left out: the stored run's, else the data's own."""
     image_size = cfg.image_size
