@@ -27,15 +27,19 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: $(VENV)/.installed
 	$(VENV)/bin/ditlab demo
 
+# mypy's settings (and the modules it is not yet strict on) are in pyproject.toml; its cache makes a
+# second run take seconds.
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
+	$(PY) -m mypy
 	$(PY) -m pytest -q
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
+	$(PY) -m mypy
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache
 
 # The wheels benchmarks/gpu_check.py needs on a GPU machine that has torch 2.x and Python 3.12 but
 # not diffusers or pytest, into the git-ignored .whl/ (see benchmarks/README.md).

@@ -67,6 +67,7 @@ def run_demo(out: str | Path, max_steps: int | None = None, progress: bool = Tru
         }  # fmt: skip
         if grid_images is None:
             grid_images = images
+    assert grid_images is not None  # the first sampler's (SAMPLERS is not empty)
     pixels = to_uint8(grid_images)  # (200, 8, 8, 1)
     save_grid(pixels, out / "samples.png", nrow=PER_CLASS)
     save_samples(str(out / "samples.npz"), pixels.repeat(3, axis=-1), labels.numpy())  # ADM's RGB layout

@@ -17,7 +17,7 @@ import os
 import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -121,7 +121,7 @@ class NpzImages:
         if IMAGES_KEY + ".npy" not in npz_members(path):
             raise UserError(f"{path}: no {IMAGES_KEY} (ADM batches hold uint8 images (N, H, W, 3) in {IMAGES_KEY})")
         with zipfile.ZipFile(path) as z, z.open(IMAGES_KEY + ".npy") as f:
-            shape, fortran, dtype = self._read_header(f)
+            shape, fortran, dtype = self._read_header(cast(zipfile.ZipExtFile, f))
         if dtype != np.uint8:
             raise UserError(f"{path}: {IMAGES_KEY} is {dtype}, expected uint8 images in [0, 255]")
         if len(shape) != 4 or shape[3] not in (1, 3) or shape[0] == 0:
@@ -132,7 +132,7 @@ class NpzImages:
         self.num_images, self.channels = shape[0], shape[3]
         self.shape = (shape[1], shape[2], 3)
 
-    def _read_header(self, f: IO[bytes]) -> tuple[tuple[int, ...], bool, np.dtype]:
+    def _read_header(self, f: zipfile.ZipExtFile) -> tuple[tuple[int, ...], bool, np.dtype]:
         readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
         try:
             version = np.lib.format.read_magic(f)
@@ -146,12 +146,14 @@ class NpzImages:
         """uint8 batches (B, H, W, 3) in file order; the last one may be shorter."""
         stored = (*self.shape[:2], self.channels)  # (H, W, C) as in the file
         per_image = int(np.prod(stored))
-        with zipfile.ZipFile(self.path) as z, z.open(IMAGES_KEY + ".npy") as f:
+        with zipfile.ZipFile(self.path) as z, z.open(IMAGES_KEY + ".npy") as entry:
+            f = cast(zipfile.ZipExtFile, entry)  # what ZipFile.open gives for reading: it has readinto
             self._read_header(f)
             for start in range(0, self.num_images, batch_size):
                 count = min(batch_size, self.num_images - start)
                 batch = np.empty((count, *stored), dtype=np.uint8)  # (B, H, W, C)
-                if f.readinto(memoryview(batch).cast("B")) != count * per_image:
+                view = memoryview(batch).cast("B")  # type: ignore[arg-type]  # numpy's stubs: a buffer from 3.12
+                if f.readinto(view) != count * per_image:
                     raise UserError(f"{self.path}: {IMAGES_KEY} is truncated after {start} images")
                 yield batch if self.channels == 3 else np.repeat(batch, 3, axis=3)  # (B, H, W, 3)
 
@@ -165,7 +167,7 @@ def check_images(images: np.ndarray) -> np.ndarray:
 
 def save_samples(path: str, images: np.ndarray, labels: np.ndarray | None = None) -> None:
     """Write a sample batch in ADM's layout: `arr_0` images uint8 (N, H, W, 3), `arr_1` labels (N,)."""
-    arrays = {IMAGES_KEY: check_images(images)}
+    arrays: dict[str, Any] = {IMAGES_KEY: check_images(images)}
     if labels is not None:
         labels = np.asarray(labels)
         if labels.shape != (arrays[IMAGES_KEY].shape[0],):

@@ -25,8 +25,12 @@ class Process(Protocol):
     protocol every training objective implements is `diffusion.protocol.Process`.)"""
 
     num_timesteps: int
-    timesteps: torch.Tensor  # (T,) long original indices
-    alphas_cumprod: torch.Tensor  # (T,) float64
+
+    @property
+    def timesteps(self) -> torch.Tensor: ...  # (T,) long original indices
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor: ...  # (T,) float64
 
     def tables_on(self, device: torch.device | str) -> ProcessTables: ...
 
@@ -166,7 +170,7 @@ def dpm_solver_2m_loop(process: Process, model: StepModel, x: torch.Tensor, draw
             x = x0  # the last step lands on sigma = 0: x_0 itself (the loop ends here)
             continue
         h = lam[i - 1] - lam[i]
-        if prev_x0 is None or i == 1:
+        if prev_x0 is None or prev_h is None or i == 1:
             d = x0
         else:
             half_inv_r = 0.5 * h / prev_h  # 1 / (2r), r = h_prev / h

@@ -8,6 +8,7 @@ refused, since the Frechet distance of such statistics is meaningless (even nega
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -79,7 +80,7 @@ def check_valid_stats(mu: np.ndarray, sigma: np.ndarray, where: str, keys: tuple
 def save_reference(path: str, images: np.ndarray, pool: FeatureStats, spatial: FeatureStats) -> None:
     """Write a reference batch in ADM's layout: `arr_0` images and the Inception statistics
     `mu`, `sigma` (pool_3, 2048-d) and `mu_s`, `sigma_s` (spatial, 2023-d)."""
-    arrays = {IMAGES_KEY: check_images(images)}
+    arrays: dict[str, Any] = {IMAGES_KEY: check_images(images)}
     for kind, stats in {"pool": pool, "spatial": spatial}.items():
         stats = _checked_stats(kind, stats.mu, stats.sigma, path)
         mu_key, sigma_key = STATS_KEYS[kind]

@@ -15,11 +15,12 @@ class AutocastModel(torch.nn.Module):
 
     def __init__(self, model: torch.nn.Module, dtype: torch.dtype):
         super().__init__()
-        self.model, self.dtype, self.num_classes = model, dtype, model.num_classes
+        self.model, self.dtype = model, dtype
+        self.num_classes: int = getattr(model, "num_classes")  # noqa: B009  (a DiT's; typed here)
 
     @property
     def null_class(self) -> int | None:
-        return self.model.null_class
+        return getattr(self.model, "null_class")  # noqa: B009
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         with torch.autocast(x.device.type, dtype=self.dtype):

@@ -7,6 +7,7 @@ arithmetic whatever the batch; see README, "Sampling and checkpoints")."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -136,4 +137,4 @@ def save_pngs(images: np.ndarray, indices: list[int] | range, folder: str | Path
 
     for image, i in zip(images, indices, strict=True):
         img = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
-        atomic_write(Path(folder) / f"{i:06d}.png", lambda f, img=img: img.save(f, format="PNG"))
+        atomic_write(Path(folder) / f"{i:06d}.png", functools.partial(img.save, format="PNG"))

@@ -45,10 +45,11 @@ def gather_round(pixels: torch.Tensor, n: int, batch_size: int, info: DistInfo, 
         return pixels.cpu().numpy()
     padded = pixels.new_zeros((batch_size, *pixels.shape[1:]))  # (B, H, W, C)
     padded[: len(pixels)] = pixels
-    parts = [torch.empty_like(padded) for _ in range(info.world_size)] if info.is_main else None
-    dist.gather(padded, parts, dst=0)
     if not info.is_main:
+        dist.gather(padded, None, dst=0)
         return None
+    parts = [torch.empty_like(padded) for _ in range(info.world_size)]
+    dist.gather(padded, parts, dst=0)
     counts = [len(rank_indices(n, batch_size, r, info.world_size, round_)) for r in range(info.world_size)]
     return torch.cat([p[:c] for p, c in zip(parts, counts)]).cpu().numpy()  # (sum of counts, H, W, C)
 

@@ -60,7 +60,7 @@ class Engine:
         indices = [i for r in requests for i in range(r.num_images)]
         labels = None
         if self.class_names:
-            labels = torch.tensor([c for r in requests for c in r.labels], dtype=torch.long)  # (N,)
+            labels = torch.tensor([c for r in requests for c in r.labels or ()], dtype=torch.long)  # (N,)
         from ditlab.sampling.generate import quantize
 
         guidance = Guidance(scale=first.cfg_scale, channels=first.guidance_channels)

@@ -13,7 +13,7 @@ import json
 import time
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -24,6 +24,9 @@ from ditlab.runtime.distributed import DistInfo, barrier, distributed_session
 from ditlab.runtime.files import atomic_write_text
 from ditlab.study.spec import Entry, EvalSetting, Study, load_spec
 from ditlab.training.resume import config_differences
+
+if TYPE_CHECKING:
+    from ditlab.evaluation.digits_judge import DigitsJudge
 
 SD_VAE_DOWNSAMPLE = 8  # image pixels per latent pixel of the SD VAE (4 latent channels)
 COLLECTIVE_TIMEOUT = timedelta(hours=4)  # other ranks wait at a barrier while rank 0 judges FID-50K
@@ -79,13 +82,14 @@ class Judge:
 
     def __init__(self, study: Study, device: torch.device, progress: bool = False):
         self.study, self.device, self.progress = study, device, progress
-        self._digits = None
+        self._digits: tuple[DigitsJudge, torch.Tensor] | None = None
 
     def __call__(self, npz: Path) -> dict[str, float]:
         ev = self.study.eval
         if ev.metric == "fid":
             from ditlab.evaluation import evaluate
 
+            assert ev.ref is not None  # a fid study names its reference batch (spec.py)
             r = evaluate(str(npz), ev.ref, ev.inception, device=str(self.device), progress=self.progress)
             return {k: float(r[k]) for k in ("fid", "sfid", "is", "precision", "recall")}
         from ditlab.data.npz import read_samples
@@ -98,7 +102,7 @@ class Judge:
         images = (torch.from_numpy(pixels[..., :1]).permute(0, 3, 1, 2).float() - 127.5) / 127.5  # (N, 1, H, W)
         return {"frechet_distance": judge.frechet(images, real), "class_accuracy": judge.accuracy(images, labels)}
 
-    def digits(self):
+    def digits(self) -> tuple[DigitsJudge, torch.Tensor]:
         """The demo's classifier (trained once) and the held-out real digits (N, 1, 8, 8)."""
         if self._digits is None:
             from ditlab.data.digits import load_digits_arrays
@@ -197,7 +201,7 @@ def preflight(study: Study) -> None:
     if ev.metric == "fid":
         from ditlab.evaluation.inception import default_weights_path
 
-        if not Path(ev.ref).is_file():
+        if ev.ref is None or not Path(ev.ref).is_file():
             raise UserFileNotFoundError(f"{study.path} [eval] ref = {ev.ref!r}: no such reference batch")
         weights = ev.inception or default_weights_path()
         if not Path(weights).is_file():

@@ -1,4 +1,5 @@
-"""Gradient accumulation: one optimizer step's per-process batch as K micro-batches.
+"""Gradient accumulation: one optimizer step's per-process batch as K micro-batches (the
+accumulation itself is `step.TrainStep.accumulate`; here the checks and the gradient sync).
 
 The step's inputs are drawn once for the whole per-process batch (`step.draw_step_inputs`) and then
 split, so the images, flips, timesteps, noise and label dropout of every example are those of K = 1.
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -31,47 +32,32 @@ def check_micro_batches(global_batch: int, world_size: int, micro_batches: int) 
 def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
     """Within the block, backward passes reduce gradients across processes only if `enabled`:
     DDP's `no_sync`, FSDP2's `set_requires_gradient_sync`; a plain module has nothing to reduce."""
+    no_sync = getattr(model, "no_sync", None)  # DistributedDataParallel's
+    set_sync = getattr(model, "set_requires_gradient_sync", None)  # an FSDP2 fully_shard module's (and its children)
     if enabled:
         yield
-    elif hasattr(model, "no_sync"):  # DistributedDataParallel
-        with model.no_sync():
+    elif no_sync is not None:
+        with no_sync():
             yield
-    elif hasattr(model, "set_requires_gradient_sync"):  # an FSDP2 fully_shard module (and its children)
-        model.set_requires_gradient_sync(False)
+    elif set_sync is not None:
+        set_sync(False)
         try:
             yield
         finally:
-            model.set_requires_gradient_sync(True)
+            set_sync(True)
     else:
         yield
 
 
-def accumulate_gradients(step: Any, x0: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, noise: torch.Tensor,
-                         drop: torch.Tensor | None, micro_batches: int) -> dict[str, torch.Tensor]:  # fmt: skip
-    """Forward and backward over `micro_batches` equal slices of the batch, gradients summed in the
-    parameters' .grad (which the caller zeroed). `step` is a `step.TrainStep` (its model, diffusion,
-    autocast and grad scaler). x0, noise (N, C, H, W), t (N,), y (N,) or None, drop (N,) bool or None
-    -> the loss terms {"loss", "mse", "vb"} each (N,), in the batch's order.
+class Accumulating(Protocol):
+    """What accumulates a step's gradients: `step.TrainStep`."""
 
-    With one micro-batch this is exactly the plain step: the loss is the batch mean (times 1.0)."""
-    n = x0.shape[0]
-    if n % micro_batches:
-        raise UserError(f"--grad-accum {micro_batches} does not divide the per-process batch of {n}")
-    size = n // micro_batches
-    parts: list[dict[str, torch.Tensor]] = []
-    for i in range(micro_batches):
-        part = slice(i * size, (i + 1) * size)
-        model = step.model
-        if drop is not None:
-            mask = drop[part]
-            model = lambda x, s, c, m=mask: step.model(x, s, c, drop_labels=m)  # noqa: E731
-        with gradient_sync(step.model, enabled=i == micro_batches - 1):
-            with step.autocast():
-                terms = step.diffusion.training_losses(model, x0[part], t[part], y=None if y is None else y[part],
-                                                       noise=noise[part])
-            loss = terms["loss"].mean() * (size / n)  # (micro-batch mean) x (its share): the batch mean's gradient
-            step.scaler.scale(loss).backward()
-        parts.append({k: v.detach() for k, v in terms.items()})
-    if micro_batches == 1:
-        return parts[0]
-    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    def accumulate(self, x0: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, noise: torch.Tensor,
+                   drop: torch.Tensor | None, micro_batches: int) -> dict[str, torch.Tensor]: ...
+
+
+def accumulate_gradients(step: Accumulating, x0: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None,
+                         noise: torch.Tensor, drop: torch.Tensor | None, micro_batches: int) -> dict[str, torch.Tensor]:
+    """`step.accumulate(...)` (`TrainStep.accumulate`): forward and backward over `micro_batches` equal
+    slices of the batch, gradients summed in the parameters' .grad."""
+    return step.accumulate(x0, t, y, noise, drop, micro_batches)

@@ -14,7 +14,9 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from ditlab.data.codecs import Codec
 from ditlab.errors import UserError, UserFileNotFoundError
+from ditlab.training.config import TrainConfig
 
 IMAGE_FOLDER_SIZE = 256  # --image-size of an image folder when it is left out (the paper's)
 
@@ -28,8 +30,12 @@ class TrainingData:
     size: int  # spatial size the model sees
     flip: bool  # random horizontal flips
     codec_spec: str  # "pixel", or the VAE (hub id or folder) the images are, or were, encoded with
-    codec: Any = None  # the loaded VAE when images are encoded online (None otherwise)
+    codec: Codec | None = None  # the loaded VAE when images are encoded online (None otherwise)
     description: str = ""
+
+    def __len__(self) -> int:
+        """The number of training items (a map-style dataset's length)."""
+        return len(self.dataset)
 
     def to_model_input(self, batch: list[torch.Tensor], device: torch.device,
                        generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,6 +50,7 @@ class TrainingData:
             flip = torch.rand(images.shape[0], device=device, generator=generator) < 0.5  # (N,)
             images = torch.where(flip[:, None, None, None], images.flip(-1), images)
         if self.kind == "images":
+            assert self.codec is not None  # an image folder's data carries the VAE that encodes it
             with torch.no_grad():
                 mean, std = self.codec.encode(images)
             noise = torch.randn(mean.shape, device=device, generator=generator, dtype=mean.dtype)
@@ -69,7 +76,7 @@ def absolute_path(spec: str) -> str:
     return os.path.abspath(local) if spec != "digits" and os.path.exists(local) else spec
 
 
-def with_data_defaults(cfg: Any, stored: dict[str, Any] | None) -> Any:
+def with_data_defaults(cfg: TrainConfig, stored: dict[str, Any] | None) -> TrainConfig:
     """`cfg` (a TrainConfig) with --data and --vae made absolute (a run's stored paths work from any
     folder) and --image-size filled in when left out: the stored run's, else the data's own."""
     image_size = cfg.image_size

@@ -20,8 +20,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ditlab.checkpoints.state import TrainingState, checkpoint_path
+from ditlab.data.codecs import Codec
+from ditlab.diffusion.protocol import Process
 from ditlab.errors import UserError
-from ditlab.models import create_model
+from ditlab.models.configs import create_model
+from ditlab.models.dit import DiT
 from ditlab.runtime.distributed import DistInfo, all_reduce_mean, distributed_session, launched_by_torchrun
 from ditlab.runtime.lock import owned_folder
 from ditlab.runtime.precision import resolve_precision
@@ -39,7 +42,7 @@ from ditlab.training.sinks import check_sinks
 from ditlab.training.step import TrainStep, draw_step_inputs, step_seed
 
 
-def _model_for(cfg: TrainConfig, data: TrainingData) -> torch.nn.Module:
+def _model_for(cfg: TrainConfig, data: TrainingData) -> DiT:
     num_classes = data.num_classes if cfg.num_classes is None else cfg.num_classes
     if 0 < num_classes < data.num_classes:  # labels >= num_classes would fail at the first batch holding one
         raise UserError(f"--num-classes {num_classes} is below the {data.num_classes} classes of --data {cfg.data} "
@@ -75,25 +78,26 @@ def train(cfg: TrainConfig, device: str | None = None, dataset: Dataset | None =
 class _Parts:
     """What a run trains with, once built (and restored on resume)."""
 
-    model: torch.nn.Module  # the DiT itself
+    model: DiT  # the DiT itself
     ema: torch.nn.Module
     wrapped: torch.nn.Module  # the model behind DDP / FSDP, what the step calls
     opt: torch.optim.Optimizer
-    diffusion: Any
+    diffusion: Process
     train_step: TrainStep
 
 
 def _open_data(cfg: TrainConfig, info: DistInfo, dataset: Dataset | None) -> tuple[TrainingData, int, float]:
     """The run's data, its steps per epoch and the step the run ends at."""
     if dataset is None:
+        assert cfg.image_size is not None  # resume.newest_state filled it in
         data = open_training_data(cfg.data, cfg.image_size, cfg.vae, info.device)
     else:
         from ditlab.training.custom_data import dataset_training_data
 
         data = dataset_training_data(dataset, cfg.num_classes)
-    steps_per_epoch = len(data.dataset) // cfg.global_batch_size
+    steps_per_epoch = len(data) // cfg.global_batch_size
     if steps_per_epoch == 0:
-        raise UserError(f"--global-batch-size {cfg.global_batch_size} exceeds the {len(data.dataset)} training images")
+        raise UserError(f"--global-batch-size {cfg.global_batch_size} exceeds the {len(data)} training images")
     return data, steps_per_epoch, cfg.total_steps(steps_per_epoch)
 
 
@@ -105,11 +109,11 @@ def _build(cfg: TrainConfig, info: DistInfo, data: TrainingData, steps_per_epoch
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank and every run of this config
     model = _model_for(cfg, data).to(info.device)
     ema = make_ema(model)
-    diffusion = Diffusion(learn_sigma=cfg.learn_sigma)
+    diffusion: Process = Diffusion(learn_sigma=cfg.learn_sigma)
     wrapped, opt = apply_parallelism(model, ema, cfg, info)
     step, last_good = 0, None
     if state is not None:
-        resume.check_same_data(state, cfg, len(data.dataset))
+        resume.check_same_data(state, cfg, len(data))
         lr_schedule.check_resume(state.config, cfg, steps_per_epoch)
         resume.check_world_size(state, info)
         resume.restore(wrapped, ema, opt, state)
@@ -131,7 +135,7 @@ def _train(cfg: TrainConfig, info: DistInfo, dataset: Dataset | None = None) -> 
     del state  # the weights now live in the modules
     model, ema, wrapped, opt, diffusion, train_step = (parts.model, parts.ema, parts.wrapped, parts.opt,
                                                        parts.diffusion, parts.train_step)
-    run = {"steps_per_epoch": steps_per_epoch, "dataset_size": len(data.dataset), "model_config": model.config,
+    run = {"steps_per_epoch": steps_per_epoch, "dataset_size": len(data), "model_config": model.config,
            "vae": data.codec_spec, "class_names": getattr(data.dataset, "classes", None)}
     check_sinks(cfg)  # a missing sink's package is refused before anything is written
     if info.is_main:
@@ -144,7 +148,7 @@ def _train(cfg: TrainConfig, info: DistInfo, dataset: Dataset | None = None) -> 
     with Preemption(info.distributed, timedelta(seconds=cfg.dist_timeout)) as preempt:
         while step < total:
             epoch, start = divmod(step, steps_per_epoch)
-            batches = RankBatchSampler(len(data.dataset), cfg.global_batch_size, info.rank, info.world_size,
+            batches = RankBatchSampler(len(data), cfg.global_batch_size, info.rank, info.world_size,
                                        cfg.seed, epoch, start)
             loader = DataLoader(data.dataset, batch_sampler=batches, num_workers=cfg.num_workers,
                                 pin_memory=info.device.type == "cuda", persistent_workers=False)
@@ -178,8 +182,8 @@ def _train(cfg: TrainConfig, info: DistInfo, dataset: Dataset | None = None) -> 
             "skipped": skipped}
 
 
-def _checkpoint(model, ema, opt, cfg: TrainConfig, info: DistInfo, step: int, run: dict[str, Any],
-                guard: NonFiniteGuard, last_good: Path | None) -> Path:
+def _checkpoint(model: torch.nn.Module, ema: torch.nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig,
+                info: DistInfo, step: int, run: dict[str, Any], guard: NonFiniteGuard, last_good: Path | None) -> Path:
     """Save a checkpoint, unless the run has diverged or its weights are not finite (then raise,
     naming the last good checkpoint). Returns the new checkpoint's path."""
     guard.check(last_good)
@@ -190,7 +194,7 @@ def _checkpoint(model, ema, opt, cfg: TrainConfig, info: DistInfo, step: int, ru
     return resume.save(model, ema, opt, cfg, info, step, run)
 
 
-def _grid_codec(data: TrainingData, info: DistInfo):
+def _grid_codec(data: TrainingData, info: DistInfo) -> Codec | None:
     """The codec that decodes sample grids (None in pixel space)."""
     if data.kind == "pixels" or data.codec is not None:
         return data.codec
@@ -203,8 +207,8 @@ def _grid_codec(data: TrainingData, info: DistInfo):
                          "to train without grids") from e
 
 
-def _sample_grid(ema, diffusion, data: TrainingData, codec, cfg: TrainConfig, info: DistInfo,
-                 step: int) -> Path | None:  # fmt: skip
+def _sample_grid(ema: torch.nn.Module, diffusion: Process, data: TrainingData, codec: Codec | None, cfg: TrainConfig,
+                 info: DistInfo, step: int) -> Path | None:  # fmt: skip
     """An EMA sample grid: up to 8 classes x 8 images (or 64 unconditional), fixed seeds; its path on
     rank 0 (None elsewhere). Rank 0 samples alone, except under FSDP where the sharded EMA needs every rank."""
     if not (info.is_main or cfg.fsdp):

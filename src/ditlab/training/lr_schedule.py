@@ -5,10 +5,13 @@ run sets exactly the learning rates the uninterrupted one set. Light: no torch."
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ditlab.errors import UserError
 from ditlab.training.config import TrainConfig
+
+if TYPE_CHECKING:
+    from torch.optim import Optimizer
 
 
 def check_lr_settings(cfg: TrainConfig) -> None:
@@ -40,7 +43,7 @@ def lr_at(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
     return cfg.lr - (cfg.lr - cfg.lr_min) * p
 
 
-def set_lr(opt: Any, lr: float) -> None:
+def set_lr(opt: Optimizer, lr: float) -> None:
     """Give every parameter group of the optimizer `opt` the learning rate `lr`."""
     for group in opt.param_groups:
         group["lr"] = lr

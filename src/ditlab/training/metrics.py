@@ -91,5 +91,7 @@ class MetricsLog:
 
     def image(self, path: Path | None, step: int) -> None:
         """Hand the sample grid written at `path` (None: none this step) to the sinks."""
-        for sink in self.sinks if path is not None else ():
+        if path is None:
+            return
+        for sink in self.sinks:
             sink.image("samples", path, step)

@@ -7,13 +7,14 @@ import torch
 from torch import nn
 
 from ditlab.errors import UserError
+from ditlab.models.dit import DiT
 from ditlab.runtime.distributed import DistInfo
 from ditlab.training.config import TrainConfig
 
 COMPILE_MODES = ("none", "block", "model")
 
 
-def compile_model(model: nn.Module, mode: str) -> nn.Module:
+def compile_model(model: DiT, mode: str) -> DiT:
     """torch.compile a DiT in place: "block" compiles each block (one graph serves every block, and
     FSDP can shard between them), "model" the whole forward, "none" nothing. Returns the model."""
     if mode not in COMPILE_MODES:
@@ -26,7 +27,7 @@ def compile_model(model: nn.Module, mode: str) -> nn.Module:
     return model
 
 
-def apply_parallelism(model: nn.Module, ema: nn.Module, cfg: TrainConfig,
+def apply_parallelism(model: DiT, ema: DiT, cfg: TrainConfig,
                       info: DistInfo) -> tuple[nn.Module, torch.optim.Optimizer]:
     """(model to train, AdamW): checkpointing, compile per block, then DDP, or FSDP2 on the model
     and, in place, on the EMA (sharded alike, so its update stays local)."""

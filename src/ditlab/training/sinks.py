@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 from ditlab.errors import UserError
 from ditlab.runtime.files import atomic_write_text
+from ditlab.training.config import TrainConfig
 
 WANDB_ID_FILE = "wandb-run-id"
 
@@ -24,7 +25,7 @@ class Sink(Protocol):
     def close(self) -> None: ...
 
 
-def check_sinks(cfg: Any) -> None:
+def check_sinks(cfg: TrainConfig) -> None:
     """Refuse a requested sink whose package is missing (call on every rank, before training)."""
     if cfg.wandb and importlib.util.find_spec("wandb") is None:
         raise UserError(f"--wandb {cfg.wandb}: the wandb package is not installed (pip install 'ditlab[wandb]')")
@@ -77,7 +78,7 @@ class WandbSink:
         self.run.finish()
 
 
-def open_sinks(results: Path, cfg: Any) -> list[Sink]:
+def open_sinks(results: Path, cfg: TrainConfig) -> list[Sink]:
     """The sinks of a run: TensorBoard if its package is installed, W&B if --wandb names a project."""
     sinks: list[Sink] = []
     if importlib.util.find_spec("tensorboard") is not None:

@@ -12,15 +12,21 @@ the step returns the flag so that the loop can count such steps (`training.guard
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
-from typing import Any
+import functools
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
+from ditlab.diffusion.gaussian import ModelFn
+from ditlab.diffusion.protocol import Process
+from ditlab.errors import UserError
 from ditlab.runtime.seeds import TRAIN_STEP, derive_seed
-from ditlab.training.accumulate import accumulate_gradients
+from ditlab.training.accumulate import gradient_sync
+from ditlab.training.data import TrainingData
 from ditlab.training.ema import update_ema
+
+EmaUpdate = Callable[[nn.Module, nn.Module, "float | torch.Tensor"], None]  # (ema, model, decay)
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -28,14 +34,13 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return derive_seed(TRAIN_STEP, seed, step, rank)
 
 
-def draw_step_inputs(data: Any, batch: list[torch.Tensor], diffusion: Any, device: torch.device, seed: int,
+def draw_step_inputs(data: TrainingData, batch: list[torch.Tensor], diffusion: Process, device: torch.device, seed: int,
                      label_dropout: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
                                                     torch.Tensor, torch.Tensor | None]:  # fmt: skip
     """x0 (N, C, H, W), step indices t (N,), labels y (N,) (None: unconditional), noise (N, C, H, W)
     and the label-dropout mask (N,) bool (None without dropout) of one step: every random draw
     (flips, posterior samples, t, noise, dropout) from one generator seeded with `seed`, on the
-    device (no host sync). `data` is a training.data.TrainingData; label_dropout None means an
-    unconditional model (no labels)."""
+    device (no host sync). label_dropout None means an unconditional model (no labels)."""
     gen = torch.Generator(device=device).manual_seed(seed)
     x0, y = data.to_model_input(batch, device, gen)
     t = diffusion.sample_timesteps(x0.shape[0], device, generator=gen)
@@ -46,7 +51,7 @@ def draw_step_inputs(data: Any, batch: list[torch.Tensor], diffusion: Any, devic
     return x0, t, y, noise, drop
 
 
-def grad_norm(params: list[torch.Tensor], max_norm: float | None) -> torch.Tensor:
+def grad_norm(params: Sequence[torch.Tensor], max_norm: float | None) -> torch.Tensor:
     """The global L2 norm of the parameters' gradients (a 0-dim tensor on their device), clipping
     them in place to max_norm when it is given (torch's clip_grad_norm_ semantics)."""
     if max_norm is not None or not hasattr(torch.nn.utils, "get_total_norm"):  # the latter: torch < 2.6
@@ -63,10 +68,9 @@ class TrainStep:
     decay)` defaults to the fused foreach update (it must take a 0-dim tensor decay unless skip_bad is
     False: the plain step of a reference trainer, which updates whatever the flag says)."""
 
-    def __init__(self, model: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer, diffusion: Any,
+    def __init__(self, model: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer, diffusion: Process,
                  amp_dtype: torch.dtype | None, device: torch.device, ema_decay: float,
-                 grad_clip: float | None = None,
-                 ema_update: Callable[[nn.Module, nn.Module, float], None] = update_ema,
+                 grad_clip: float | None = None, ema_update: EmaUpdate = update_ema,
                  skip_bad: bool = True):  # fmt: skip
         self.model, self.ema, self.opt, self.diffusion, self.skip_bad = model, ema, opt, diffusion, skip_bad
         self.ema_decay, self.grad_clip, self.ema_update = ema_decay, grad_clip, ema_update
@@ -74,7 +78,7 @@ class TrainStep:
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
         self.amp_dtype, self.device_type = amp_dtype, device.type
 
-    def autocast(self) -> contextlib.AbstractContextManager:
+    def autocast(self) -> contextlib.AbstractContextManager[object]:
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device_type, dtype=self.amp_dtype)
@@ -84,10 +88,10 @@ class TrainStep:
                  micro_batches: int = 1) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:  # fmt: skip
         """x0, noise (N, C, H, W), t (N,) step indices, y (N,) labels, drop (N,) bool: labels replaced by
         the null label (None: the model's own label dropout) -> ({"loss", "mse", "vb"} each (N,), norm, bad).
-        `micro_batches` K > 1 accumulates the gradients of K slices of N / K (training.accumulate); a
+        `micro_batches` K > 1 accumulates the gradients of K slices of N / K (`accumulate`); a
         non-finite step (bad) leaves the weights, the optimizer and the EMA as they were."""
         self.opt.zero_grad(set_to_none=True)
-        terms = accumulate_gradients(self, x0, t, y, noise, drop, micro_batches)
+        terms = self.accumulate(x0, t, y, noise, drop, micro_batches)
         loss = terms["loss"].mean()
         self.scaler.unscale_(self.opt)
         norm = grad_norm(self.params, self.grad_clip)
@@ -106,6 +110,38 @@ class TrainStep:
         self.ema_update(self.ema, self.model, decay)
         return terms, norm, bad
 
+    def accumulate(self, x0: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, noise: torch.Tensor,
+                   drop: torch.Tensor | None, micro_batches: int) -> dict[str, torch.Tensor]:
+        """Forward and backward over `micro_batches` equal slices of the batch, gradients summed in the
+        parameters' .grad (which the caller zeroed). x0, noise (N, C, H, W), t (N,), y (N,) or None,
+        drop (N,) bool or None -> the loss terms {"loss", "mse", "vb"} each (N,), in the batch's order.
+
+        The inputs were drawn once for the whole per-process batch and are split here, so every
+        example's draws are those of K = 1; each micro-batch's loss is its mean times its share of
+        the batch, so the summed gradients are those of the batch mean; only the last backward pass
+        reduces gradients across processes (`accumulate.gradient_sync`). With one micro-batch this
+        is exactly the plain step: the loss is the batch mean (times 1.0)."""
+        n = x0.shape[0]
+        if n % micro_batches:
+            raise UserError(f"--grad-accum {micro_batches} does not divide the per-process batch of {n}")
+        size = n // micro_batches
+        parts: list[dict[str, torch.Tensor]] = []
+        for i in range(micro_batches):
+            part = slice(i * size, (i + 1) * size)
+            model: ModelFn = self.model
+            if drop is not None:
+                model = functools.partial(self.model, drop_labels=drop[part])
+            with gradient_sync(self.model, enabled=i == micro_batches - 1):
+                with self.autocast():
+                    terms = self.diffusion.training_losses(model, x0[part], t[part],
+                                                           y=None if y is None else y[part], noise=noise[part])
+                loss = terms["loss"].mean() * (size / n)  # (micro-batch mean) x (its share): the batch mean's gradient
+                self.scaler.scale(loss).backward()
+            parts.append({k: v.detach() for k, v in terms.items()})
+        if micro_batches == 1:
+            return parts[0]
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
     def _step_unless(self, bad: torch.Tensor) -> None:
         """The optimizer step, skipped when `bad` is true: on the device for the fused AdamW, else with
         one host sync (an optimizer that cannot take `found_inf`)."""
@@ -113,10 +149,10 @@ class TrainStep:
             self.scaler.step(self.opt)
             self.scaler.update()
         elif self.opt.defaults.get("fused"):
-            self.opt.found_inf = bad.float()
+            self.opt.found_inf = bad.float()  # type: ignore[attr-defined]  # fused AdamW's input (GradScaler's way)
             try:
                 self.opt.step()
             finally:
-                del self.opt.found_inf
+                del self.opt.found_inf  # type: ignore[attr-defined]
         elif not bool(bad):
             self.opt.step()
