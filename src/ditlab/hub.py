@@ -254,13 +254,13 @@ def _verify(name: str, path: Path, url: str) -> None:
         raise UserError(f"{url}: not a valid {name} ({one_line(e)}); removed it") from e
 
 
-def check_of(entry: Released) -> Callable[[Path], None]:
+def check_of(entry: Released) -> Callable[..., None]:
     """The structural check an entry names ("module:function"), imported on use."""
     check = _named(entry.check or KIND_CHECKS[entry.kind])
     return functools.partial(check, model=entry.model) if entry.model is not None else check
 
 
-def _named(target: str) -> Callable[[Path], None]:
+def _named(target: str) -> Callable[..., None]:
     module, _, name = target.partition(":")
     return getattr(importlib.import_module(module), name)
 

@@ -26,6 +26,18 @@ NON_VELOCITY_EPS = 1e-3  # SiT's train_eps and sample_eps for noise / score pred
 Time = torch.Tensor | float
 
 
+def _sin(t: Time) -> Time:
+    return torch.sin(t) if isinstance(t, torch.Tensor) else math.sin(t)
+
+
+def _cos(t: Time) -> Time:
+    return torch.cos(t) if isinstance(t, torch.Tensor) else math.cos(t)
+
+
+def _tan(t: Time) -> Time:
+    return torch.tan(t) if isinstance(t, torch.Tensor) else math.tan(t)
+
+
 def expand(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """t (N,) viewed as (N, 1, ..., 1) to broadcast against x (N, ...)."""
     return t.reshape(t.shape[0], *([1] * (x.ndim - 1)))
@@ -47,8 +59,8 @@ def coefficients(path: str, t: Time) -> Coefficients:
         return Coefficients(t, 1, 1 - t, -1)
     if path == "gvp":
         half_pi_t = t * math.pi / 2
-        return Coefficients(torch.sin(half_pi_t), math.pi / 2 * torch.cos(half_pi_t),
-                            torch.cos(half_pi_t), -math.pi / 2 * torch.sin(half_pi_t))  # fmt: skip
+        return Coefficients(_sin(half_pi_t), math.pi / 2 * _cos(half_pi_t),
+                            _cos(half_pi_t), -math.pi / 2 * _sin(half_pi_t))  # fmt: skip
     raise ValueError(f"unknown path {path!r}")
 
 
@@ -56,7 +68,7 @@ def alpha_ratio(path: str, t: Time) -> Time:
     """alpha'_t / alpha_t, in SiT's stable form: 1 / t (linear), pi / (2 tan(pi t / 2)) (gvp)."""
     if path == "linear":
         return 1 / t
-    return math.pi / (2 * torch.tan(t * math.pi / 2))
+    return math.pi / (2 * _tan(t * math.pi / 2))
 
 
 def interpolant(path: str, t: torch.Tensor, x0: torch.Tensor, x1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

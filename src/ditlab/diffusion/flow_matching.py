@@ -14,7 +14,8 @@ import torch
 
 from ditlab.diffusion import flow, flow_samplers
 from ditlab.diffusion.gaussian import ModelFn
-from ditlab.diffusion.samplers import Generators, Guidance, guided_model, noise_source
+from ditlab.diffusion.guidance import Guidance
+from ditlab.diffusion.samplers import Generators, guided_model, noise_source
 from ditlab.errors import UserError
 
 OBJECTIVE = "flow"

@@ -38,7 +38,7 @@ def time_grid(t0: float, t1: float, intervals: int, shift: float = 1.0) -> list[
     """intervals + 1 times from t0 to t1, evenly spaced (SiT's linspace) or, for shift != 1, shifted
     toward t0 (the noise) by `flow.shift_time` on [t0, t1] (both ends kept)."""
     u = torch.linspace(0.0, 1.0, intervals + 1, dtype=torch.float64)
-    u = flow.shift_time(u, shift)
+    u = torch.as_tensor(flow.shift_time(u, shift))
     return (t0 + (t1 - t0) * u).tolist()
 
 
@@ -137,7 +137,7 @@ def dopri5(fields: Fields, x: torch.Tensor, t0: float, t1: float, atol: float = 
     (`points` output times from t0 to t1 do not change the steps). The step size is controlled on the
     whole batch's error, so an image depends on the batch it is solved in."""
     try:
-        from torchdiffeq import odeint
+        from torchdiffeq import odeint  # type: ignore[import-untyped]
     except ImportError as e:
         raise UserError("sampler 'dopri5' needs torchdiffeq: pip install 'ditlab[flow]' (or torchdiffeq)") from e
     times = torch.linspace(t0, t1, max(points, 2), device=x.device)

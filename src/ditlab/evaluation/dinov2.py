@@ -193,12 +193,13 @@ class DinoVisionTransformer(nn.Module):
         pos = self.pos_embed.float()
         m = math.isqrt(stored)
         grid = pos[:, 1:].reshape(1, m, m, -1).permute(0, 3, 1, 2)  # (1, D, m, m)
+        antialias = self.cfg.interpolate_antialias
         if self.cfg.interpolate_offset:
             offset = self.cfg.interpolate_offset
-            size = {"scale_factor": ((h + offset) / m, (w + offset) / m)}
+            scale = ((h + offset) / m, (w + offset) / m)
+            grid = F.interpolate(grid, scale_factor=scale, mode="bicubic", antialias=antialias)  # (1, D, h, w)
         else:
-            size = {"size": (h, w)}
-        grid = F.interpolate(grid, mode="bicubic", antialias=self.cfg.interpolate_antialias, **size)  # (1, D, h, w)
+            grid = F.interpolate(grid, size=(h, w), mode="bicubic", antialias=antialias)  # (1, D, h, w)
         if grid.shape[-2:] != (h, w):
             raise RuntimeError(f"position embedding interpolated to {tuple(grid.shape[-2:])}, expected {(h, w)}")
         grid = grid.permute(0, 2, 3, 1).reshape(1, h * w, -1)  # 1 d h w -> 1 (h w) d

@@ -19,6 +19,7 @@ import json
 import os
 import zipfile
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -83,7 +84,7 @@ def load_network(path: str, device: torch.device) -> tuple[DinoVisionTransformer
 
     model = load_dinov2(path, device)
     record = {"network": arch_name(model.cfg), "weights": os.path.basename(path),
-              "weights_sha256": file_sha256(path), "feature_dim": model.cfg.embed_dim,
+              "weights_sha256": file_sha256(Path(path)), "feature_dim": model.cfg.embed_dim,
               "preprocessing": PREPROCESSING}
     return model, record
 

@@ -42,7 +42,7 @@ class FolderImages:
             entries = sorted(it, key=lambda e: e.name)
         if any(e.is_dir() and not e.name.startswith(".") for e in entries):
             _, self.samples = scan_image_folder(root)
-            self.labels = np.array([label for _, label in self.samples], dtype=np.int64)
+            self.labels: np.ndarray | None = np.array([label for _, label in self.samples], dtype=np.int64)
         else:
             self.samples = [(e.name, -1) for e in entries if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)]
             self.labels = None
@@ -63,8 +63,8 @@ def open_source(source: str, image_size: int | None, progress: bool) -> tuple[Np
     from ditlab.evaluation.evaluate import reference_path
 
     if os.path.isdir(source):
-        images = FolderImages(source, image_size or DEFAULT_IMAGE_SIZE)
-        return images, images.labels
+        folder = FolderImages(source, image_size or DEFAULT_IMAGE_SIZE)
+        return folder, folder.labels
     if image_size is not None:
         raise UserError(f"--image-size {image_size}: only for a folder of images; {source} is a batch file, "
                         "used at its own size")
@@ -152,7 +152,7 @@ def _cached(out: str, features: tuple[str, ...], record: dict[str, Any] | None,
 
     images = NpzImages(out)
     missing = [f for f in features if f == "inception" and load_stats(out) is None
-               or f == "dinov2" and fd_dinov2.load_stored(out, record) is None]
+               or f == "dinov2" and (record is None or fd_dinov2.load_stored(out, record) is None)]
     if missing:
         raise UserError(f"--save-ref {out}: exists without the {', '.join(missing)} statistics; it is not "
                         f"overwritten: write another file from it (--save-ref NEW.npz {out})")

@@ -121,7 +121,7 @@ class Attention(nn.Module):
         # einops: "b t (three h d) -> three b h t d"
         qkv = self.qkv(x).reshape(B, T, 3, H, C // H).permute(2, 0, 3, 1, 4)  # (3, B, H, T, C/H)
         q, k, v = qkv.unbind(0)  # 3 x (B, H, T, C/H); unbind's backward is one stack, not 3 zero-filled copies
-        if self.q_norm is not None:  # QK-norm per head, before the rotation (as LightningDiT)
+        if self.q_norm is not None and self.k_norm is not None:  # QK-norm per head, before the rotation
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
@@ -150,7 +150,7 @@ class CrossAttention(nn.Module):
         q = self.q(x).reshape(B, T, H, C // H).transpose(1, 2)  # (B, H, T, C/H)
         kv = self.kv(context).reshape(B, S, 2, H, C // H).permute(2, 0, 3, 1, 4)  # (2, B, H, S, C/H)
         k, v = kv.unbind(0)  # 2 x (B, H, S, C/H)
-        if self.q_norm is not None:
+        if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         x = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, C/H)
         x = x.transpose(1, 2).reshape(B, T, C)  # (B, T, C)

@@ -62,7 +62,9 @@ class RotaryEmbedding2D(nn.Module):
         self.register_buffer("freqs_sin", sin)  # (T, head_dim)
 
     def tables(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.freqs_cos, self.freqs_sin
+        cos, sin = self.freqs_cos, self.freqs_sin
+        assert isinstance(cos, torch.Tensor) and isinstance(sin, torch.Tensor)  # buffers
+        return cos, sin
 
     def _load_from_state_dict(self, state_dict: dict[str, torch.Tensor], prefix: str, *args, **kwargs) -> None:
         """Rebuild the tables instead of reading them (a shape mismatch is still reported as one)."""
