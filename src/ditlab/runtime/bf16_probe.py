@@ -141,7 +141,10 @@ def store_answer(path: Path, facts: CpuFacts, found: CpuBf16) -> None:
 
 def measured_once(facts: CpuFacts) -> CpuBf16:
     """The answer for `facts` from the cache, else measured (by one process at a time) and kept."""
-    path = cache_path(facts)
+    try:
+        path = cache_path(facts)
+    except RuntimeError:  # no home folder to put $DITLAB_HOME's default in: measure for this process
+        return run_bf16_probe()
     found = load_answer(path, facts)
     if found is not None:
         return found
