@@ -179,3 +179,23 @@ def test_named_model_is_checked_against_the_weights(tmp_path, make_dit):
     with pytest.raises(ValueError, match="unknown model"):
         read_checkpoint(tmp_path / "s.pt", model="DiT-M/2")
     assert Path(tmp_path / "s.pt").is_file()
+
+
+
+def test_a_checkpoint_is_read_without_drawing_a_random_init_on_meta(tmp_path, make_dit, monkeypatch):
+    # The DiT shell built on the meta device skips its random init: on meta, normal_ is a Python
+    # decomposition whose first call imports torch._dynamo (about 1 s of every sample's start-up).
+    model = make_dit(0)
+    path = tmp_path / "tiny.pt"
+    torch.save({"model": model.state_dict(), "ema": model.state_dict(), "opt": {}, "step": 1,
+                "config": {"data": "digits"}, "model_config": model.config}, path)  # fmt: skip
+    normal_ = torch.Tensor.normal_
+
+    def no_meta_normal(self, *args, **kwargs):
+        assert not self.is_meta, "normal_ on a meta tensor (imports torch._dynamo)"
+        return normal_(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "normal_", no_meta_normal)
+    net = build_model(read_checkpoint(str(path)))
+    assert net.state_dict().keys() == model.state_dict().keys()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in net.state_dict().items())

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from ditlab.data.digits import load_digits_arrays
+from ditlab.data.digits import load_digits_arrays, read_digits
 from ditlab.demo import DigitsJudge, summary_lines
 
 
@@ -51,3 +51,13 @@ def test_summary_lines():
                                         "within_class_diversity": 0.9, "images_per_sec": 3.0}}}
     lines = summary_lines(report, "out")
     assert "ddpm-250: class accuracy 0.950" in lines[2] and lines[-1].startswith("wrote out/samples.png")
+
+
+def test_digits_are_scikit_learns_exactly():
+    # read_digits reads scikit-learn's file without importing scikit-learn: the same arrays, bit for bit.
+    from sklearn.datasets import load_digits
+
+    images, labels = read_digits()
+    bunch = load_digits()
+    assert images.dtype == bunch.images.dtype and np.array_equal(images, bunch.images)
+    assert labels.dtype == np.int64 and np.array_equal(labels, bunch.target)

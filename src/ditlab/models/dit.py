@@ -133,7 +133,10 @@ class DiT(nn.Module):
         return self.num_classes
 
     def initialize_weights(self) -> None:
-        """The reference initialisation; adaLN-Zero blocks start as the identity."""
+        """The reference initialisation; adaLN-Zero blocks start as the identity. A shell on the meta
+        device has nothing to initialise (and normal_ on meta would import torch._dynamo)."""
+        if self.pos_embed.is_meta:
+            return
 
         def _basic_init(module: nn.Module) -> None:
             if isinstance(module, nn.Linear):

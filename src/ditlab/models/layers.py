@@ -231,7 +231,11 @@ class LabelEmbedder(nn.Module):
         super().__init__()
         self.num_classes = num_classes
         self.dropout_prob = dropout_prob
-        self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), hidden_size)
+        rows = num_classes + int(dropout_prob > 0)
+        # A shell on the meta device (whose weights a checkpoint replaces) skips nn.Embedding's random
+        # init: on meta its normal_ imports torch._dynamo (about 1 s of a command's start-up).
+        shell = torch.empty(rows, hidden_size) if torch.empty(0).is_meta else None
+        self.embedding_table = nn.Embedding(rows, hidden_size, _weight=shell)
 
     @property
     def has_null(self) -> bool:
