@@ -91,7 +91,7 @@ def test_sde_with_zero_diffusion_is_the_euler_ode():
 def flow_matching_fields(fm, model, x):
     from ditlab.diffusion.flow_matching import _ModelFields
 
-    return _ModelFields(lambda x, t: model(x, t, None), fm.path, fm.prediction, x.shape[1])
+    return _ModelFields(lambda x, t, guided: model(x, t, None), Guidance(), fm.path, fm.prediction, x.shape[1])
 
 
 def test_time_shift_moves_the_grid_toward_the_noise():

@@ -14,8 +14,9 @@ import torch
 
 from ditlab.diffusion import flow, flow_samplers
 from ditlab.diffusion.gaussian import ModelFn
-from ditlab.diffusion.guidance import Guidance
-from ditlab.diffusion.samplers import Generators, guided_model, noise_source
+from ditlab.diffusion.guidance import Guidance, flow_sigma
+from ditlab.diffusion.guided import GuidedModel, check_guide
+from ditlab.diffusion.samplers import Generators, noise_source
 from ditlab.errors import UserError
 
 OBJECTIVE = "flow"
@@ -154,15 +155,21 @@ class FlowMatching:
 
     def sample(self, model: ModelFn, noise: torch.Tensor, y: torch.Tensor | None = None, steps: int = DEFAULT_STEPS,
                sampler: str = SAMPLERS[0], cfg_scale: float = 1.0, guidance_channels: int | None = None,
-               generator: Generators = None, progress: bool = False,
-               clip_denoised: bool = False) -> torch.Tensor:  # fmt: skip
+               generator: Generators = None, progress: bool = False, clip_denoised: bool = False,
+               guidance_interval: tuple[float, float] | None = None, guidance_t: tuple[float, float] | None = None,
+               guide: ModelFn | None = None) -> torch.Tensor:  # fmt: skip
         """x at t = 1 (N, C, ...) from the noise at t = 0 (N, C, ...): `steps` intervals of the time grid
         (SiT's num_steps = steps + 1; an SDE adds its last step to 1, dopri5 chooses its own steps). y (N,)
         labels or None; cfg_scale != 1 guides the velocity with the model's null class, on all channels or
         the first `guidance_channels` (3: SiT's forward_with_cfg); generator: SDE noise, one
         torch.Generator or one per image; clip_denoised clamps the result to [-1, 1] (pixel space). The model
-        should be in eval mode."""
-        guidance = Guidance(scale=cfg_scale, channels=guidance_channels, null_class=getattr(model, "null_class", None))
+        should be in eval mode. guidance_interval (lo, hi): guide only the steps whose EDM noise level
+        sigma_t / alpha_t ((1 - t) / t on the linear path) lies in (lo, hi]; guidance_t (lo, hi): those whose
+        t lies in [lo, hi] (REPA's guidance_low / high count t the other way: low = 1 - hi, high = 1 - lo);
+        guide: a model of the same latent space and objective as the base of the guidance (autoguidance,
+        both conditional)."""
+        guidance = Guidance(scale=cfg_scale, channels=guidance_channels, null_class=getattr(model, "null_class", None),
+                            interval=guidance_interval, t_interval=guidance_t, guide=guide)
         return self.generate(model, noise, y, steps=steps, sampler=sampler, guidance=guidance, generator=generator,
                              progress=progress, clip_denoised=clip_denoised)  # fmt: skip
 
@@ -177,10 +184,10 @@ class FlowMatching:
                    guidance: Guidance, generator: Generators, progress: bool) -> torch.Tensor:  # fmt: skip
         self._check(model, noise, y, steps, sampler, guidance)
         N, C = noise.shape[:2]
-        null_class = getattr(model, "null_class", None) if guidance.null_class is None else guidance.null_class
-        step_model = guided_model(model, y, float(guidance.scale), guidance.channels, C, null_class)
+        if guidance.null_class is None:
+            guidance = dataclasses.replace(guidance, null_class=getattr(model, "null_class", None))
         x = noise.to(torch.promote_types(noise.dtype, torch.float32))
-        fields = _ModelFields(step_model, self.path, self.prediction, C)
+        fields = _ModelFields(GuidedModel(model, y, guidance, C), guidance, self.path, self.prediction, C)
         t0, t1 = self.sample_interval(sampler)
         with torch.no_grad():
             if sampler == "dopri5":
@@ -218,27 +225,35 @@ class FlowMatching:
             raise UserError(f"y must have shape ({N},) to match the noise, got {tuple(y.shape)}")
         if guidance.channels is not None and not 1 <= guidance.channels <= C:
             raise UserError(f"guidance_channels must be between 1 and {C}, got {guidance.channels}")
+        if guidance.guide is not None:
+            check_guide(guidance.guide, noise, num_classes)
         if isinstance(model, torch.nn.Module) and model.training:
             warnings.warn("sampling from a model in training mode (DiT then drops labels at random): call "
                           "model.eval()", stacklevel=4)
 
 
 class _ModelFields:
-    """The velocity and score of a (guided) model (x (N, C, ...), t (N,)) -> (N, C or 2C, ...) at a time."""
+    """The velocity and score of a guided model (x (N, C, ...), t (N,), guided) -> (N, C or 2C, ...) at a
+    time; guided where `guidance` applies at the deciding time `at` (default t): its EDM noise level
+    `guidance.flow_sigma` and t itself."""
 
-    def __init__(self, step_model, path: str, prediction: str, channels: int):
-        self.step_model, self.path, self.prediction, self.channels = step_model, path, prediction, channels
+    def __init__(self, step_model: GuidedModel, guidance: Guidance, path: str, prediction: str, channels: int):
+        self.step_model, self.guidance, self.path = step_model, guidance, path
+        self.prediction, self.channels = prediction, channels
 
-    def _output(self, x: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def _output(self, x: torch.Tensor, t: float, at: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+        at = t if at is None else at
+        guided = self.guidance.applies(flow_sigma(self.path, at), at)
         t_model = torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device)  # (N,)
-        out = self.step_model(x, t_model)[:, : self.channels].to(x.dtype)  # (N, C, ...)
+        out = self.step_model(x, t_model, guided)[:, : self.channels].to(x.dtype)  # (N, C, ...)
         return out, torch.full((1,) * x.ndim, t, dtype=x.dtype, device=x.device)  # t broadcastable
 
-    def velocity(self, x: torch.Tensor, t: float) -> torch.Tensor:
-        out, t_ = self._output(x, t)
+    def velocity(self, x: torch.Tensor, t: float, at: float | None = None) -> torch.Tensor:
+        out, t_ = self._output(x, t, at)
         return flow.velocity_field(self.prediction, self.path, out, x, t_)
 
-    def velocity_and_score(self, x: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor]:
-        out, t_ = self._output(x, t)
+    def velocity_and_score(self, x: torch.Tensor, t: float,
+                           at: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        out, t_ = self._output(x, t, at)
         return (flow.velocity_field(self.prediction, self.path, out, x, t_),
                 flow.score_field(self.prediction, self.path, out, x, t_))  # fmt: skip

@@ -25,13 +25,16 @@ DOPRI5_RTOL = 1e-3
 
 
 class Fields(Protocol):
-    """The model's velocity and score at the state x (N, C, ...) and time t (a float)."""
+    """The model's velocity and score at the state x (N, C, ...) and time t (a float); `at` is the time
+    that decides whether the evaluation is guided (None: t), the step's first time for a step's later
+    evaluations (a guidance interval guides all of a step or none of it)."""
 
     path: str
 
-    def velocity(self, x: torch.Tensor, t: float) -> torch.Tensor: ...
+    def velocity(self, x: torch.Tensor, t: float, at: float | None = None) -> torch.Tensor: ...
 
-    def velocity_and_score(self, x: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def velocity_and_score(self, x: torch.Tensor, t: float,
+                           at: float | None = None) -> tuple[torch.Tensor, torch.Tensor]: ...  # fmt: skip
 
 
 def time_grid(t0: float, t1: float, intervals: int, shift: float = 1.0) -> list[float]:
@@ -66,7 +69,7 @@ def heun_ode(fields: Fields, x: torch.Tensor, grid: Sequence[float], progress: b
     for t, t_next in _intervals(grid, progress):
         dt = t_next - t
         k1 = fields.velocity(x, t)
-        k2 = fields.velocity(x + dt * k1, t_next)
+        k2 = fields.velocity(x + dt * k1, t_next, at=t)
         x = x + dt * (0.5 * k1 + 0.5 * k2)
     return x
 
@@ -82,9 +85,9 @@ class SDE:
         t_ = torch.full((1,) * x.ndim, t, dtype=x.dtype, device=x.device)
         return flow.diffusion_coefficient(self.form, self.fields.path, t_, self.norm)
 
-    def drift(self, x: torch.Tensor, t: float) -> torch.Tensor:
-        """v + w_t score at (x, t)."""
-        v, score = self.fields.velocity_and_score(x, t)
+    def drift(self, x: torch.Tensor, t: float, at: float | None = None) -> torch.Tensor:
+        """v + w_t score at (x, t) (guided as at `at`, default t)."""
+        v, score = self.fields.velocity_and_score(x, t, at)
         return v + self.diffusion(x, t) * score
 
 
@@ -111,7 +114,7 @@ def sde_heun(sde: SDE, x: torch.Tensor, grid: Sequence[float], draw: NoiseFn,
         dt = t_next - t
         x_hat = x + _sqrt(2 * sde.diffusion(x, t)) * (draw() * math.sqrt(dt))
         k1 = sde.drift(x_hat, t)
-        k2 = sde.drift(x_hat + dt * k1, t_next)
+        k2 = sde.drift(x_hat + dt * k1, t_next, at=t)
         x = x_hat + 0.5 * dt * (k1 + k2)
     return x
 
@@ -135,7 +138,8 @@ def dopri5(fields: Fields, x: torch.Tensor, t0: float, t1: float, atol: float = 
            rtol: float = DOPRI5_RTOL, points: int = 2) -> torch.Tensor:  # fmt: skip
     """The adaptive Dormand-Prince 5(4) solution at t1 from x at t0, by torchdiffeq's odeint as SiT calls it
     (`points` output times from t0 to t1 do not change the steps). The step size is controlled on the
-    whole batch's error, so an image depends on the batch it is solved in."""
+    whole batch's error, so an image depends on the batch it is solved in. Its steps are its own: a
+    guidance interval is decided at every evaluation, by its time."""
     try:
         from torchdiffeq import odeint  # type: ignore[import-untyped]
     except ImportError as e:

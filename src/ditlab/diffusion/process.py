@@ -15,6 +15,7 @@ import torch
 from ditlab.diffusion import gaussian, samplers
 from ditlab.diffusion.gaussian import FIXED_VARIANCES, ModelFn, ProcessTables
 from ditlab.diffusion.guidance import Guidance
+from ditlab.diffusion.guided import check_guide
 from ditlab.diffusion.schedule import get_betas, respaced_betas, spaced_timesteps
 from ditlab.errors import UserError
 
@@ -197,6 +198,8 @@ class Diffusion:
         if isinstance(model, torch.nn.Module) and model.training:
             warnings.warn("sampling from a model in training mode (DiT then drops labels at random): call "
                           "model.eval()", stacklevel=3)
+        if guidance.guide is not None:
+            check_guide(guidance.guide, noise, num_classes)
         if guidance.null_class is None:
             guidance = dataclasses.replace(guidance, null_class=getattr(model, "null_class", None))
         options = samplers.Options(sampler=sampler, eta=eta, clip_denoised=clip_denoised, progress=progress)
@@ -204,8 +207,9 @@ class Diffusion:
 
     def sample(self, model: ModelFn, noise: torch.Tensor, y: torch.Tensor | None = None, steps: int = 250,
                sampler: str = "ddpm", cfg_scale: float = 1.0, guidance_channels: int | None = None, eta: float = 0.0,
-               generator: samplers.Generators = None, progress: bool = False,
-               clip_denoised: bool = False) -> torch.Tensor:  # fmt: skip
+               generator: samplers.Generators = None, progress: bool = False, clip_denoised: bool = False,
+               guidance_interval: tuple[float, float] | None = None, guidance_t: tuple[float, float] | None = None,
+               guide: ModelFn | None = None) -> torch.Tensor:  # fmt: skip
         """Generate x_0 (N, C, ...) from x_T = noise (N, C, ...) with `steps` respaced steps.
 
         sampler: "ddpm" (ancestral, 250 steps in the paper), "ddim" (eta), "dpm++2m" (20-25 steps).
@@ -213,8 +217,13 @@ class Diffusion:
         guidance with the model's `null_class`; guidance_channels=3 reproduces DiT's reference (which
         guides only 3 of the 4 latent channels). generator: one torch.Generator, or one per image.
         clip_denoised clamps x_0 predictions to [-1, 1] (pixel space; DiT samples latents without).
-        The model should be in eval mode (DiT drops labels in training mode). The keyword form of
-        `generate`, which takes the guidance as one value."""
-        return self.generate(model, noise, y, steps=steps, sampler=sampler,
-                             guidance=Guidance(scale=cfg_scale, channels=guidance_channels), generator=generator,
+        The model should be in eval mode (DiT drops labels in training mode). guidance_interval (lo, hi):
+        guide only the steps whose EDM noise level sqrt((1 - alpha_bar) / alpha_bar) lies in (lo, hi];
+        guidance_t (lo, hi): only those whose original timestep index lies in [lo, hi]; guide: a model of
+        the same latent space whose prediction replaces the unconditional one (autoguidance, both
+        conditional; the variance stays the main model's). The keyword form of `generate`, which takes
+        the guidance as one value (`diffusion.guidance.Guidance`)."""
+        guidance = Guidance(scale=cfg_scale, channels=guidance_channels, interval=guidance_interval,
+                            t_interval=guidance_t, guide=guide)
+        return self.generate(model, noise, y, steps=steps, sampler=sampler, guidance=guidance, generator=generator,
                              progress=progress, clip_denoised=clip_denoised, eta=eta)

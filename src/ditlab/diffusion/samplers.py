@@ -16,7 +16,8 @@ from typing import Protocol
 import torch
 
 from ditlab.diffusion.gaussian import ModelFn, ProcessTables, extract, predict_eps_from_x0
-from ditlab.diffusion.guidance import Guidance
+from ditlab.diffusion.guidance import Guidance, ddpm_sigma
+from ditlab.diffusion.guided import GuidedModel
 from ditlab.errors import UserError
 
 
@@ -38,34 +39,29 @@ class Process(Protocol):
                         clip_denoised: bool = False) -> dict[str, torch.Tensor]: ...  # fmt: skip
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
-StepModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x (N, C, ...), t (N,)) -> output
+StepModel = Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor]  # (x (N, C, ...), t (N,), guided) -> output
 NoiseFn = Callable[[], torch.Tensor]
 
 
 def guided_model(model: ModelFn, y: torch.Tensor | None, cfg_scale: float, guidance_channels: int | None,
-                 channels: int, null_class: int | None) -> StepModel:
-    """model(x, t, y), or with cfg_scale != 1 classifier-free guidance (Ho & Salimans, 2022):
-    the conditional and null-label inputs in one batch of 2N, eps = eps_u + s * (eps_c - eps_u)
-    on the first `guidance_channels` channels (default: all C eps channels), the remaining
-    output channels (and the variance) taken from the conditional half. With guidance_channels=3
-    this is exactly DiT's `forward_with_cfg`; only the conditional half of the state is carried."""
-    if cfg_scale == 1.0:
-        return lambda x, t: model(x, t, y)
-    if y is None:
-        raise UserError(f"classifier-free guidance (cfg_scale={cfg_scale}) needs class labels y")
-    if null_class is None:
-        raise UserError(f"classifier-free guidance (cfg_scale={cfg_scale}) needs a model with a null class")
-    k = channels if guidance_channels is None else guidance_channels
-    y_both = torch.cat([y, torch.full_like(y, null_class)])  # (2N,)
+                 channels: int, null_class: int | None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """model(x, t, y), or with cfg_scale != 1 classifier-free guidance at every call (Ho & Salimans,
+    2022): the conditional and null-label inputs in one batch of 2N, eps = eps_u + s * (eps_c - eps_u)
+    on the first `guidance_channels` channels (default: all C eps channels), the remaining output
+    channels (and the variance) taken from the conditional half. With guidance_channels=3 this is
+    exactly DiT's `forward_with_cfg`; only the conditional half of the state is carried. (A
+    `guided.GuidedModel` that guides everywhere.)"""
+    guided = GuidedModel(model, y, Guidance(scale=cfg_scale, channels=guidance_channels, null_class=null_class),
+                         channels)
+    return lambda x, t: guided(x, t)
 
-    def step_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        out = model(torch.cat([x, x]), torch.cat([t, t]), y_both)  # (2N, C_out, ...)
-        out = out.to(torch.promote_types(out.dtype, torch.float32))
-        cond, uncond = out.chunk(2)  # (N, C_out, ...) each
-        guided = uncond[:, :k] + cfg_scale * (cond[:, :k] - uncond[:, :k])
-        return torch.cat([guided, cond[:, k:]], dim=1)  # (N, C_out, ...)
 
-    return step_model
+def step_plan(process: Process, guidance: Guidance) -> list[bool]:
+    """Whether each step i of `process` (indexing its respaced steps) is guided: by its EDM noise level
+    sigma = sqrt((1 - alpha_bar) / alpha_bar) and its ORIGINAL timestep index as the process's t."""
+    ab = process.alphas_cumprod.tolist()  # float64 on the host
+    ts = process.timesteps.tolist()
+    return [guidance.applies(ddpm_sigma(a), float(t)) for a, t in zip(ab, ts)]
 
 
 def noise_source(like: torch.Tensor, generator: Generators) -> NoiseFn:
@@ -97,11 +93,13 @@ def _full(i: int, like: torch.Tensor) -> torch.Tensor:
     return torch.full((like.shape[0],), i, dtype=torch.long, device=like.device)  # (N,)
 
 
-def _predict(process: Process, model: StepModel, x: torch.Tensor, i: int,
-             clip_denoised: bool) -> dict[str, torch.Tensor]:  # fmt: skip
-    """p_mean_variance of the model's output at step i of `process` (the model gets the ORIGINAL index)."""
+def _predict(process: Process, model: StepModel, x: torch.Tensor, i: int, clip_denoised: bool,
+             plan: Sequence[bool] | None) -> dict[str, torch.Tensor]:  # fmt: skip
+    """p_mean_variance of the model's output at step i of `process` (the model gets the ORIGINAL index),
+    guided where plan[i] (plan None: every step)."""
     original = int(process.timesteps[i])
-    return process.p_mean_variance(model(x, _full(original, x)), x, _full(i, x), clip_denoised=clip_denoised)
+    out = model(x, _full(original, x), True if plan is None else plan[i])
+    return process.p_mean_variance(out, x, _full(i, x), clip_denoised=clip_denoised)
 
 
 def ddpm_step(out: dict[str, torch.Tensor], noise: torch.Tensor | None) -> torch.Tensor:
@@ -132,25 +130,26 @@ def ddim_step(
 
 
 def ddpm_loop(process: Process, model: StepModel, x: torch.Tensor, draw: NoiseFn, *, clip_denoised: bool,
-              progress: bool) -> torch.Tensor:  # fmt: skip
+              progress: bool, plan: Sequence[bool] | None = None) -> torch.Tensor:  # fmt: skip
     """Ancestral sampling with the model's (learned) variance; no noise at the last step."""
     for i in _steps(process.num_timesteps, progress):
-        x = ddpm_step(_predict(process, model, x, i, clip_denoised), draw() if i > 0 else None)
+        x = ddpm_step(_predict(process, model, x, i, clip_denoised, plan), draw() if i > 0 else None)
     return x
 
 
 def ddim_loop(process: Process, model: StepModel, x: torch.Tensor, draw: NoiseFn, *, clip_denoised: bool,
-              progress: bool, eta: float = 0.0) -> torch.Tensor:  # fmt: skip
+              progress: bool, eta: float = 0.0, plan: Sequence[bool] | None = None) -> torch.Tensor:  # fmt: skip
     """DDIM sampling (deterministic for eta = 0)."""
     tab = process.tables_on(x.device)
     for i in _steps(process.num_timesteps, progress):
-        out = _predict(process, model, x, i, clip_denoised)
+        out = _predict(process, model, x, i, clip_denoised, plan)
         x = ddim_step(tab, out, x, _full(i, x), eta, draw() if i > 0 and eta > 0 else None)
     return x
 
 
 def dpm_solver_2m_loop(process: Process, model: StepModel, x: torch.Tensor, draw: NoiseFn, *,
-                       clip_denoised: bool, progress: bool) -> torch.Tensor:  # fmt: skip
+                       clip_denoised: bool, progress: bool,
+                       plan: Sequence[bool] | None = None) -> torch.Tensor:  # fmt: skip
     """DPM-Solver++(2M) (Lu et al., 2022, algorithm 2): the multistep second-order solver of the
     probability-flow ODE in the data prediction x_0, stepping in lambda = log(alpha / sigma).
     Deterministic. Two steps are first order (then equal to DDIM): the first, which has no
@@ -165,7 +164,7 @@ def dpm_solver_2m_loop(process: Process, model: StepModel, x: torch.Tensor, draw
     lam = [math.log(a) - math.log(s) for a, s in zip(alpha, sigma)]
     prev_x0, prev_h = None, None
     for i in _steps(process.num_timesteps, progress):
-        x0 = _predict(process, model, x, i, clip_denoised)["pred_x0"]
+        x0 = _predict(process, model, x, i, clip_denoised, plan)["pred_x0"]
         if i == 0:
             x = x0  # the last step lands on sigma = 0: x_0 itself (the loop ends here)
             continue
@@ -201,11 +200,11 @@ def sample(process: Process, model: ModelFn, noise: torch.Tensor, y: torch.Tenso
            guidance: Guidance = Guidance(), options: Options = Options(),
            generator: Generators = None) -> torch.Tensor:
     """x_0 (N, C, ...) from x_T = noise (N, C, ...) through every step of `process` (already
-    respaced), the model called with the ORIGINAL timestep index; y (N,) labels or None. Checked
-    inputs: see `diffusion.Diffusion.sample`."""
-    step_model = guided_model(model, y, float(guidance.scale), guidance.channels, noise.shape[1], guidance.null_class)
+    respaced), the model called with the ORIGINAL timestep index; y (N,) labels or None; guided at the
+    steps `step_plan` picks (one model call of N elsewhere). Checked inputs: see `diffusion.Diffusion.sample`."""
+    step_model = GuidedModel(model, y, guidance, noise.shape[1])
     draw = noise_source(noise, generator)
     extra = {"eta": options.eta} if options.sampler == "ddim" else {}
     with torch.no_grad():
         return SAMPLERS[options.sampler](process, step_model, noise, draw, clip_denoised=options.clip_denoised,
-                                         progress=options.progress, **extra)
+                                         progress=options.progress, plan=step_plan(process, guidance), **extra)
