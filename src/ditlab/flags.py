@@ -3,8 +3,9 @@
 documented by the string literal under it (its docstring). So a new setting is one field.
 
 A field's `metadata` may refine its flag: "flag" (another name, e.g. "--no-learn-sigma" for a
-boolean that defaults to True), "choices", "metavar", "required", "positional", "cli" (False:
-not a flag). Booleans become switches: `--compile` sets True; a True default gets `--no-NAME`.
+boolean that defaults to True), "choices", "metavar", "nargs" (of a list field; default "+"),
+"required", "positional", "cli" (False: not a flag). Booleans become switches: `--compile` sets
+True; a True default gets `--no-NAME`.
 Nothing here imports torch: the parser of every subcommand is built without loading the library."""
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] 
             continue
         origin = typing.get_origin(typ)
         if origin in (list, tuple):
-            typ, kwargs["nargs"] = typing.get_args(typ)[0], "+"
+            typ, kwargs["nargs"] = typing.get_args(typ)[0], meta.get("nargs", "+")
         kwargs.update(type=typ, default=default, required=required)
         for key in ("choices", "metavar"):
             if key in meta:

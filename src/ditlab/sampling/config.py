@@ -50,6 +50,17 @@ class SampleConfig:
     guidance_channels: int | None = None
     """guide only the first K latent channels; 3 reproduces the reference code and its published FID
     (default: all)"""
+    guidance_interval: list[float] | None = field(default=None, metadata={"nargs": 2, "metavar": ("LO", "HI")})
+    """guide only the steps whose EDM noise level sigma lies in (LO, HI] (Kynkaanniemi et al. 2024): sigma =
+    sqrt((1 - alpha_bar) / alpha_bar) for DDPM, (1 - t) / t on flow's linear path; 0 0 guides nowhere, 0 inf
+    everywhere; unguided steps cost one model call, not two (default: every step)"""
+    guidance_t: list[float] | None = field(default=None, metadata={"nargs": 2, "metavar": ("LO", "HI")})
+    """guide only the steps whose time lies in [LO, HI] in the process's own t: DDPM's original timestep
+    (0-999), flow's t (0 noise, 1 data; REPA's guidance_low L, guidance_high H are 1-H 1-L)"""
+    guide_ckpt: str | None = field(default=None, metadata={"metavar": "PATH|NAME"})
+    """autoguidance (Karras et al. 2024): a checkpoint (path or released name) of the same latent space and
+    process, e.g. an earlier or smaller model, whose prediction replaces the unconditional one: D = D_guide +
+    W (D_main - D_guide) with --cfg-scale W, both conditional"""
     seed: int = 0
     """image i is drawn from seed and i alone"""
     batch_size: int = 32
@@ -93,6 +104,23 @@ class SampleConfig:
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
+        self._check_guidance()
+
+    def _check_guidance(self) -> None:
+        from ditlab.diffusion.guidance import Guidance
+
+        for flag, value in (("--guidance-interval", self.guidance_interval), ("--guidance-t", self.guidance_t)):
+            if value is not None and len(value) != 2:
+                raise UserError(f"{flag} takes two numbers LO HI, got {len(value)}")
+        if self.guidance_interval is not None and self.guidance_t is not None:
+            raise UserError("give --guidance-interval (in sigma) or --guidance-t (in t), not both")
+        if self.guide_ckpt is not None and self.cfg_scale == 1.0:
+            raise UserError(f"--guide-ckpt {self.guide_ckpt} guides with --cfg-scale W: give W != 1")
+        try:
+            Guidance(scale=self.cfg_scale, interval=self.guidance_interval, t_interval=self.guidance_t)
+        except UserError as e:
+            flag = "--guidance-interval" if self.guidance_interval is not None else "--guidance-t"
+            raise UserError(f"{flag}: {e}" if "interval" in str(e) else f"--cfg-scale: {e}") from e
 
     @property
     def num_images(self) -> int:

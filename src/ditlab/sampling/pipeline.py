@@ -17,6 +17,8 @@ from ditlab.diffusion.guidance import Guidance
 from ditlab.diffusion.protocol import Process
 from ditlab.errors import UserError
 
+PROCESS_IDENTITY = ("objective", "num_timesteps", "schedule", "path", "prediction")
+"""What a guide's process must share with the main model's (where the main's record has it)."""
 NamesCheck = Callable[[list[str], str], None]  # (class names, checkpoint source) -> raises on a bad request
 
 
@@ -141,3 +143,40 @@ class SamplingPipeline:
         return generate(model, self.process, labels, seed, indices, latent_shape=self.latent_shape,
                         codec=self.codec, device=self.device, steps=steps, sampler=sampler, guidance=guidance,
                         clip_denoised=self.pixel, progress=progress)
+
+    def load_guide(self, ckpt: str, *, weights: str = "ema", model: str | None = None,
+                   flag: str = "--guide-ckpt") -> tuple[torch.nn.Module, dict[str, Any]]:  # fmt: skip
+        """The guide model of autoguidance from `ckpt` (a path or a released name), any size, on this
+        pipeline's device and under its autocast, and the record's "guide" entry (the file, its weights
+        and their digest, its config). It must share the main model's latent shape, classes and process
+        (objective, and its noise schedule or path): else one line naming `flag`."""
+        from ditlab.checkpoints.formats import build_model, read_checkpoint
+        from ditlab.diffusion.protocol import process_from_record
+        from ditlab.runtime.autocast import AutocastModel
+        from ditlab.sampling.record import weights_sha256
+
+        checkpoint = read_checkpoint(ckpt, weights=weights, model=model)
+        gc = dict(checkpoint.config)
+        shape = (gc["in_channels"], gc["input_size"], gc["input_size"])
+        if shape != self.latent_shape:
+            raise UserError(f"{flag} {ckpt}: its model takes {shape[0]}-channel {shape[1]}x{shape[2]} latents, "
+                            f"{self.source} {self.latent_shape[0]}-channel {self.latent_shape[1]}x"
+                            f"{self.latent_shape[2]}: a guide must share the latent space")
+        if gc["num_classes"] != self.config["num_classes"]:
+            raise UserError(f"{flag} {ckpt}: {gc['num_classes']} classes, {self.source} {self.config['num_classes']}")
+        ours = self.process.to_record()
+        theirs = process_from_record({"learn_sigma": gc["learn_sigma"],
+                                      **checkpoint.extra.get("process", {})}).to_record()  # fmt: skip
+        for key in PROCESS_IDENTITY:
+            if key in ours and ours.get(key) != theirs.get(key):
+                raise UserError(f"{flag} {ckpt}: its {key} is {theirs.get(key)!r}, {self.source}'s {ours[key]!r}: "
+                                f"a guide must be trained on the same process")
+        entry = {"checkpoint": str(ckpt), "checkpoint_file": str(Path(checkpoint.source).resolve()),
+                 "weights": checkpoint.weights, "weights_sha256": weights_sha256(checkpoint.state_dict),
+                 "model_config": gc}
+        net: torch.nn.Module = build_model(checkpoint, self.device)
+        del checkpoint
+        dtype = getattr(self.model, "dtype", None) if isinstance(self.model, AutocastModel) else None
+        if dtype is not None:
+            net = AutocastModel(net, dtype).eval()
+        return net, entry

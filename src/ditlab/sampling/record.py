@@ -26,6 +26,8 @@ MODEL_KEYS = ("checkpoint", "checkpoint_file", "checkpoint_format", "weights", "
 SETTING_KEYS = ("sampler", "steps", "cfg_scale", "guidance_channels", "label_mode", "classes", "seed",
                 "num_images", "batch_size", "world_size")
 """How the batch was drawn."""
+GUIDANCE_KEYS = ("guidance_interval", "guidance_t", "guide")
+"""Where guidance applies and with which guide model (None: everywhere; classifier-free guidance)."""
 
 
 def weights_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
@@ -45,12 +47,14 @@ def weights_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
 def sample_record(model: Mapping[str, Any], settings: Mapping[str, Any]) -> dict[str, Any]:
     """The record of one sample batch: `model` holds MODEL_KEYS (what was loaded and how it runs),
     `settings` SETTING_KEYS (how the images were drawn; label_mode "random", "balanced" or
-    "classes": the given classes cycled). Adds the ditlab and torch versions."""
+    "classes": the given classes cycled) and, where guided so, GUIDANCE_KEYS (the guide: its checkpoint,
+    weights and their SHA-256). Adds the ditlab and torch versions."""
     import ditlab
 
     record: dict[str, Any] = {"record_version": RECORD_VERSION}
     record.update({k: model[k] for k in MODEL_KEYS})
     record.update({k: settings[k] for k in SETTING_KEYS})
+    record.update({k: settings.get(k) for k in GUIDANCE_KEYS})
     record.update({"ditlab": ditlab.__version__, "torch": torch.__version__})
     return record
 

@@ -87,10 +87,13 @@ class _Job:
     labels: torch.Tensor | None  # (N,) long, None for an unconditional model
     shape: tuple[int, int, int, int]  # (N, H, W, C) of the output images
     record: dict[str, Any]  # the protocol record (sampling/record.py)
+    guide: torch.nn.Module | None = None  # autoguidance's guide model
 
     @property
     def guidance(self) -> Guidance:
-        return Guidance(scale=self.record["cfg_scale"], channels=self.record["guidance_channels"])
+        r = self.record
+        return Guidance(scale=r["cfg_scale"], channels=r["guidance_channels"], interval=r["guidance_interval"],
+                        t_interval=r["guidance_t"], guide=self.guide)
 
 
 def _prepare(cfg: SampleConfig, info: DistInfo) -> _Job:
@@ -110,12 +113,16 @@ def _prepare(cfg: SampleConfig, info: DistInfo) -> _Job:
         mc = pipeline.config
         raise UserError(f"--image-size {cfg.image_size}: {pipeline.source} makes {size}x{size} images "
                         f"({mc['input_size']}x{mc['input_size']} latents, --vae {pipeline.vae})")
+    guide, guide_entry = None, None
+    if cfg.guide_ckpt is not None:
+        guide, guide_entry = pipeline.load_guide(cfg.guide_ckpt, weights=cfg.weights)
     settings = {"sampler": cfg.sampler, "steps": cfg.steps, "cfg_scale": cfg.cfg_scale,
                 "guidance_channels": cfg.guidance_channels, "label_mode": label_mode, "classes": classes,
                 "seed": cfg.seed, "num_images": cfg.num_images, "batch_size": cfg.batch_size,
-                "world_size": info.world_size}
+                "world_size": info.world_size, "guidance_interval": cfg.guidance_interval,
+                "guidance_t": cfg.guidance_t, "guide": guide_entry}
     shape = (cfg.num_images, size, size, pipeline.image_channels)
-    return _Job(pipeline, labels, shape, sample_record(pipeline.record_fields, settings))
+    return _Job(pipeline, labels, shape, sample_record(pipeline.record_fields, settings), guide)
 
 
 def _sample_rounds(cfg: SampleConfig, job: _Job, info: DistInfo) -> None:

@@ -1,0 +1,76 @@
+"""The guidance interval and autoguidance through the entry points: `ditlab sample` (flags, the guide
+loaded through SamplingPipeline and named in the record with its weights digest, one-line errors)."""
+
+import json
+
+import numpy as np
+import torch
+
+import ditlab
+from ditlab.cli import main
+from ditlab.diffusion.protocol import PROCESSES
+from ditlab.sampling.record import weights_sha256
+
+FAST = ["--steps", "4", "--no-progress", "--device", "cpu", "--precision", "fp32", "--num-samples", "3",
+        "--classes", "1", "2", "7"]
+
+
+def save_ditlab(path, ema, **extra):
+    """A checkpoint laid out as `ditlab train` writes it (digits: pixel space)."""
+    torch.save({"ema": ema.state_dict(), "opt": {}, "step": 7, "config": {"data": "digits"},
+                "model_config": ema.config, **extra}, path)
+    return str(path)
+
+
+def images(path):
+    with np.load(path) as f:
+        return f["arr_0"], json.loads(str(f["protocol"]))
+
+
+def test_sample_with_an_interval_and_a_guide(tmp_path, make_dit):
+    main_ckpt = save_ditlab(tmp_path / "main.pt", make_dit(0, in_channels=1))
+    guide_model = make_dit(1, in_channels=1, hidden_size=96, num_heads=2)  # a smaller config: any size
+    guide_ckpt = save_ditlab(tmp_path / "guide.pt", guide_model)
+    base = ["sample", "--ckpt", main_ckpt, *FAST]
+    out = {name: tmp_path / f"{name}.npz" for name in ("plain", "self", "auto", "empty")}
+    assert main([*base, "--out", str(out["plain"])]) == 0
+    assert main([*base, "--out", str(out["self"]), "--cfg-scale", "3", "--guide-ckpt", main_ckpt]) == 0
+    assert main([*base, "--out", str(out["auto"]), "--cfg-scale", "3", "--guide-ckpt", guide_ckpt,
+                 "--guidance-interval", "0.5", "inf"]) == 0
+    assert main([*base, "--out", str(out["empty"]), "--cfg-scale", "3", "--guidance-t", "2000", "3000"]) == 0
+    plain, _ = images(out["plain"])
+    assert np.array_equal(images(out["self"])[0], plain)  # a guide equal to the main model: unguided
+    assert np.array_equal(images(out["empty"])[0], plain)  # no step in the interval: unguided
+    auto, record = images(out["auto"])
+    assert not np.array_equal(auto, plain)
+    assert record["guidance_interval"] == [0.5, float("inf")] and record["guidance_t"] is None
+    assert record["guide"]["weights_sha256"] == weights_sha256(guide_model.state_dict())
+    assert record["guide"]["model_config"]["hidden_size"] == 96 and record["guide"]["checkpoint"] == guide_ckpt
+    assert images(out["empty"])[1]["guide"] is None
+
+
+def test_bad_guidance_flags_are_one_line_errors(tmp_path, make_dit, capsys, monkeypatch):
+    monkeypatch.setitem(PROCESSES, "flow", ditlab.FlowMatching.from_record)
+    main_ckpt = save_ditlab(tmp_path / "main.pt", make_dit(0, in_channels=1))
+    other = {"channels": save_ditlab(tmp_path / "c.pt", make_dit(1, in_channels=2)),
+             "size": save_ditlab(tmp_path / "s.pt", make_dit(1, in_channels=1, input_size=4)),
+             "flow": save_ditlab(tmp_path / "f.pt", make_dit(1, in_channels=1), process={"objective": "flow"}),
+             "classes": save_ditlab(tmp_path / "k.pt", make_dit(1, in_channels=1, num_classes=3))}
+    base = ["sample", "--ckpt", main_ckpt, *FAST, "--out", str(tmp_path / "x.npz")]
+    cases = [
+        (["--guidance-interval", "2", "1"], "--guidance-interval: guidance interval LO HI in sigma needs 0 <= LO"),
+        (["--guidance-interval", "nan", "1"], "--guidance-interval"),
+        (["--guidance-t", "0.9", "0.1"], "--guidance-t: guidance t interval LO HI needs finite LO <= HI"),
+        (["--guidance-t", "0", "1", "--guidance-interval", "0", "1"], "not both"),
+        (["--guide-ckpt", main_ckpt], "give W != 1"),
+        (["--cfg-scale", "2", "--guide-ckpt", other["channels"]], "2-channel 8x8 latents"),
+        (["--cfg-scale", "2", "--guide-ckpt", other["size"]], "1-channel 4x4 latents"),
+        (["--cfg-scale", "2", "--guide-ckpt", other["flow"]], "its objective is 'flow'"),
+        (["--cfg-scale", "2", "--guide-ckpt", other["classes"]], "3 classes"),
+        (["--cfg-scale", "2", "--guide-ckpt", str(tmp_path / "missing.pt")], "missing.pt"),
+    ]
+    for flags, needle in cases:
+        assert main([*base, *flags]) == 2, flags
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and needle in err, err
+    assert not (tmp_path / "x.npz").exists()
