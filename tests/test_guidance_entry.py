@@ -1,5 +1,6 @@
 """The guidance interval and autoguidance through the entry points: `ditlab sample` (flags, the guide
-loaded through SamplingPipeline and named in the record with its weights digest, one-line errors)."""
+loaded through SamplingPipeline and named in the record with its weights digest, one-line errors) and
+`ditlab serve` (the request's interval and the server's guide, what the recorded command draws)."""
 
 import json
 
@@ -74,3 +75,46 @@ def test_bad_guidance_flags_are_one_line_errors(tmp_path, make_dit, capsys, monk
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and needle in err, err
     assert not (tmp_path / "x.npz").exists()
+
+
+def test_serve_offers_the_interval_and_the_servers_guide(tmp_path, make_dit):
+    """A request with an interval and autoguidance gives what its recorded `ditlab sample` command draws."""
+    import io
+
+    import pytest
+
+    pytest.importorskip("starlette")
+    pytest.importorskip("uvicorn")
+    from PIL import Image
+    from serve_helpers import LiveServer
+
+    from ditlab.serve.app import create_app
+    from ditlab.serve.engine import Engine
+    from ditlab.serve.requests import BadRequest, Defaults, Limits, parse_request
+
+    main_ckpt = save_ditlab(tmp_path / "main.pt", make_dit(0, in_channels=1))
+    guide_ckpt = save_ditlab(tmp_path / "guide.pt", make_dit(1, in_channels=1, hidden_size=96, num_heads=2))
+    engine = Engine(main_ckpt, device="cpu", precision="fp32", guide_ckpt=guide_ckpt)
+    server = LiveServer(create_app(engine, Limits(), Defaults(steps=3, per_class=1), window_s=0.0).app)
+    try:
+        assert json.loads(server.request("GET", "/api/info")[2])["guide"] == guide_ckpt
+        status, headers, png = server.sample(classes=[2, 5], per_class=1, seed=3, steps=3, cfg_scale=2.5,
+                                             guidance_interval=[0.5, None], guide=True)
+    finally:
+        server.close()
+    assert status == 200, png
+    record = json.loads(headers["x-ditlab-record"])
+    assert record["guide"]["checkpoint"] == guide_ckpt and record["guidance_interval"] == [0.5, float("inf")]
+    argv = record["command"].split()[1:]
+    argv[argv.index("--out") + 1] = str(tmp_path / "grid.png")
+    assert main([*argv, "--no-progress", "--device", "cpu"]) == 0
+    grid = np.asarray(Image.open(tmp_path / "grid.png"))
+    assert np.array_equal(grid, np.asarray(Image.open(io.BytesIO(png))))  # same batch, same kernels: bitwise
+    bad = [({"guide": True}, "guide: this server has no guide model"),
+           ({"guidance_interval": [3, 1]}, "guidance_interval: guidance interval LO HI in sigma needs 0 <= LO <= HI"),
+           ({"guidance_t": [0.5]}, "guidance_t: [0.5] is not [lo, hi]"),
+           ({"guidance_interval": [0, 1], "guidance_t": [0, 1]}, "not both")]
+    for body, message in bad:
+        with pytest.raises(BadRequest, match=message.replace("[", r"\[").replace("]", r"\]")):
+            parse_request(json.dumps({"classes": [1], **body}).encode(), ["0", "1"], Limits(), Defaults(), ("ddpm",),
+                          1, has_guide=False)

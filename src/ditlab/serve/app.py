@@ -4,8 +4,10 @@
     GET  /api/info     model name, config, classes with names, samplers, limits, defaults
     GET  /api/status   queue length and batches run
     POST /api/sample   {"classes", "per_class", "cfg_scale", "sampler", "steps", "seed",
-                        "guidance_channels", "format"} -> image/png with the record in the
-                        X-Ditlab-Record header; "format": "json" -> {"record", "png" (base64)};
+                        "guidance_channels", "guidance_interval" [lo, hi], "guidance_t" [lo, hi],
+                        "guide" (autoguidance, where served with --guide-ckpt), "format"}
+                        -> image/png with the record in the X-Ditlab-Record header;
+                        "format": "json" -> {"record", "png" (base64)};
                         "format": "stream" -> NDJSON progress lines, then that JSON
 
 Errors are JSON {"error": "<field>: <one line>"}: 400 for a bad request, 413 for a body over the
@@ -92,7 +94,7 @@ class ServeApp:
 
         try:
             req = parse_request(body, self.engine.class_names, self.limits, self.defaults, tuple(SAMPLERS),
-                                self.engine.latent_channels)
+                                self.engine.latent_channels, has_guide=self.engine.guide is not None)
             job = self.batcher.submit(req)
         except BadRequest as e:
             return error(str(e), e.status)

@@ -34,6 +34,8 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     p.add_argument("--host", default=LOCALHOST, help=f"address to listen on (default {LOCALHOST}: this machine only)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}")
+    p.add_argument("--guide-ckpt", default=None, metavar="PATH|NAME",
+                   help="a guide model for autoguidance (as ditlab sample's --guide-ckpt); the page offers it")
     p.add_argument("--batch-window-ms", type=float, default=20.0,
                    help="how long the oldest request waits for others to share its batch (default 20)")
     limits, defaults = Limits(), Defaults()
@@ -86,7 +88,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from ditlab.serve.engine import Engine
 
     engine = Engine(args.ckpt, vae=args.vae, weights=args.weights, model=args.model, precision=args.precision,
-                    device=args.device)
+                    device=args.device, guide_ckpt=args.guide_ckpt)
     served = create_app(engine, limits, defaults, window_s=args.batch_window_ms / 1000)
     print(f"ditlab serve: {engine.name} from {args.ckpt} on {engine.device}; http://{args.host}:{args.port}/",
           flush=True)

@@ -26,7 +26,7 @@ class Engine:
     """A checkpoint (any format `ditlab sample` reads) ready to sample on `device`."""
 
     def __init__(self, ckpt: str, *, vae: str | None = None, weights: str = "ema", model: str | None = None,
-                 precision: str = "auto", device: str | None = None):
+                 precision: str = "auto", device: str | None = None, guide_ckpt: str | None = None):
         from ditlab.options import PRECISIONS
 
         if precision not in PRECISIONS:
@@ -43,7 +43,10 @@ class Engine:
                      "weights": fields["weights"], "config": self.config, "vae": self.vae, "precision": precision,
                      "image_size": self.image_size, "class_names": self.class_names, "device": str(self.device),
                      "checkpoint_file": fields["checkpoint_file"], "weights_sha256": fields["weights_sha256"],
-                     "autocast": fields["autocast"]}
+                     "autocast": fields["autocast"], "guide": None}
+        self.guide: torch.nn.Module | None = None  # autoguidance's guide model (--guide-ckpt)
+        if guide_ckpt is not None:
+            self.guide, self.meta["guide"] = p.load_guide(guide_ckpt, weights=weights)
 
     @property
     def latent_channels(self) -> int:
@@ -63,7 +66,8 @@ class Engine:
             labels = torch.tensor([c for r in requests for c in r.labels or ()], dtype=torch.long)  # (N,)
         from ditlab.sampling.generate import quantize
 
-        guidance = Guidance(scale=first.cfg_scale, channels=first.guidance_channels)
+        guidance = Guidance(scale=first.cfg_scale, channels=first.guidance_channels, interval=first.guidance_interval,
+                            t_interval=first.guidance_t, guide=self.guide if first.guide else None)
         with torch.inference_mode():
             images = self.pipeline.images(labels, seeds, indices, guidance=guidance, sampler=first.sampler,
                                           steps=first.steps, on_step=on_step)
@@ -81,7 +85,8 @@ class Engine:
                 "image_size": self.image_size, "device": str(self.device), "precision": self.meta["precision"],
                 "conditional": bool(self.class_names), "latent_channels": self.latent_channels,
                 "classes": [{"id": i, "name": n} for i, n in enumerate(self.class_names)],
-                "samplers": list(SAMPLERS)}
+                "samplers": list(SAMPLERS),
+                "guide": None if self.meta["guide"] is None else self.meta["guide"]["checkpoint"]}
 
     @property
     def name(self) -> str:

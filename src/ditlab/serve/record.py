@@ -31,12 +31,18 @@ def sample_record(model: dict[str, Any], settings: dict[str, Any]) -> dict[str, 
            repr(settings["cfg_scale"]), "--seed", str(settings["seed"]), "--precision", model["precision"]]
     if settings.get("guidance_channels") is not None:
         cmd += ["--guidance-channels", str(settings["guidance_channels"])]
+    for key in ("guidance_interval", "guidance_t"):
+        if settings.get(key) is not None:
+            cmd += ["--" + key.replace("_", "-"), *map(repr, settings[key])]
+    guide = model.get("guide") if settings.get("guide") else None
+    if guide is not None:
+        cmd += ["--guide-ckpt", guide["checkpoint"]]
     n = len(labels) if classes else per_class
     cmd += ["--classes", *map(str, labels)] if classes else ["--num-samples", str(n)]
     cmd += ["--batch-size", str(n), "--nrow", str(grid_columns(len(classes), per_class)), "--out", "grid.png"]
     device = model.get("device", "cpu").split(":")[0]
     record = protocol_record({**model, "model_config": model["config"], "device": device},
-                             {**settings, "guidance_channels": settings.get("guidance_channels"),
+                             {**settings, "guidance_channels": settings.get("guidance_channels"), "guide": guide,
                               "label_mode": "classes" if classes else "unconditional", "classes": classes,
                               "num_images": n, "batch_size": n, "world_size": 1})
     record.update({"class_names": [names[c] for c in classes] if names else [], "per_class": per_class,

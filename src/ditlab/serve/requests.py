@@ -12,7 +12,8 @@ from typing import Any
 
 MAX_SEED = 2**63 - 1
 FORMATS = ("png", "json", "stream")  # image/png; JSON with a base64 PNG; NDJSON progress lines, then that JSON
-FIELDS = ("classes", "per_class", "cfg_scale", "sampler", "steps", "seed", "guidance_channels", "format")
+FIELDS = ("classes", "per_class", "cfg_scale", "sampler", "steps", "seed", "guidance_channels", "guidance_interval",
+          "guidance_t", "guide", "format")
 
 
 @dataclass(kw_only=True)
@@ -53,6 +54,12 @@ class SampleRequest:
     steps: int
     seed: int
     guidance_channels: int | None = None
+    guidance_interval: list[float] | None = None
+    """guide where the EDM noise level sigma lies in (lo, hi]"""
+    guidance_t: list[float] | None = None
+    """guide where the process's t lies in [lo, hi]"""
+    guide: bool = False
+    """autoguidance with the server's guide model (--guide-ckpt) instead of the null label"""
     format: str = "png"
     labels: list[int] | None = field(default=None, init=False)
 
@@ -64,9 +71,11 @@ class SampleRequest:
         return len(self.classes) * self.per_class if self.classes else self.per_class
 
     @property
-    def batch_key(self) -> tuple[str, int, float, int | None]:
+    def batch_key(self) -> tuple[Any, ...]:
         """Requests with equal keys can share a model batch (see `batcher.py`)."""
-        return (self.sampler, self.steps, self.cfg_scale, self.guidance_channels)
+        interval = None if self.guidance_interval is None else tuple(self.guidance_interval)
+        t_interval = None if self.guidance_t is None else tuple(self.guidance_t)
+        return (self.sampler, self.steps, self.cfg_scale, self.guidance_channels, interval, t_interval, self.guide)
 
     def settings(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k not in ("format", "labels")}
@@ -113,9 +122,29 @@ def _class_id(value: Any, names: list[str]) -> int:
     raise BadRequest(f"classes: unknown class {shown}")
 
 
+def _interval(obj: dict[str, Any], name: str) -> list[float] | None:
+    """[lo, hi] of two numbers (hi null: no upper end), checked as `Guidance` checks it."""
+    from ditlab.diffusion.guidance import Guidance
+    from ditlab.errors import UserError
+
+    value = obj.get(name)
+    if value is None:
+        return None
+    if (not isinstance(value, list) or len(value) != 2 or isinstance(value[0], bool) or isinstance(value[1], bool)
+            or not isinstance(value[0], int | float) or not (value[1] is None or isinstance(value[1], int | float))):
+        raise BadRequest(f"{name}: {json.dumps(value)[:60]} is not [lo, hi], two numbers")
+    pair = [float(value[0]), math.inf if value[1] is None else float(value[1])]
+    try:
+        Guidance(**{"interval" if name == "guidance_interval" else "t_interval": pair})
+    except UserError as e:
+        raise BadRequest(f"{name}: {e}") from e
+    return pair
+
+
 def parse_request(body: bytes, names: list[str], limits: Limits, defaults: Defaults, samplers: tuple[str, ...],
-                  latent_channels: int) -> SampleRequest:
-    """The request in `body` (JSON) for a model with class `names` (empty: unconditional)."""
+                  latent_channels: int, has_guide: bool = False) -> SampleRequest:
+    """The request in `body` (JSON) for a model with class `names` (empty: unconditional), served with a
+    guide model for autoguidance or not."""
     try:
         obj = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
@@ -153,8 +182,17 @@ def parse_request(body: bytes, names: list[str], limits: Limits, defaults: Defau
     seed = obj.get("seed", "random")
     seed = secrets.randbelow(2**31) if seed in ("random", None) else _int(obj, "seed", None, 0, MAX_SEED)
     channels = _int(obj, "guidance_channels", None, 1, latent_channels)
+    interval, t_interval = _interval(obj, "guidance_interval"), _interval(obj, "guidance_t")
+    if interval is not None and t_interval is not None:
+        raise BadRequest("guidance_t: give guidance_interval (in sigma) or guidance_t (in t), not both")
+    guide = obj.get("guide", False)
+    if not isinstance(guide, bool):
+        raise BadRequest(f"guide: {json.dumps(guide)[:40]} is not true or false")
+    if guide and not has_guide:
+        raise BadRequest("guide: this server has no guide model (start it with --guide-ckpt)")
     fmt = obj.get("format", "png")
     if fmt not in FORMATS:
         raise BadRequest(f"format: {json.dumps(fmt)[:40]} is not one of {', '.join(FORMATS)}")
     return SampleRequest(classes=ids, per_class=per_class, cfg_scale=float(cfg), sampler=sampler, steps=steps,
-                         seed=seed, guidance_channels=channels, format=fmt)
+                         seed=seed, guidance_channels=channels, guidance_interval=interval, guidance_t=t_interval,
+                         guide=guide, format=fmt)
