@@ -118,3 +118,73 @@ def test_serve_offers_the_interval_and_the_servers_guide(tmp_path, make_dit):
         with pytest.raises(BadRequest, match=message.replace("[", r"\[").replace("]", r"\]")):
             parse_request(json.dumps({"classes": [1], **body}).encode(), ["0", "1"], Limits(), Defaults(), ("ddpm",),
                           1, has_guide=False)
+
+
+GUIDED_SPEC = """
+name = "guided"
+[data]
+data = "digits"
+image_size = 8
+[train]
+eval_steps = [2, 4]
+global_batch_size = 16
+[sizes]
+T = { depth = 1, hidden_size = 32, num_heads = 2 }
+[[grid]]
+sizes = ["T"]
+patch_sizes = [4]
+[eval]
+metric = "digits"
+num_samples = 10
+seeds = [0]
+steps = 8
+cfg_scales = [1.0, 2.0]
+guidance_intervals = [[0, inf], [0.5, 3.0]]
+guide_steps = [0, 2]
+[sweep]
+entries = ["DiT-T-4"]
+steps = [4]
+cfg_scale = 2.0
+guidance_interval = [0.5, 3.0]
+guide_step = 2
+"""
+
+
+def test_study_varies_the_interval_and_the_guide(tmp_path, monkeypatch):
+    """[eval] crosses scales, intervals and guides (a guide only at later points; scale 1 once); the runner
+    hands them to `ditlab sample` with the entry's earlier checkpoint as the guide, and counts the guided steps."""
+    import pytest
+
+    from ditlab.sampling import run as sample_run
+    from ditlab.study.runner import evaluate_point
+    from ditlab.study.spec import load_spec
+
+    path = tmp_path / "guided.toml"
+    path.write_text(GUIDED_SPEC)
+    study = load_spec(path)
+    at2, at4 = study.settings("DiT-T-4", 2), study.settings("DiT-T-4", 4)
+    assert [s.key for s in at2] == ["ddpm-8-cfg1-n10-random-seed0", "ddpm-8-cfg2-n10-random-seed0-gi0-inf",
+                                    "ddpm-8-cfg2-n10-random-seed0-gi0.5-3"]
+    assert len(at4) == 1 + 2 * 2 + 1 and at4[-1].key == "ddpm-4-cfg2-n10-random-seed0-gi0.5-3-guide2"
+    calls = []
+    monkeypatch.setattr(sample_run, "sample_to_files", lambda ckpt, out, **kw: calls.append((ckpt, kw)))
+    folder = tmp_path / "study" / "DiT-T-4"
+    (folder / "run" / "checkpoints").mkdir(parents=True)
+    for step in (2, 4):
+        (folder / "run" / "checkpoints" / f"step-{step:07d}.pt").write_bytes(b"")
+    info = type("Info", (), {"is_main": True})()
+    monkeypatch.setattr("ditlab.study.runner.barrier", lambda: None)
+    setting = at4[-2]  # cfg 2, (0.5, 3], guided by step 2
+    assert evaluate_point(study.entries["DiT-T-4"], study, folder, 4, setting, lambda npz: {"fd": 1.0}, info, "cpu",
+                          False)  # fmt: skip
+    (ckpt, kw), = calls
+    assert ckpt.endswith("step-0000004.pt") and kw["guide_ckpt"].endswith("step-0000002.pt")
+    assert kw["guidance_interval"] == [0.5, 3.0] and kw["cfg_scale"] == 2.0
+    row = json.loads((folder / "evals" / "step-0000004" / f"{setting.key}.json").read_text())
+    ab = ditlab.Diffusion().respace(8).alphas_cumprod
+    assert row["guided_steps"] == int((((1 - ab) / ab).sqrt() > 0.5).logical_and(((1 - ab) / ab).sqrt() <= 3).sum())
+    for bad, message in ((("guide_steps = [0, 2]", "guide_steps = [3]"), "guide must be a checkpoint at an evaluation"),
+                         (("[0.5, 3.0]]", "[3.0, 0.5]]"), "must be \\[lo, hi\\] with 0 <= lo <= hi")):
+        path.write_text(GUIDED_SPEC.replace(*bad))
+        with pytest.raises(ValueError, match=message):
+            load_spec(path)

@@ -147,7 +147,10 @@ def fig10(study, rows, metric, label, path: Path, floor: float | None = None) ->
     drew = False
     for n in w["entries"]:
         pts = sorted((r for r in rows if r["entry"] == n and r["train_step"] == last and r["sampler"] == w["sampler"]
-                      and r["cfg_scale"] == w["cfg_scale"] and r["num_samples"] == w["num_samples"]),
+                      and r["cfg_scale"] == w["cfg_scale"] and r["num_samples"] == w["num_samples"]
+                      and r.get("guidance_interval") == (None if w.get("guidance_interval") is None
+                                                         else [float(v) for v in w["guidance_interval"]])
+                      and r.get("guide_step") == w.get("guide_step")),
                      key=lambda r: r["steps"])  # fmt: skip
         if pts:
             e = study["entries"][n]

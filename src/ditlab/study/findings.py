@@ -83,7 +83,9 @@ def sweep(study: dict[str, Any], rows: list[dict[str, Any]], metric: str) -> dic
     for r in rows:
         if r["entry"] in w["entries"] and r["train_step"] == study["eval_steps"][-1] and r["sampler"] == w["sampler"] \
                 and r["cfg_scale"] == w["cfg_scale"] and r["num_samples"] == w["num_samples"] \
-                and r["labels"] == e["labels"]:
+                and r["labels"] == e["labels"] and r.get("guide_step") == w.get("guide_step") \
+                and r.get("guidance_interval") == (None if w.get("guidance_interval") is None
+                                                   else [float(v) for v in w["guidance_interval"]]):
             setting_rows.setdefault(r["entry"], []).append(r)
     models = sorted(setting_rows, key=lambda n: setting_rows[n][0]["gflops"])
     pairs, lines = [], []

@@ -31,11 +31,12 @@ def load_rows(out: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         entry = json.loads(entry_path.read_text())
         for path in sorted((out / name / "evals").glob("step-*/*.json")):
             ev = json.loads(path.read_text())
-            setting = (ev["sampler"], ev["steps"], ev["cfg_scale"], ev["num_samples"], ev["labels"])
+            setting = setting_of(ev)
             key = (name, ev["step"], *setting)
             if key not in groups:
                 images = ev["step"] * entry["global_batch_size"]
-                guided = 2 if ev["cfg_scale"] != 1.0 else 1
+                guided = ev.get("guided_steps")  # runs before the interval: every step when guided
+                passes = ev["steps"] * (2 if ev["cfg_scale"] != 1.0 else 1) if guided is None else ev["steps"] + guided
                 groups[key] = {
                     "entry": name, "size": entry["size"], "patch_size": entry["patch_size"], "block": entry["block"],
                     "seed": entry["seed"], "depth": entry["depth"], "hidden_size": entry["hidden_size"],
@@ -44,7 +45,8 @@ def load_rows(out: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
                     "training_compute_gflop": 3 * 2 * entry["gflops"] * images,
                     "sampler": ev["sampler"], "steps": ev["steps"], "cfg_scale": ev["cfg_scale"],
                     "num_samples": ev["num_samples"], "labels": ev["labels"],
-                    "sampling_compute_gflop": entry["gflops"] * ev["steps"] * guided,
+                    "guidance_interval": _interval(ev), "guide_step": ev.get("guide_step"),
+                    "sampling_compute_gflop": entry["gflops"] * passes,
                     "metrics_by_sample_seed": {},
                 }  # fmt: skip
             groups[key]["metrics_by_sample_seed"][str(ev["seed"])] = ev["metrics"]
@@ -55,14 +57,26 @@ def load_rows(out: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     return study, rows
 
 
+def _interval(row: dict[str, Any]) -> list[float] | None:
+    value = row.get("guidance_interval")
+    return None if value is None else [float(v) for v in value]
+
+
 def main_setting(study: dict[str, Any]) -> tuple:
-    """(sampler, steps, cfg_scale, num_samples, labels) of the evaluation points' first setting."""
+    """(sampler, steps, cfg_scale, num_samples, labels, guidance interval, guide step) of the evaluation
+    points' first setting."""
     e = study["eval"]
-    return e["sampler"], e["steps"], e["cfg_scales"][0], e["num_samples"], e["labels"]
+    scale = e["cfg_scales"][0]
+    interval = (e.get("guidance_intervals") or [None])[0] if scale != 1.0 else None
+    guide = (e.get("guide_steps") or [None])[0] if scale != 1.0 else None
+    return (e["sampler"], e["steps"], scale, e["num_samples"], e["labels"],
+            None if interval is None else tuple(float(v) for v in interval), guide)
 
 
 def setting_of(row: dict[str, Any]) -> tuple:
-    return row["sampler"], row["steps"], row["cfg_scale"], row["num_samples"], row["labels"]
+    interval = _interval(row)
+    return (row["sampler"], row["steps"], row["cfg_scale"], row["num_samples"], row["labels"],
+            None if interval is None else tuple(interval), row.get("guide_step"))
 
 
 def curves(rows: list[dict[str, Any]], setting: tuple) -> dict[str, list[dict[str, Any]]]:

@@ -147,20 +147,42 @@ def evaluate_point(entry: Entry, study: Study, folder: Path, step: int, setting:
         ev = study.eval
         ckpt = checkpoint_path(folder / "run" / "checkpoints", step)
         classes = list(range(num_classes(ckpt))) if setting.labels == "balanced" else None
+        guide = None if setting.guide_step is None else checkpoint_path(folder / "run" / "checkpoints",
+                                                                          setting.guide_step)  # fmt: skip
+        if guide is not None and not guide.is_file():
+            raise UserError(f"{guide}: the guide checkpoint of {setting.key} is gone (keep_last removed it?)")
+        interval = None if setting.guidance_interval is None else list(setting.guidance_interval)
         sample_to_files(str(ckpt), str(npz),
                         num_samples=setting.num_samples, classes=classes, steps=setting.steps,
                         sampler=setting.sampler, cfg_scale=setting.cfg_scale, seed=setting.seed,
                         guidance_channels=ev.guidance_channels, batch_size=ev.batch_size, device=device,
-                        precision=entry.train.get("precision", "auto"), progress=progress)  # fmt: skip
+                        precision=entry.train.get("precision", "auto"), progress=progress,
+                        guidance_interval=interval, guide_ckpt=None if guide is None else str(guide))  # fmt: skip
     sample_seconds = time.time() - started
     if info.is_main:
-        row = {"entry": entry.name, "step": step, **vars(setting), "metrics": judge(npz),
-               "sample_seconds": sample_seconds, "eval_seconds": time.time() - started - sample_seconds}
+        row = {"entry": entry.name, "step": step, **vars(setting), "guided_steps": guided_steps(entry, setting),
+               "metrics": judge(npz), "sample_seconds": sample_seconds,
+               "eval_seconds": time.time() - started - sample_seconds}
         atomic_write_text(metrics, json.dumps(row, indent=2) + "\n")
         if not study.eval.keep_samples:
             npz.unlink(missing_ok=True)
     barrier()
     return True
+
+
+def guided_steps(entry: Entry, setting: EvalSetting) -> int | None:
+    """How many of the setting's sampling steps are guided (each costs a second forward pass: of the
+    null label, or of the guide, which is the same model at an earlier step); None where the process
+    has no respaced steps to count."""
+    from ditlab.diffusion.guidance import Guidance
+    from ditlab.diffusion.protocol import process_from_record
+    from ditlab.diffusion.samplers import step_plan
+
+    process = process_from_record(entry.train)
+    if not hasattr(process, "respace"):
+        return None
+    guidance = Guidance(scale=setting.cfg_scale, interval=setting.guidance_interval)
+    return sum(step_plan(process.respace(setting.steps), guidance))
 
 
 def run_entry(entry: Entry, study: Study, out: Path, record: dict[str, Any], judge: Judge, info: DistInfo,

@@ -10,8 +10,11 @@ and its values are typed without YAML's guesses (`no` is a string, not False). T
 - `[[grid]]` tables of `sizes` x `patch_sizes` x `blocks` x `seeds` (and the modern block options
   `norms` x `qk_norms` x `mlps` x `positions`, each the paper's alone by default), each combination
   one entry, named after its non-default choices (`DiT-S-2-rmsnorm-swiglu-sincos+rope`),
-- `[eval]` how each evaluation point is judged (metric, samples, sampler, steps, guidance, seeds),
-- `[sweep]` (optional) sampling step counts for some entries at their last evaluation point.
+- `[eval]` how each evaluation point is judged (metric, samples, sampler, steps, guidance, seeds; guidance
+  may vary over `cfg_scales`, `guidance_intervals` ([lo, hi] in sigma) and `guide_steps`: the entry's own
+  checkpoint at an earlier evaluation step as the guide of autoguidance, 0 for the null label),
+- `[sweep]` (optional) sampling step counts for some entries at their last evaluation point (with one
+  `cfg_scale`, `guidance_interval` and `guide_step`).
 String values may name environment variables (`"${IMAGENET_LATENTS}"`)."""
 
 from __future__ import annotations
@@ -35,8 +38,9 @@ PRIMARY = {"digits": "frechet_distance", "fid": "fid"}
 PER_ENTRY = ("data", "results", "model", "depth", "hidden_size", "num_heads", "patch_size", "block", "seed",
              "max_steps", "epochs", "progress", "norm", "qk_norm", "mlp", "pos")
 EVAL_KEYS = {"metric", "num_samples", "labels", "seeds", "sampler", "steps", "cfg_scales", "batch_size",
-             "keep_samples", "ref", "inception", "guidance_channels"}
-SWEEP_KEYS = {"entries", "steps", "sampler", "seeds", "num_samples", "cfg_scale"}
+             "keep_samples", "ref", "inception", "guidance_channels", "guidance_intervals", "guide_steps"}
+SWEEP_KEYS = {"entries", "steps", "sampler", "seeds", "num_samples", "cfg_scale", "guidance_interval", "guide_step"}
+Interval = tuple[float, float] | None
 # Grid keys of the modern block options -> the TrainConfig field each sets.
 OPTION_GRID_KEYS = {"norms": "norm", "qk_norms": "qk_norm", "mlps": "mlp", "positions": "pos"}
 GRID_KEYS = {"sizes", "patch_sizes", "blocks", "seeds", *OPTION_GRID_KEYS}
@@ -56,11 +60,19 @@ class EvalSetting:
     num_samples: int
     seed: int
     labels: str
+    guidance_interval: Interval = None
+    """guide only where sigma is in (lo, hi] (None: everywhere)"""
+    guide_step: int | None = None
+    """autoguidance by the entry's own checkpoint at this training step (None: the null label)"""
 
     @property
     def key(self) -> str:
-        """File stem of its samples and metrics, e.g. ddpm-100-cfg1-n200-balanced-seed0."""
-        return f"{self.sampler}-{self.steps}-cfg{self.cfg_scale:g}-n{self.num_samples}-{self.labels}-seed{self.seed}"
+        """File stem of its samples and metrics, e.g. ddpm-100-cfg1-n200-balanced-seed0 (then -gi0.28-5.42,
+        -guide200 where the guidance has an interval or a guide)."""
+        key = f"{self.sampler}-{self.steps}-cfg{self.cfg_scale:g}-n{self.num_samples}-{self.labels}-seed{self.seed}"
+        if self.guidance_interval is not None:
+            key += f"-gi{self.guidance_interval[0]:g}-{self.guidance_interval[1]:g}"
+        return key + ("" if self.guide_step is None else f"-guide{self.guide_step}")
 
 
 @dataclass(frozen=True)
@@ -99,6 +111,8 @@ class EvalSpec:
     ref: str | None
     inception: str | None
     guidance_channels: int | None
+    guidance_intervals: tuple[Interval, ...] = (None,)
+    guide_steps: tuple[int | None, ...] = (None,)
 
 
 @dataclass(frozen=True)
@@ -109,6 +123,8 @@ class SweepSpec:
     seeds: tuple[int, ...]
     num_samples: int
     cfg_scale: float
+    guidance_interval: Interval = None
+    guide_step: int | None = None
 
 
 @dataclass(frozen=True)
@@ -126,15 +142,50 @@ class Study:
     def settings(self, entry: str, step: int) -> list[EvalSetting]:
         """Every evaluation of `entry` at training step `step` (the sweep's at the last point)."""
         e = self.eval
-        out = [EvalSetting(e.sampler, e.steps, c, e.num_samples, s, e.labels) for c in e.cfg_scales for s in e.seeds]
+        out = [_guided(EvalSetting(e.sampler, e.steps, c, e.num_samples, s, e.labels, i, g), step)
+               for c in e.cfg_scales for i in e.guidance_intervals for g in e.guide_steps for s in e.seeds]
         if self.sweep and entry in self.sweep.entries and step == self.eval_steps[-1]:
             w = self.sweep
-            out += [EvalSetting(w.sampler, n, w.cfg_scale, w.num_samples, s, e.labels) for n in w.steps
-                    for s in w.seeds]  # fmt: skip
-        return list(dict.fromkeys(out))  # a sweep point equal to the main setting is done once
+            out += [_guided(EvalSetting(w.sampler, n, w.cfg_scale, w.num_samples, s, e.labels, w.guidance_interval,
+                                        w.guide_step), step) for n in w.steps for s in w.seeds]  # fmt: skip
+        return list(dict.fromkeys(o for o in out if o is not None))  # equal settings are done once
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _guided(setting: EvalSetting, step: int) -> EvalSetting | None:
+    """The setting as it samples: unguided (scale 1) has no interval or guide; a guide must be an earlier
+    checkpoint than the evaluated one (None: the setting does not apply at `step`)."""
+    if setting.cfg_scale == 1.0:
+        return dataclasses.replace(setting, guidance_interval=None, guide_step=None)
+    if setting.guide_step is not None and setting.guide_step >= step:
+        return None
+    return setting
+
+
+def _intervals(where: str, value: Any) -> tuple[Interval, ...]:
+    """[[lo, hi], ...] in sigma (inf allowed: TOML's inf), 0 <= lo <= hi."""
+    if not isinstance(value, list) or not value:
+        _fail(where, f"{value!r} must be a non-empty list of [lo, hi] pairs")
+    return tuple(_interval(where, v) for v in value)
+
+
+def _interval(where: str, v: Any) -> Interval:
+    ok = isinstance(v, list) and len(v) == 2 and all(isinstance(x, int | float) and not isinstance(x, bool) for x in v)
+    if not ok or not 0 <= v[0] <= v[1]:
+        _fail(where, f"{v!r} must be [lo, hi] with 0 <= lo <= hi (sigma; inf for no upper end)")
+    return float(v[0]), float(v[1])
+
+
+def _guide_steps(where: str, value: Any, eval_steps: tuple[int, ...]) -> tuple[int | None, ...]:
+    """Training steps of an entry's guide checkpoints: evaluation points (their checkpoints exist); 0: none."""
+    steps = _ints(where, value)
+    for s in steps:
+        if s and s not in eval_steps:
+            _fail(where, f"{s}: a guide must be a checkpoint at an evaluation step ({', '.join(map(str, eval_steps))})"
+                         f" or 0 (the null label)")
+    return tuple(s or None for s in steps)
 
 
 def _expand(value: Any) -> Any:
@@ -241,7 +292,7 @@ def _sampling(where: str, sampler: Any, steps: Any) -> None:
             _fail(where, f"steps {n!r} must be between 1 and 1000")
 
 
-def _eval(where: str, t: dict[str, Any], data: str) -> EvalSpec:
+def _eval(where: str, t: dict[str, Any], data: str, eval_steps: tuple[int, ...]) -> EvalSpec:
     at = f"{where} [eval]"
     _unknown(at, t, EVAL_KEYS)
     metric = t.get("metric", "fid")
@@ -262,7 +313,10 @@ def _eval(where: str, t: dict[str, Any], data: str) -> EvalSpec:
                     seeds=_ints(f"{at} seeds", t.get("seeds", [0, 1])), sampler=t.get("sampler", "ddpm"),
                     steps=t.get("steps", 250), cfg_scales=tuple(float(s) for s in scales),
                     batch_size=t.get("batch_size", 32), keep_samples=bool(t.get("keep_samples", True)), ref=ref,
-                    inception=_expand(t.get("inception")), guidance_channels=t.get("guidance_channels"))
+                    inception=_expand(t.get("inception")), guidance_channels=t.get("guidance_channels"),
+                    guidance_intervals=_intervals(f"{at} guidance_intervals", t["guidance_intervals"])
+                    if "guidance_intervals" in t else (None,),
+                    guide_steps=_guide_steps(f"{at} guide_steps", t.get("guide_steps", [0]), eval_steps))
     _sampling(at, spec.sampler, [spec.steps])
     for name in ("num_samples", "batch_size"):
         if not isinstance(getattr(spec, name), int) or getattr(spec, name) < 1:
@@ -270,7 +324,8 @@ def _eval(where: str, t: dict[str, Any], data: str) -> EvalSpec:
     return spec
 
 
-def _sweep(where: str, t: dict[str, Any] | None, entries: dict[str, Entry], ev: EvalSpec) -> SweepSpec | None:
+def _sweep(where: str, t: dict[str, Any] | None, entries: dict[str, Entry], ev: EvalSpec,
+           eval_steps: tuple[int, ...]) -> SweepSpec | None:  # fmt: skip
     if t is None:
         return None
     at = f"{where} [sweep]"
@@ -281,7 +336,10 @@ def _sweep(where: str, t: dict[str, Any] | None, entries: dict[str, Entry], ev: 
         _fail(at, f"entries: {missing[0] if missing else 'none given'} is not an entry (entries: {', '.join(entries)})")
     spec = SweepSpec(entries=tuple(names), steps=_ints(f"{at} steps", t.get("steps"), 1),
                      sampler=t.get("sampler", ev.sampler), seeds=_ints(f"{at} seeds", t.get("seeds", list(ev.seeds))),
-                     num_samples=t.get("num_samples", ev.num_samples), cfg_scale=float(t.get("cfg_scale", 1.0)))
+                     num_samples=t.get("num_samples", ev.num_samples), cfg_scale=float(t.get("cfg_scale", 1.0)),
+                     guidance_interval=_interval(f"{at} guidance_interval", t["guidance_interval"])
+                     if "guidance_interval" in t else None,
+                     guide_step=_guide_steps(f"{at} guide_step", [t.get("guide_step", 0)], eval_steps)[0])
     _sampling(at, spec.sampler, spec.steps)
     return spec
 
@@ -311,6 +369,6 @@ def load_spec(path: str | os.PathLike) -> Study:
     for e in entries.values():
         if latent is not None and latent % e.patch_size:
             _fail(f"{where} [[grid]]", f"patch size {e.patch_size} does not divide the {latent}x{latent} input")
-    ev = _eval(where, raw.get("eval", {}), settings["data"])
+    ev = _eval(where, raw.get("eval", {}), settings["data"], eval_steps)
     return Study(name=str(raw.get("name", Path(path).stem)), path=where, eval_steps=eval_steps, entries=entries,
-                 eval=ev, sweep=_sweep(where, raw.get("sweep"), entries, ev), sizes=sizes)
+                 eval=ev, sweep=_sweep(where, raw.get("sweep"), entries, ev, eval_steps), sizes=sizes)
