@@ -204,7 +204,7 @@ def test_bad_guidance_one_line_errors(objective, kwargs, message):
     assert "\n" not in str(err.value)
 
 
-def test_guidance_value_normalises_and_describes():
+def test_guidance_value_normalises():
     g = Guidance(scale=2, interval=[0, 5])
-    assert g.interval == (0.0, 5.0) and g.describe()["guidance_interval"] == [0.0, 5.0]
+    assert g.interval == (0.0, 5.0) and g == Guidance(scale=2.0, interval=(0.0, 5.0))
     assert not Guidance(interval=(0, 5)).applies(1.0, 0.5)  # scale 1: nothing guided

@@ -76,12 +76,6 @@ class Guidance:
             return lo - T_EDGE <= t <= hi + T_EDGE
         return True
 
-    def describe(self) -> dict[str, Any]:
-        """The settings a record keeps (the guide named by the caller, who knows where it came from)."""
-        return {"cfg_scale": self.scale, "guidance_channels": self.channels,
-                "guidance_interval": None if self.interval is None else list(self.interval),
-                "guidance_t": None if self.t_interval is None else list(self.t_interval)}
-
 
 def _pair(value: Any, name: str) -> tuple[float, float]:
     try:
