@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import time
 from pathlib import Path
 
@@ -48,6 +49,14 @@ class Rows(torch.nn.Module):
     def forward(self, x, t, y=None):
         self.rows += x.shape[0]
         return self.model(x, t, y)
+
+
+def tree_state() -> dict[str, object]:
+    """The commit this script runs at, and whether the tree had changes (a measurement for the docs runs on
+    a clean one)."""
+    repo = Path(__file__).resolve().parents[1]
+    run = lambda *cmd: subprocess.run(["git", "-C", str(repo), *cmd], capture_output=True, text=True).stdout.strip()  # noqa: E731
+    return {"commit": run("rev-parse", "HEAD"), "clean": run("status", "--porcelain", "--untracked-files=no") == ""}
 
 
 def guidance_of(method: str, scale: float, interval: tuple[float, float], guide: torch.nn.Module) -> Guidance:
@@ -112,7 +121,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     result = {"run": str(args.run), "main_step": main_step, "guide_step": args.guide_step, "guide": guide_entry,
               "sampler": args.sampler, "steps": args.steps, "interval_sigma": list(interval), "images": n,
-              "seeds": args.seeds, "gflops_per_forward": gflops, "summary": summary, "rows": rows,
+              "seeds": args.seeds, "gflops_per_forward": gflops, **tree_state(), "summary": summary, "rows": rows,
               "seconds": time.time() - started, "load_average_before": load_before,
               "load_average_after": os.getloadavg()}
     atomic_write_text(out / "results.json", json.dumps(result, indent=1) + "\n")
