@@ -16,6 +16,9 @@ FAST = ["--steps", "4", "--no-progress", "--device", "cpu", "--precision", "fp32
         "--classes", "1", "2", "7"]
 
 
+SMALL = dict(in_channels=1, hidden_size=64, num_heads=2)  # the fixture's TINY_DIT, narrower
+
+
 def save_ditlab(path, ema, **extra):
     """A checkpoint laid out as `ditlab train` writes it (digits: pixel space)."""
     torch.save({"ema": ema.state_dict(), "opt": {}, "step": 7, "config": {"data": "digits"},
@@ -29,8 +32,8 @@ def images(path):
 
 
 def test_sample_with_an_interval_and_a_guide(tmp_path, make_dit):
-    main_ckpt = save_ditlab(tmp_path / "main.pt", make_dit(0, in_channels=1))
-    guide_model = make_dit(1, in_channels=1, hidden_size=96, num_heads=2)  # a smaller config: any size
+    main_ckpt = save_ditlab(tmp_path / "main.pt", make_dit(0, **SMALL))
+    guide_model = make_dit(1, **{**SMALL, "hidden_size": 32})  # a smaller config: any size
     guide_ckpt = save_ditlab(tmp_path / "guide.pt", guide_model)
     base = ["sample", "--ckpt", main_ckpt, *FAST]
     out = {name: tmp_path / f"{name}.npz" for name in ("plain", "self", "auto", "empty")}
@@ -46,17 +49,17 @@ def test_sample_with_an_interval_and_a_guide(tmp_path, make_dit):
     assert not np.array_equal(auto, plain)
     assert record["guidance_interval"] == [0.5, float("inf")] and record["guidance_t"] is None
     assert record["guide"]["weights_sha256"] == weights_sha256(guide_model.state_dict())
-    assert record["guide"]["model_config"]["hidden_size"] == 96 and record["guide"]["checkpoint"] == guide_ckpt
+    assert record["guide"]["model_config"]["hidden_size"] == 32 and record["guide"]["checkpoint"] == guide_ckpt
     assert images(out["empty"])[1]["guide"] is None
 
 
 def test_bad_guidance_flags_are_one_line_errors(tmp_path, make_dit, capsys, monkeypatch):
     monkeypatch.setitem(PROCESSES, "flow", ditlab.FlowMatching.from_record)
-    main_ckpt = save_ditlab(tmp_path / "main.pt", make_dit(0, in_channels=1))
-    other = {"channels": save_ditlab(tmp_path / "c.pt", make_dit(1, in_channels=2)),
-             "size": save_ditlab(tmp_path / "s.pt", make_dit(1, in_channels=1, input_size=4)),
-             "flow": save_ditlab(tmp_path / "f.pt", make_dit(1, in_channels=1), process={"objective": "flow"}),
-             "classes": save_ditlab(tmp_path / "k.pt", make_dit(1, in_channels=1, num_classes=3))}
+    main_ckpt = save_ditlab(tmp_path / "main.pt", make_dit(0, **SMALL))
+    other = {"channels": save_ditlab(tmp_path / "c.pt", make_dit(1, **{**SMALL, "in_channels": 2})),
+             "size": save_ditlab(tmp_path / "s.pt", make_dit(1, **SMALL, input_size=4)),
+             "flow": save_ditlab(tmp_path / "f.pt", make_dit(1, **SMALL), process={"objective": "flow"}),
+             "classes": save_ditlab(tmp_path / "k.pt", make_dit(1, **SMALL, num_classes=3))}
     base = ["sample", "--ckpt", main_ckpt, *FAST, "--out", str(tmp_path / "x.npz")]
     cases = [
         (["--guidance-interval", "2", "1"], "--guidance-interval: guidance interval LO HI in sigma needs 0 <= LO"),
@@ -92,8 +95,8 @@ def test_serve_offers_the_interval_and_the_servers_guide(tmp_path, make_dit):
     from ditlab.serve.engine import Engine
     from ditlab.serve.requests import BadRequest, Defaults, Limits, parse_request
 
-    main_ckpt = save_ditlab(tmp_path / "main.pt", make_dit(0, in_channels=1))
-    guide_ckpt = save_ditlab(tmp_path / "guide.pt", make_dit(1, in_channels=1, hidden_size=96, num_heads=2))
+    main_ckpt = save_ditlab(tmp_path / "main.pt", make_dit(0, **SMALL))
+    guide_ckpt = save_ditlab(tmp_path / "guide.pt", make_dit(1, **{**SMALL, "hidden_size": 32}))
     engine = Engine(main_ckpt, device="cpu", precision="fp32", guide_ckpt=guide_ckpt)
     server = LiveServer(create_app(engine, Limits(), Defaults(steps=3, per_class=1), window_s=0.0).app)
     try:
