@@ -85,6 +85,8 @@ def main() -> None:
     p.add_argument("--per-class", type=int, default=20)
     p.add_argument("--sampler", default="ddpm")
     p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
+                   help="which guidance to measure (unguided sampling always is)")
     p.add_argument("--out", required=True)
     args = p.parse_args()
     started, load_before = time.time(), os.getloadavg()
@@ -100,7 +102,7 @@ def main() -> None:
     labels = balanced_labels(0, n, list(range(10)))
     interval = (args.interval[0], args.interval[1])
     rows = []
-    settings = [("unguided", 1.0)] + [(m, s) for s in args.scales for m in METHODS]
+    settings = [("unguided", 1.0)] + [(m, s) for s in args.scales for m in args.methods]
     for method, scale in settings:
         for seed in args.seeds:
             main_model.rows = guide.rows = 0
@@ -164,7 +166,7 @@ def figure(summary: list[dict], path: Path, args: argparse.Namespace) -> None:
     for ax, metric, name in ((axes[0], "frechet_distance", "Frechet distance (lower is better)"),
                              (axes[1], "class_accuracy", "class accuracy")):  # fmt: skip
         ax.axhline(base[metric], color="gray", ls=":", label="unguided")
-        for method in METHODS:
+        for method in args.methods:
             pts = [s for s in summary if s["method"] == method]
             ax.errorbar([s["scale"] for s in pts], [s[metric] for s in pts], yerr=[s[metric + "_sd"] for s in pts],
                         marker="o", capsize=3, label=LABELS[method])
