@@ -121,7 +121,11 @@ def main() -> None:
     summary = summarize(rows, settings)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = {"run": str(args.run), "main_step": main_step, "guide_step": args.guide_step, "guide": guide_entry,
+    parent = Path(args.run).resolve().parent  # paths relative to the run's folder: no machine's layout
+    guide_entry = {**guide_entry, **{k: os.path.relpath(Path(guide_entry[k]).resolve(), parent)
+                                     for k in ("checkpoint", "checkpoint_file")}}
+    result = {"run": Path(args.run).resolve().name, "main_step": main_step, "guide_step": args.guide_step,
+              "guide": guide_entry,
               "sampler": args.sampler, "steps": args.steps, "interval_sigma": list(interval), "images": n,
               "seeds": args.seeds, "gflops_per_forward": gflops, **tree_state(), "summary": summary, "rows": rows,
               "seconds": time.time() - started, "load_average_before": load_before,
