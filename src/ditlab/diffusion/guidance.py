@@ -18,6 +18,7 @@ follows (DiT, SiT, EDM2, REPA, the interval paper) defines one."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,8 +39,10 @@ class Guidance:
     scale: float = 1.0
     channels: int | None = None
     null_class: int | None = None
-    interval: tuple[float, float] | None = None
-    t_interval: tuple[float, float] | None = None
+    interval: Sequence[float] | None = None
+    """(lo, hi] in sigma; any two numbers, kept as a tuple"""
+    t_interval: Sequence[float] | None = None
+    """[lo, hi] in the process's t; any two numbers, kept as a tuple"""
     guide: Any = None
     """a model called as guide(x, t, y), of the main model's latent shape and objective"""
 
