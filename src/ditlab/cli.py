@@ -13,7 +13,7 @@ import argparse
 import os
 import sys
 
-from ditlab.errors import UserError, UserNotADirectoryError, one_line
+from ditlab.errors import UserError, one_line
 from ditlab.flags import add_flags, from_args
 from ditlab.options import BLOCKS, DEVICES, FORMATS, WEIGHT_SETS
 
@@ -185,11 +185,10 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         import json
 
         from ditlab.evaluation.evaluate import evaluate
-        from ditlab.runtime.files import atomic_write_text
+        from ditlab.runtime.files import atomic_write_text, check_output_file
 
-        folder = os.path.dirname(os.path.abspath(args.out)) if args.out else None
-        if folder and not os.path.isdir(folder):  # checked before a long evaluation, not after
-            raise UserNotADirectoryError(f"--out {args.out}: folder {folder} does not exist")
+        if args.out:  # checked before a long evaluation, not after
+            check_output_file(args.out, "--out")
         result = evaluate(args.samples, args.ref, args.inception, args.batch_size, args.device, sys.stderr.isatty())
         text = json.dumps(result, indent=2, allow_nan=False)  # strict JSON; evaluate refuses non-finite metrics
         print(text)

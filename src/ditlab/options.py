@@ -21,3 +21,7 @@ LABEL_MODES = ("random", "balanced")
 """--labels: each image's class uniformly random (the paper's FID-50K), or exactly N / K of each class."""
 LR_SCHEDULES = ("constant", "cosine", "linear")
 """--lr-schedule: after the warmup, constant (the paper's), cosine or linear decay to --lr-min."""
+MAX_DIFFUSION_STEPS = 1000
+"""The length of DiT's diffusion process: the most sampling steps any flag may ask for."""
+MAX_CFG_SCALE = 100.0
+"""The largest classifier-free guidance scale a flag accepts (the paper's figures use 4; past 100 it is a typo)."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ from typing import Any
 
 import torch
 
-from ditlab.checkpoints.state import CHECKSUM_KEY, tensor_digests, torch_load, verify_tensors
+from ditlab.checkpoints.state import torch_load, verify_tensors, with_checksums
 from ditlab.data.latents import INDEX_NAME
 from ditlab.errors import UserError, UserFileNotFoundError, one_line
 from ditlab.models.configs import model_kwargs
@@ -35,6 +36,7 @@ from ditlab.runtime.files import fsync_file
 
 CONFIG_METADATA_KEY = "ditlab_model_config"  # safetensors metadata: the DiT config as JSON
 CODEC_METADATA_KEY = "ditlab_vae"  # safetensors metadata: the codec the model was trained with
+DIGEST_METADATA_KEY = "ditlab_weights_sha256"  # safetensors metadata: `weights_sha256` of the tensors in the file
 KNOWN = "a ditlab checkpoint, the authors' .pt, a diffusers DiT folder or a .safetensors file"
 __all__ = ["FORMATS", "WEIGHT_SETS", "DiTCheckpoint", "read_checkpoint", "build_model", "WRITERS"]
 
@@ -143,8 +145,7 @@ def write_ditlab(ckpt: DiTCheckpoint, path: Path) -> None:
     obj = {"model_config": ckpt.config, ckpt.weights: ckpt.state_dict, **ckpt.extra}
     if ckpt.vae:
         obj["vae"] = ckpt.vae
-    obj[CHECKSUM_KEY] = tensor_digests(obj)
-    _save_torch(obj, path)
+    _save_torch(with_checksums(obj), path)
 
 
 def write_original(ckpt: DiTCheckpoint, path: Path) -> None:
@@ -179,10 +180,27 @@ def is_safetensors(path: Path) -> bool:
 
 
 def _save_safetensors(sd: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """A .safetensors file of `sd` with `metadata` and the digest of its tensors (checked on reading)."""
     from safetensors.torch import save_file
 
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(path), metadata=metadata)
+    from ditlab.sampling.record import weights_sha256
+
+    sd = {k: v.contiguous() for k, v in sd.items()}
+    save_file(sd, str(path), metadata={**metadata, DIGEST_METADATA_KEY: weights_sha256(sd)})
     fsync_file(path)
+
+
+def verify_digest(sd: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> None:
+    """Check the tensors read from a .safetensors file against the digest ditlab recorded in its
+    metadata; a file without one (written by other tools) is used as it is, and said so on stderr."""
+    from ditlab.sampling.record import weights_sha256
+
+    want = metadata.get(DIGEST_METADATA_KEY)
+    if want is None:
+        print(f"ditlab: note: {path} records no checksum of its weights (not written by ditlab); they are used "
+              "unverified", file=sys.stderr)
+    elif weights_sha256(sd) != want:
+        raise UserError(f"{path}: damaged: its weights do not match the SHA-256 recorded in its metadata")
 
 
 def _read_safetensors(path: Path, weights: str, model: str | None) -> DiTCheckpoint:
@@ -195,6 +213,7 @@ def _read_safetensors(path: Path, weights: str, model: str | None) -> DiTCheckpo
             sd = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:
         raise UserError(f"{path}: cannot read it as safetensors ({one_line(e)})") from e
+    verify_digest(sd, meta, path)
     if any(k.startswith("transformer_blocks.") for k in sd):
         raise UserError(f"{path}: diffusers' weight file; pass the folder that holds it and its config.json")
     if CONFIG_METADATA_KEY in meta:

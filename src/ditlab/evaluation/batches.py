@@ -23,7 +23,7 @@ from ditlab.evaluation.inception import POOL_DIM, SPATIAL_DIM
 from ditlab.evaluation.metrics import FeatureStats
 from ditlab.runtime.files import ADM_IMAGES_KEY as IMAGES_KEY
 from ditlab.runtime.files import ADM_LABELS_KEY as LABELS_KEY
-from ditlab.runtime.files import atomic_write
+from ditlab.runtime.files import atomic_write, damaged_file_errors
 
 STATS_KEYS = {"pool": ("mu", "sigma"), "spatial": ("mu_s", "sigma_s")}  # ADM's names
 STATS_DIMS = {"pool": POOL_DIM, "spatial": SPATIAL_DIM}
@@ -77,7 +77,8 @@ class NpzImages:
         """uint8 batches (B, H, W, 3) in file order; the last one may be shorter."""
         stored = (*self.shape[:2], self.channels)  # (H, W, C) as in the file
         per_image = int(np.prod(stored))
-        with zipfile.ZipFile(self.path) as z, z.open(IMAGES_KEY + ".npy") as f:
+        with damaged_file_errors(self.path, ".npz batch"), zipfile.ZipFile(self.path) as z, \
+                z.open(IMAGES_KEY + ".npy") as f:
             self._read_header(f)
             for start in range(0, self.num_images, batch_size):
                 count = min(batch_size, self.num_images - start)
@@ -98,7 +99,7 @@ def load_stats(path: str) -> dict[str, FeatureStats] | None:
     if len(present) != len(names):
         missing = [n for n in names if n not in members]
         raise UserError(f"{path}: has {', '.join(present)} but not {', '.join(missing)}")
-    with np.load(path) as z:
+    with damaged_file_errors(path, ".npz batch"), np.load(path) as z:
         stats = {}
         for kind, (mu_key, sigma_key) in STATS_KEYS.items():
             stats[kind] = _checked_stats(kind, z[mu_key], z[sigma_key], path)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ditlab.errors import UserError, UserFileNotFoundError
+from ditlab.errors import UserError, UserFileNotFoundError, one_line
 from ditlab.models.configs import SIZES
 from ditlab.training.config import TrainConfig
 
@@ -132,10 +132,13 @@ class Study:
 
 
 def _expand(value: Any) -> Any:
-    """${VAR} in strings replaced by the environment; an unset variable is an error."""
+    """${VAR} in strings replaced by the environment; an unset variable, or a ${...} that names
+    none, is an error."""
     if not isinstance(value, str):
         return value
-    for var in re.findall(r"\$\{(\w+)\}", value):
+    for var in re.findall(r"\$\{([^}]*)\}", value):
+        if not re.fullmatch(r"[A-Za-z_]\w*", var):
+            raise UserError(f"the spec's {value!r} holds ${{{var}}}, which names no environment variable")
         if var not in os.environ:
             raise UserError(f"the spec names ${{{var}}}, which is not set in the environment")
         value = value.replace(f"${{{var}}}", os.environ[var])
@@ -173,7 +176,7 @@ def _train_settings(where: str, data: dict[str, Any], train: dict[str, Any]) -> 
         _fail(f"{where} [data]", "give data = 'digits', an image folder or a latent cache")
     settings = {"ckpt_every": 10**9, "sample_every": 0, **shared}
     try:  # TrainConfig's own checks, on a stand-in entry
-        TrainConfig(**settings, results="", max_steps=1).validate()
+        TrainConfig(**settings, results="entry", max_steps=1).validate()
     except (TypeError, ValueError) as e:
         _fail(f"{where} [train]", str(e))
     return settings
@@ -240,7 +243,21 @@ def _eval(where: str, t: dict[str, Any], data: str) -> EvalSpec:
     for name in ("num_samples", "batch_size"):
         if not isinstance(getattr(spec, name), int) or getattr(spec, name) < 1:
             _fail(at, f"{name} {getattr(spec, name)!r} must be a positive integer")
+    _balanced(at, labels, spec.num_samples, data)
     return spec
+
+
+def _balanced(where: str, labels: str, num_samples: int, data: str) -> None:
+    """`ditlab sample`'s rule for balanced labels, where the data's classes are known before training
+    (the digits; otherwise the runner checks it against the checkpoint before sampling)."""
+    if labels == "balanced" and data == "digits":
+        from ditlab.data.digits import DIGITS_CLASSES
+        from ditlab.sampling.config import check_balanced
+
+        try:
+            check_balanced(num_samples, DIGITS_CLASSES)
+        except ValueError as e:
+            _fail(where, f"num_samples {num_samples} with labels 'balanced': {e}")
 
 
 def _sweep(where: str, t: dict[str, Any] | None, entries: dict[str, Entry], ev: EvalSpec) -> SweepSpec | None:
@@ -256,6 +273,8 @@ def _sweep(where: str, t: dict[str, Any] | None, entries: dict[str, Entry], ev: 
                      sampler=t.get("sampler", ev.sampler), seeds=_ints(f"{at} seeds", t.get("seeds", list(ev.seeds))),
                      num_samples=t.get("num_samples", ev.num_samples), cfg_scale=float(t.get("cfg_scale", 1.0)))
     _sampling(at, spec.sampler, spec.steps)
+    if not isinstance(spec.num_samples, int) or spec.num_samples < 1:
+        _fail(at, f"num_samples {spec.num_samples!r} must be a positive integer")
     return spec
 
 
@@ -268,6 +287,8 @@ def load_spec(path: str | os.PathLike) -> Study:
         raw = tomllib.loads(Path(path).read_text())
     except FileNotFoundError as e:
         raise UserFileNotFoundError(f"{where}: no such study spec") from e
+    except OSError as e:  # a folder, no permission
+        raise UserError(f"{where}: cannot read it as a study spec ({one_line(e)})") from e
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{where}: not a TOML file ({e})") from e
     _unknown(where, raw, {"name", "data", "train", "sizes", "grid", "eval", "sweep"})
@@ -285,5 +306,8 @@ def load_spec(path: str | os.PathLike) -> Study:
         if latent is not None and latent % e.patch_size:
             _fail(f"{where} [[grid]]", f"patch size {e.patch_size} does not divide the {latent}x{latent} input")
     ev = _eval(where, raw.get("eval", {}), settings["data"])
+    sweep = _sweep(where, raw.get("sweep"), entries, ev)
+    if sweep is not None:
+        _balanced(f"{where} [sweep]", ev.labels, sweep.num_samples, settings["data"])
     return Study(name=str(raw.get("name", Path(path).stem)), path=where, eval_steps=eval_steps, entries=entries,
-                 eval=ev, sweep=_sweep(where, raw.get("sweep"), entries, ev), sizes=sizes)
+                 eval=ev, sweep=sweep, sizes=sizes)

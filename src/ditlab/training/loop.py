@@ -35,6 +35,7 @@ from ditlab.training.metrics import MetricsLog
 from ditlab.training.order import RankBatchSampler
 from ditlab.training.parallel import apply_parallelism
 from ditlab.training.preempt import Preemption, health_group, is_timeout, silent_rank_error, stop
+from ditlab.training.sinks import check_sinks
 from ditlab.training.step import TrainStep, draw_step_inputs, step_seed
 
 
@@ -56,6 +57,7 @@ def train(cfg: TrainConfig, device: str | None = None, dataset: Dataset | None =
 
     On SIGTERM / SIGINT it saves and raises `training.preempt.TrainingInterrupted` (a SystemExit)."""
     cfg.validate()
+    check_sinks(cfg)  # before the results folder is made
     if cfg.fsdp and not launched_by_torchrun():
         raise UserError("--fsdp shards the model over processes: launch it with "
                         "`torchrun --nproc_per_node=N -m ditlab train ... --fsdp`")
