@@ -51,7 +51,7 @@ class NpzImages:
         self.path = path
         if IMAGES_KEY + ".npy" not in _npz_members(path):
             raise UserError(f"{path}: no {IMAGES_KEY} (ADM batches hold uint8 images (N, H, W, 3) in {IMAGES_KEY})")
-        with zipfile.ZipFile(path) as z, z.open(IMAGES_KEY + ".npy") as f:
+        with damaged_file_errors(path, ".npz batch"), zipfile.ZipFile(path) as z, z.open(IMAGES_KEY + ".npy") as f:
             shape, fortran, dtype = self._read_header(f)
         if dtype != np.uint8:
             raise UserError(f"{path}: {IMAGES_KEY} is {dtype}, expected uint8 images in [0, 255]")
