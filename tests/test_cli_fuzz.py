@@ -46,6 +46,7 @@ CASES = [
     (["extract-latents", *GOOD_EXTRACT, "--dtype", "int8"], "--dtype"),
     (["extract-latents", *GOOD_EXTRACT, "--precision", "fp64"], "--precision"),
     (["extract-latents", *GOOD_EXTRACT[:-4], "--data", "missing", "--num-workers", "0"], "missing"),
+    (["extract-latents", "--data", "missing", "--out", "cache"], "missing"),  # before the VAE (its hub) is asked
     (["sample"], "--ckpt"),
     (["sample", *GOOD_SAMPLE, "--out", "s.jpg"], "s.jpg"),
     (["sample", *GOOD_SAMPLE, "--steps", "x"], "--steps"),

@@ -262,3 +262,23 @@ def test_a_failed_write_names_its_real_errno():
     assert "no space" not in str(e.value) and "/proc/ditlab-test.txt" in str(e.value)
 
 
+
+
+def test_the_first_metrics_row_after_a_resume_is_the_uninterrupted_runs(tmp_path):
+    """The checkpoint at step 3 keeps the row in progress (steps 1-3 of the row logged at 4), so a run
+    resumed from it (the checkpoint at 4 lost, as after a kill) logs the row at 4 bit for bit."""
+    import json
+
+    from ditlab.training import TrainConfig, train
+
+    cfg = TrainConfig(data="digits", results=str(tmp_path), model="DiT-S/4", depth=1, hidden_size=32, num_heads=2,
+                      image_size=8, global_batch_size=8, num_workers=0, sample_every=0, progress=False,
+                      max_steps=4, ckpt_every=3, log_every=4, precision="fp32")
+    train(cfg, device="cpu")
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    (tmp_path / "checkpoints" / "step-0000004.pt").unlink()
+    train(cfg, device="cpu")
+    again = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    keys = ("step", "loss", "mse", "vb", "grad_norm", "lr")
+    assert [r["step"] for r in again] == [4]
+    assert [[r[k] for k in keys] for r in again] == [[r[k] for k in keys] for r in rows]

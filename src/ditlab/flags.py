@@ -111,6 +111,8 @@ def _kind_error(value: Any, typ: Any) -> str | None:
         inner = typing.get_args(typ)[0]
         if not isinstance(value, (list, tuple)):
             return "must be a list"
+        if inner is str:  # a list of texts may hold integers: class ids as library callers give them
+            value = [str(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value]
         return next((_kind_error(v, inner) for v in value if _kind_error(v, inner)), None)
     if typ is bool:
         return None if isinstance(value, bool) else "must be true or false"

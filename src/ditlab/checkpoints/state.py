@@ -65,13 +65,16 @@ class TrainingState:
     names, "0".."9" for the digits); None in checkpoints that predate it"""
     world_size: int | None = None
     """the number of processes that trained it (None: not recorded, older checkpoints)"""
+    metrics: dict[str, Any] | None = None
+    """the metrics row in progress: {"sums": (terms + 2,) tensor averaged over ranks, "count": steps}
+    (None: the checkpoint's step was a logged one, or an older checkpoint)"""
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], path: Path) -> TrainingState:
-        optional = ("vae", "class_names", "world_size")
+        optional = ("vae", "class_names", "world_size", "metrics")
         missing = [f.name for f in dataclasses.fields(cls) if f.name not in d and f.name not in optional]
         if missing:
             raise UserError(f"{path}: not a ditlab training checkpoint (no {', '.join(missing)})")

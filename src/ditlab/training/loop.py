@@ -129,12 +129,14 @@ def _train(cfg: TrainConfig, info: DistInfo, dataset: Dataset | None = None) -> 
     state, cfg = resume.newest_state(cfg, info)
     data, steps_per_epoch, total = _open_data(cfg, info, dataset)
     parts, step, last_good = _build(cfg, info, data, steps_per_epoch, state)
+    pending = state.metrics if state is not None else None
     del state  # the weights now live in the modules
     model, ema, wrapped, opt, diffusion, train_step = (parts.model, parts.ema, parts.wrapped, parts.opt,
                                                        parts.diffusion, parts.train_step)
     run = {"steps_per_epoch": steps_per_epoch, "dataset_size": len(data.dataset), "model_config": model.config,
            "vae": data.codec_spec, "class_names": getattr(data.dataset, "classes", None)}
     log = MetricsLog(Path(cfg.results), info, cfg, resume_step=step, total=total, description=data.description)
+    log.restore(pending)
     sample_codec = _grid_codec(data, info) if cfg.sample_every else None
     dropout = model.cfg.class_dropout_prob if model.num_classes else None  # None: no labels
     guard = NonFiniteGuard(cfg.max_bad_steps, info.device)
@@ -162,6 +164,7 @@ def _train(cfg: TrainConfig, info: DistInfo, dataset: Dataset | None = None) -> 
                 if cfg.sample_every and step % cfg.sample_every == 0:
                     log.image(_sample_grid(ema, diffusion, data, sample_codec, cfg, info, step), step)
                 if step % cfg.ckpt_every == 0 or step == total or signum:
+                    run["metrics"] = log.pending(all_reduce_mean)
                     last_good = _checkpoint(wrapped, ema, opt, cfg, info, step, run, guard, last_good)
                 if signum:
                     log.close()
