@@ -70,3 +70,14 @@ def wait_for(condition, what: str, deadline_s: float = 120.0):
             return value
         time.sleep(0.01)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def unpin(monkeypatch, *names: str) -> None:
+    """Let tiny stand-ins be served under released names: drop what those names imply (DiT-XL/2, 256
+    pixels, ...) from `ditlab.hub.RELEASED` for this test (their pins are tested in test_hub.py)."""
+    import dataclasses
+
+    from ditlab import hub
+
+    for name in names:
+        monkeypatch.setitem(hub.RELEASED, name, dataclasses.replace(hub.RELEASED[name], implies=None))

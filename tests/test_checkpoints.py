@@ -55,7 +55,7 @@ def test_raw_weights_round_trip_under_their_own_name(tmp_path, make_dit):
     src = save_ditlab(tmp_path / "run.pt", make_dit(0), make_dit(1))
     convert(src, tmp_path / "raw.pt", "ditlab", weights="model")
     stored = torch.load(tmp_path / "raw.pt", weights_only=True)
-    assert sorted(stored) == ["class_names", "model", "model_config", "step", "tensor_sha256", "vae"]
+    assert sorted(stored) == ["class_names", "model", "model_config", "record_sha256", "step", "tensor_sha256", "vae"]
     assert stored["vae"] == "pixel"
     assert stored["class_names"] == [str(i) for i in range(10)]  # the digits' names go with the weights
     assert all(torch.equal(stored["model"][k], v) for k, v in make_dit(1).state_dict().items())

@@ -46,6 +46,7 @@ CASES = [
     (["extract-latents", *GOOD_EXTRACT, "--dtype", "int8"], "--dtype"),
     (["extract-latents", *GOOD_EXTRACT, "--precision", "fp64"], "--precision"),
     (["extract-latents", *GOOD_EXTRACT[:-4], "--data", "missing", "--num-workers", "0"], "missing"),
+    (["extract-latents", "--data", "missing", "--out", "cache"], "missing"),  # before the VAE (its hub) is asked
     (["sample"], "--ckpt"),
     (["sample", *GOOD_SAMPLE, "--out", "s.jpg"], "s.jpg"),
     (["sample", *GOOD_SAMPLE, "--steps", "x"], "--steps"),
@@ -65,7 +66,7 @@ CASES = [
     (["convert", "nothing.pt", "o.pt", "--to", "ditlab"], "nothing.pt"),
     (["convert", "junk.pt", "o.pt", "--to", "ditlab"], "junk.pt"),
     (["convert", "run.pt", "img", "--to", "safetensors", "--force"], "img"),
-    (["convert", "run.pt", "run.pt", "--to", "ditlab"], "run.pt exists"),
+    (["convert", "run.pt", "run.pt", "--to", "ditlab"], "run.pt is the source"),
     (["convert", "run.pt", "o.pt", "--to", "ditlab", "--weights", "best"], "--weights"),
     (["flops", "--image-size", "-1"], "--image-size -1"),
     (["flops", "--image-size", "1000000000"], "--image-size 1000000000"),
@@ -85,26 +86,108 @@ CASES = [
     (["serve", "--ckpt", "run.pt", "--batch-window-ms", "-5"], "--batch-window-ms -5"),
     (["serve", "--ckpt", "run.pt", "--default-sampler", "nope"], "--default-sampler nope"),
     (["serve", "--ckpt", "nothing.pt"], "nothing.pt"),
+    # round 2 (issue 28): every float flag refuses non-finite and absurd values; every value is
+    # checked before anything is written; training checkpoints and the source are never a destination
+    (["train", *GOOD_TRAIN, "--num-workers", "-1"], "--num-workers -1"),
+    (["train", *GOOD_TRAIN, "--results", ""], "--results ''"),
+    (["train", *GOOD_TRAIN, "--seed", "-5"], "--seed -5"),
+    (["train", *GOOD_TRAIN, "--keep-last", "-1"], "--keep-last -1"),
+    (["train", *GOOD_TRAIN, "--sample-every", "1", "--sample-steps", "0"], "--sample-steps 0"),
+    (["train", *GOOD_TRAIN, "--dist-timeout", "1e30"], "--dist-timeout 1e+30"),
+    (["train", *GOOD_TRAIN, "--ema-decay", "nan"], "--ema-decay nan"),
+    (["train", *GOOD_TRAIN, "--class-dropout-prob", "inf"], "--class-dropout-prob inf"),
+    (["train", *GOOD_TRAIN, "--lr-min", "nan"], "--lr-min nan"),
+    (["train", *GOOD_TRAIN, "--wandb", "proj"], "--wandb proj"),
+    (["sample", *GOOD_SAMPLE, "--cfg-scale", "nan"], "--cfg-scale nan"),
+    (["sample", *GOOD_SAMPLE, "--cfg-scale", "inf"], "--cfg-scale inf"),
+    (["sample", *GOOD_SAMPLE, "--cfg-scale", "1e30"], "--cfg-scale 1e+30"),
+    (["sample", *GOOD_SAMPLE, "--cfg-scale", "-1"], "--cfg-scale -1"),
+    (["sample", *GOOD_SAMPLE, "--guidance-channels", "0"], "--guidance-channels 0"),
+    (["sample", *GOOD_SAMPLE, "--out", "folder.npz"], "folder.npz"),
+    (["eval", "s.npz", "ref.npz", "--out", "img"], "--out img"),
+    (["eval", "s.npz", "crcref.npz"], "crcref.npz: damaged"),
+    (["convert", "run.pt", "./run.pt", "--to", "ditlab", "--force"], "is the source"),
+    (["convert", "run.pt", "link.pt", "--to", "ditlab", "--force"], "is the source"),
+    (["convert", "run.pt", "train.pt", "--to", "ditlab", "--force"], "training checkpoint"),
+    (["convert", "run.pt", "r/checkpoints/step-0000060.pt", "--to", "ditlab"], "training checkpoint"),
+    (["demo", "--max-steps", "0"], "--max-steps 0"),
+    (["study", "list", "img"], "img"),
+    (["study", "list", "env.toml"], "${}"),
+    (["study", "list", "typed.toml"], "--global-batch-size '16'"),
+    (["study", "list", "balanced.toml"], "num_samples 45"),
+    (["serve", "--ckpt", "run.pt", "--max-cfg-scale", "nan"], "--max-cfg-scale nan"),
+    (["serve", "--ckpt", "run.pt", "--default-cfg-scale", "inf"], "--default-cfg-scale inf"),
+    (["serve", "--ckpt", "run.pt", "--batch-window-ms", "1e30"], "--batch-window-ms 1e+30"),
 ]
+
+SPEC = """
+[data]
+data = "digits"
+[train]
+eval_steps = [2]
+global_batch_size = {batch}
+[[grid]]
+sizes = ["S"]
+patch_sizes = [2]
+[eval]
+metric = "digits"
+num_samples = {n}
+labels = "balanced"
+steps = 2
+"""
+
+
+@pytest.fixture(scope="session")
+def inputs(tmp_path_factory):
+    """The inputs the cases name (a checkpoint, junk, batches, specs), made once; each case's folder links them."""
+    import torch
+    from conftest import TINY_DIT
+    from helpers import randomize
+    from PIL import Image
+
+    import ditlab
+
+    folder = tmp_path_factory.mktemp("fuzz-inputs")
+    model = randomize(ditlab.DiT(**{**TINY_DIT, "in_channels": 1}).eval(), 0, std=0.05)
+    torch.save({"model_config": model.config, "ema": model.state_dict(), "vae": "pixel"}, folder / "run.pt")
+    torch.save({"model_config": model.config, "ema": model.state_dict(), "model": model.state_dict(), "opt": {},
+                "step": 60}, folder / "train.pt")  # what `ditlab train` writes (and resumes from)
+    (folder / "junk.pt").write_bytes(b"\x00not a checkpoint or an archive")
+    for name in ("a", "b"):
+        os.makedirs(folder / "img" / name)
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / "img" / name / "0.png")
+    images = np.zeros((5, 8, 8, 3), np.uint8)
+    np.savez(folder / "s.npz", arr_0=images)
+    np.savez(folder / "ref.npz", arr_0=images)
+    np.savez(folder / "nanref.npz", arr_0=images, mu=np.full(2048, np.nan), sigma=np.eye(2048),
+             mu_s=np.zeros(2023), sigma_s=np.eye(2023))
+    np.savez(folder / "crcref.npz", arr_0=images, mu=np.full(2048, 0.5), sigma=np.eye(1), mu_s=np.zeros(1),
+             sigma_s=np.eye(1))
+    data = bytearray((folder / "crcref.npz").read_bytes())
+    data[data.index(np.full(8, 0.5).tobytes()) + 3] ^= 1  # one flipped bit in mu: the archive's CRC-32 fails
+    (folder / "crcref.npz").write_bytes(bytes(data))
+    (folder / "env.toml").write_text(SPEC.format(batch=16, n=20).replace('"digits"\n[train]', '"${}"\n[train]', 1))
+    (folder / "typed.toml").write_text(SPEC.format(batch='"16"', n=20))
+    (folder / "balanced.toml").write_text(SPEC.format(batch=16, n=45))
+    return folder
 
 
 @pytest.fixture
-def workdir(tmp_path, monkeypatch, make_dit):
-    """An empty working folder but for the inputs the cases name (a checkpoint, junk, batches)."""
-    import torch
-    from PIL import Image
-
+def workdir(inputs, tmp_path, monkeypatch):
+    """An empty working folder but for the inputs the cases name (hard links: a case that replaced one
+    would replace its link, never the shared file)."""
     monkeypatch.chdir(tmp_path)
-    model = make_dit(in_channels=1)
-    torch.save({"model_config": model.config, "ema": model.state_dict(), "vae": "pixel"}, "run.pt")
-    Path("junk.pt").write_bytes(b"\x00not a checkpoint or an archive")
-    for name in ("a", "b"):
-        os.makedirs(f"img/{name}")
-        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(f"img/{name}/0.png")
-    np.savez("s.npz", arr_0=np.zeros((5, 8, 8, 3), np.uint8))
-    np.savez("ref.npz", arr_0=np.zeros((5, 8, 8, 3), np.uint8))
-    np.savez("nanref.npz", arr_0=np.zeros((5, 8, 8, 3), np.uint8), mu=np.full(2048, np.nan), sigma=np.eye(2048),
-             mu_s=np.zeros(2023), sigma_s=np.eye(2023))
+    for src in sorted(inputs.rglob("*")):
+        dst = tmp_path / src.relative_to(inputs)
+        if src.is_dir():
+            dst.mkdir()
+        else:
+            os.link(src, dst)
+    os.makedirs("folder.npz")
+    os.symlink("run.pt", "link.pt")
+    for var in ("WANDB_API_KEY", "WANDB_MODE"):  # no W&B account here
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
     import ditlab.serve.app
 
     def no_server(*args, **kwargs):

@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from helpers import unpin
 from hub_server import FileServer
 from PIL import Image
 from test_hub import CKPT, REF, npz_bytes, tiny_released_dit, torch_bytes
@@ -74,6 +75,7 @@ def mirror(tmp_path, monkeypatch):
     sd = tiny_released_dit()
     srv = FileServer({CKPT: torch_bytes(sd)})
     monkeypatch.setenv("DITLAB_MIRROR", srv.url)
+    unpin(monkeypatch, CKPT, REF)  # tiny stand-ins served under the released names
     yield srv, home, sd
     srv.close()
 

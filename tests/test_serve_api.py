@@ -192,7 +192,7 @@ def test_requests_share_batches_and_each_image_is_what_it_is_alone(served, monke
         engine.gate.set()
     for t in threads:
         t.join(60)
-    assert app.batcher.batches[before:] == [(1, 1), (3, 10), (1, 1)]
+    assert list(app.batcher.batches)[before:] == [(1, 1), (3, 10), (1, 1)]
     together = {json.loads(h["x-ditlab-record"])["labels"][0]: pixels(png) for _, h, png in results}
     alone = {b["classes"][0]: pixels(server.sample(**b, **FAST)[2]) for b in bodies}
     net = engine.engine.net

@@ -13,7 +13,7 @@ import argparse
 import os
 import sys
 
-from ditlab.errors import UserError, UserNotADirectoryError, one_line
+from ditlab.errors import UserError, one_line
 from ditlab.flags import add_flags, from_args
 from ditlab.options import BLOCK_OPTIONS, BLOCKS, DEVICES, FEATURE_SETS, FORMATS, WEIGHT_SETS
 
@@ -205,14 +205,14 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     def run(args: argparse.Namespace) -> int:
         import json
 
-        from ditlab.runtime.files import atomic_write_text
+        from ditlab.runtime.files import atomic_write_text, check_output_file
 
-        folder = os.path.dirname(os.path.abspath(args.out)) if args.out else None
-        if folder and not os.path.isdir(folder):  # checked before a long evaluation, not after
-            raise UserNotADirectoryError(f"--out {args.out}: folder {folder} does not exist")
+        if args.out:  # checked before a long evaluation, not after
+            check_output_file(args.out, "--out")
         if args.save_ref:
             if args.ref is not None:
                 raise UserError(f"--save-ref takes one IMAGES argument, got {args.samples} and {args.ref}")
+            check_output_file(args.save_ref, "--save-ref")
             from ditlab.evaluation.reference import save_ref
 
             result = save_ref(args.save_ref, args.samples, args.features, args.image_size, args.inception,

@@ -41,7 +41,8 @@ def run_demo(out: str | Path, max_steps: int | None = None, progress: bool = Tru
 
     out = Path(out)
     cfg = TrainConfig(data="digits", results=str(out / "run"), progress=progress,
-                      **{**DEMO_TRAIN, **({"max_steps": max_steps, "ckpt_every": max_steps} if max_steps else {})})
+                      **{**DEMO_TRAIN,
+                         **({"max_steps": max_steps, "ckpt_every": max_steps} if max_steps is not None else {})})
     summary = train(cfg, device="cpu")  # resumes (and returns at once) when `out` holds a finished run
     metrics = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
     train_seconds = metrics[-1]["wall_time"]  # of the run that trained the last steps

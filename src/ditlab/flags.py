@@ -4,8 +4,12 @@ documented by the string literal under it (its docstring). So a new setting is o
 
 A field's `metadata` may refine its flag: "flag" (another name, e.g. "--no-learn-sigma" for a
 boolean that defaults to True), "choices", "metavar", "nargs" (of a list field; default "+"),
-"required", "positional", "cli" (False: not a flag). Booleans become switches: `--compile` sets
-True; a True default gets `--no-NAME`.
+"required", "positional", "cli" (False: not a flag), and bound its value: "min", "max"
+(inclusive). Booleans become switches: `--compile` sets True; a True default gets `--no-NAME`.
+
+`check_fields` is the one place every config's values are checked against their fields (the CLI's
+flags, a study spec's tables and library callers alike): the annotated type, a finite number for
+every float, the "min"/"max" bounds, a non-empty text for a required one.
 Nothing here imports torch: the parser of every subcommand is built without loading the library."""
 
 from __future__ import annotations
@@ -15,10 +19,13 @@ import ast
 import dataclasses
 import functools
 import inspect
+import math
 import textwrap
 import types
 import typing
 from typing import Any
+
+from ditlab.errors import UserError
 
 
 @functools.cache
@@ -88,3 +95,58 @@ def from_args(cls: type, args: argparse.Namespace, **extra: Any) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     values = {k: v for k, v in vars(args).items() if k in names}
     return cls(**{**values, **extra})
+
+
+def flag_name(field: dataclasses.Field, prefix: str = "--") -> str:
+    """The flag a value of `field` is given with (`global_batch_size` -> `--global-batch-size`)."""
+    if field.metadata.get("positional"):
+        return field.metadata.get("metavar", field.name.upper())
+    return prefix + field.name.replace("_", "-")
+
+
+def _kind_error(value: Any, typ: Any) -> str | None:
+    """Why `value` is not of the annotated type `typ` (None when it is)."""
+    origin = typing.get_origin(typ)
+    if origin in (list, tuple):
+        inner = typing.get_args(typ)[0]
+        if not isinstance(value, (list, tuple)):
+            return "must be a list"
+        if inner is str:  # a list of texts may hold integers: class ids as library callers give them
+            value = [str(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value]
+        return next((_kind_error(v, inner) for v in value if _kind_error(v, inner)), None)
+    if typ is bool:
+        return None if isinstance(value, bool) else "must be true or false"
+    if typ is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else "must be an integer"
+    if typ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return "must be a number"
+        return None if math.isfinite(value) else "must be a finite number"
+    if typ is str:
+        return None if isinstance(value, str) else "must be a text"
+    return None
+
+
+def check_fields(obj: Any, prefix: str = "--") -> None:
+    """Refuse a field of the dataclass `obj` whose value is of the wrong type, a float that is not
+    finite (nan, inf: argparse and TOML both read them), outside its metadata "min"/"max", or an
+    empty text where a value is required, in one line naming its flag (`prefix` + the field's name)."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value, (typ, optional) = getattr(obj, f.name), _unwrap(hints[f.name])
+        flag = flag_name(f, prefix)
+        if value is None:
+            if optional:
+                continue
+            raise UserError(f"{flag}: a value is required")
+        why = _kind_error(value, typ)
+        if why is not None:
+            raise UserError(f"{flag} {value!r} {why}")
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if required and typ is str and not value.strip():
+            raise UserError(f"{flag} {value!r}: give a non-empty value")
+        low, high = f.metadata.get("min"), f.metadata.get("max")
+        if (low is not None and value < low) or (high is not None and value > high):
+            bound = (f"between {low} and {high}" if low is not None and high is not None
+                     else f"at least {low}" if low is not None else f"at most {high}")
+            raise UserError(f"{flag} {value} must be {bound}")

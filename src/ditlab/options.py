@@ -43,3 +43,7 @@ def check_block_options(settings: object) -> None:
         value = getattr(settings, name)
         if value not in choices:
             raise UserError(f"--{name.replace('_', '-')} {value!r}: choose one of {', '.join(choices)}")
+MAX_DIFFUSION_STEPS = 1000
+"""The length of DiT's diffusion process: the most sampling steps any flag may ask for."""
+MAX_CFG_SCALE = 100.0
+"""The largest classifier-free guidance scale a flag accepts (the paper's figures use 4; past 100 it is a typo)."""

@@ -2,7 +2,8 @@
 
 `--force` replaces only what ditlab itself writes in the target format (a checkpoint file of that
 format, or a diffusers DiT folder holding nothing else); any other file or folder is refused, so a
-results folder or a user's file is never deleted by a mistyped destination."""
+results folder or a user's file is never deleted by a mistyped destination. A training checkpoint
+(what `ditlab train` resumes from) is never a destination, nor is the source itself."""
 
 from __future__ import annotations
 
@@ -41,6 +42,8 @@ def _not_ours(dst: Path, to: str) -> str | None:
         obj = torch_load(dst)  # memory-mapped: the tensors are not read
     except ValueError:
         return "not a torch checkpoint"
+    if isinstance(obj, dict) and "opt" in obj:
+        return "a training checkpoint (weights, EMA, optimizer and step, what `ditlab train` resumes from)"
     key = "model_config" if to == "ditlab" else "x_embedder.proj.weight"
     return None if isinstance(obj, dict) and key in obj else f"not a DiT checkpoint in the {to!r} format"
 
@@ -57,6 +60,23 @@ def _safetensors_of_ours(path: Path) -> bool:
         return False
 
 
+def _check_destination(src: Path, dst: Path) -> None:
+    """Refuse a `dst` that is `src` itself (also through links) or a training checkpoint's name in a
+    results folder (checkpoints/step-NNNNNNN.pt: `ditlab train` would resume from a file without its
+    optimizer and step), whether or not it exists."""
+    from ditlab.checkpoints.state import CKPT_PATTERN
+
+    try:
+        same = src.exists() and dst.exists() and os.path.samefile(src, dst)
+    except OSError:
+        same = False
+    if same or (src.exists() and src.resolve() == dst.resolve()):
+        raise UserFileExistsError(f"{dst} is the source {src} itself: give another destination; not replaced")
+    if CKPT_PATTERN.match(dst.name) and dst.parent.name == "checkpoints":
+        raise UserFileExistsError(f"{dst} is a training checkpoint's place in a results folder (`ditlab train` "
+                                  "resumes from it): give another destination; not written")
+
+
 def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, weights: str = "ema",
             model: str | None = None, force: bool = False) -> DiTCheckpoint:
     """Convert the DiT checkpoint `src` (any readable format) to `dst` in format `to`; returns what
@@ -64,6 +84,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, weights: st
     if to not in WRITERS:
         raise UserError(f"--to {to}: choose one of {', '.join(WRITERS)}")
     dst = Path(dst).expanduser()
+    _check_destination(Path(src).expanduser(), dst)
     if dst.exists() or dst.is_symlink():  # before the (slow) read
         if not force:
             raise UserFileExistsError(f"{dst} exists: pass --force to replace it")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ditlab.checkpoints.dit_checkpoint import KNOWN, DiTCheckpoint, save_safetensors, single_set
+from ditlab.checkpoints.dit_checkpoint import KNOWN, DiTCheckpoint, save_safetensors, single_set, verify_digest
 from ditlab.checkpoints.state import torch_load
 from ditlab.errors import UserError, UserFileNotFoundError, one_line
 
@@ -26,7 +26,14 @@ def _diffusers_weights(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     if (folder / DIFFUSERS_SAFETENSORS).is_file():
-        return load_file(str(folder / DIFFUSERS_SAFETENSORS))
+        from safetensors import safe_open
+
+        path = folder / DIFFUSERS_SAFETENSORS
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        sd = load_file(str(path))
+        verify_digest(sd, metadata, path)
+        return sd
     if (folder / DIFFUSERS_INDEX).is_file():
         shards = sorted(set(json.loads((folder / DIFFUSERS_INDEX).read_text())["weight_map"].values()))
         return {k: v for shard in shards for k, v in load_file(str(folder / shard)).items()}

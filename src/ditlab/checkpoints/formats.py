@@ -23,8 +23,14 @@ from typing import Any
 
 import torch
 
-from ditlab.checkpoints.dit_checkpoint import KNOWN, DiTCheckpoint, save_safetensors, single_set
-from ditlab.checkpoints.state import CHECKSUM_KEY, tensor_digests, torch_load, verify_tensors
+from ditlab.checkpoints.dit_checkpoint import (
+    KNOWN,
+    DiTCheckpoint,
+    save_safetensors,
+    single_set,
+    verify_digest,
+)
+from ditlab.checkpoints.state import torch_load, verify_tensors, with_checksums
 from ditlab.data.latents import INDEX_NAME
 from ditlab.errors import UserError, UserFileNotFoundError, one_line
 from ditlab.models.configs import model_kwargs
@@ -119,8 +125,7 @@ def write_ditlab(ckpt: DiTCheckpoint, path: Path) -> None:
     obj = {"model_config": ckpt.config, ckpt.weights: ckpt.state_dict, **ckpt.extra}
     if ckpt.vae:
         obj["vae"] = ckpt.vae
-    obj[CHECKSUM_KEY] = tensor_digests(obj)
-    _save_torch(obj, path)
+    _save_torch(with_checksums(obj), path)
 
 
 def write_original(ckpt: DiTCheckpoint, path: Path) -> None:
@@ -164,6 +169,7 @@ def _read_safetensors(path: Path, weights: str, model: str | None) -> DiTCheckpo
             sd = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:
         raise UserError(f"{path}: cannot read it as safetensors ({one_line(e)})") from e
+    verify_digest(sd, meta, path)
     if any(k.startswith("transformer_blocks.") for k in sd):
         raise UserError(f"{path}: diffusers' weight file; pass the folder that holds it and its config.json")
     if CONFIG_METADATA_KEY in meta:
@@ -205,24 +211,27 @@ def released_checkpoint(path: str | os.PathLike) -> tuple[Path, str | None]:
     return fetch(str(path)), entry.model
 
 
-def check_released_checkpoint(path: Path, model: str | None = None) -> None:
+def check_released_checkpoint(path: Path, model: str | None = None, implies: dict[str, Any] | None = None) -> None:
     """It loads as the weights of a DiT: a bare state dict (or a training checkpoint's "ema") whose
     tensors have the shapes of the DiT they describe, built with the heads of the named config
-    `model` ("DiT-XL/2") where given (the weights do not store them). (`ditlab.hub` checks a download
-    of a released checkpoint with it.)"""
-    from ditlab.models.configs import MODEL_CONFIGS
-
+    `model` ("DiT-XL/2") where given (the weights do not store them); and, where `implies` is given,
+    the DiT the released name implies (constructor arguments: a small DiT served under
+    DiT-XL-2-256x256.pt is refused). (`ditlab.hub` checks a download of a released checkpoint with it.)"""
     obj = torch_load(path, "a DiT checkpoint")
     sd = obj.get("ema", obj) if isinstance(obj, dict) else None
     if not isinstance(sd, dict) or "x_embedder.proj.weight" not in sd:
         raise UserError("not a DiT state dict")
-    heads = MODEL_CONFIGS[model]["num_heads"] if model in MODEL_CONFIGS else 1
+    heads = model_kwargs(model)["num_heads"] if model else 1
     try:
+        found = infer_config(sd, num_heads=heads)
         with torch.device("meta"):
-            shell = DiT(**infer_config(sd, num_heads=heads))  # structure only
+            shell = DiT(**found)  # structure only
         check_weights(shell, sd)
     except (TypeError, ValueError) as e:
         raise UserError(one_line(e)) from e
+    diffs = [f"{k} {found.get(k)} (the name implies {v})" for k, v in (implies or {}).items() if found.get(k) != v]
+    if diffs:
+        raise UserError(f"not the released file: {', '.join(diffs)}")
 
 
 def read_checkpoint(path: str | os.PathLike, weights: str = "ema", model: str | None = None) -> DiTCheckpoint:

@@ -4,17 +4,22 @@ and the one `torch.load` every checkpoint reader goes through.
 A checkpoint is tensors plus plain dicts, loadable with `weights_only=True`, written atomically
 (temporary file, then rename) so an interrupted save never leaves a broken file. It records the
 SHA-256 of every tensor's bytes ("tensor_sha256", computed from the tensors in memory as they are
-saved, not from a second read of the file); readers verify the tensors they use and name the
-file on a mismatch, so a flipped byte is never trained on or sampled from."""
+saved, not from a second read of the file) and one SHA-256 of the whole record ("record_sha256":
+every plain value, the step, the config, the data position, and those tensor digests); readers
+verify the record and the tensors they use and name the file on a mismatch, so a flipped byte is
+never trained on or sampled from. A training checkpoint's step must match its file name. Files
+of older ditlab (tensor digests only) still load."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import hashlib
+import json
 import os
 import pickle
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +31,7 @@ from ditlab.runtime.files import atomic_write
 
 CKPT_PATTERN = re.compile(r"^step-(\d{7,})\.pt$")
 CHECKSUM_KEY = "tensor_sha256"  # {"model/x_embedder.proj.weight": hex digest, ...}
+RECORD_KEY = "record_sha256"  # hex digest of every other entry: plain values as they are, tensors by digest
 
 
 @dataclass
@@ -59,13 +65,16 @@ class TrainingState:
     names, "0".."9" for the digits); None in checkpoints that predate it"""
     world_size: int | None = None
     """the number of processes that trained it (None: not recorded, older checkpoints)"""
+    metrics: dict[str, Any] | None = None
+    """the metrics row in progress: {"sums": (terms + 2,) tensor averaged over ranks, "count": steps}
+    (None: the checkpoint's step was a logged one, or an older checkpoint)"""
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], path: Path) -> TrainingState:
-        optional = ("vae", "class_names", "world_size")
+        optional = ("vae", "class_names", "world_size", "metrics")
         missing = [f.name for f in dataclasses.fields(cls) if f.name not in d and f.name not in optional]
         if missing:
             raise UserError(f"{path}: not a ditlab training checkpoint (no {', '.join(missing)})")
@@ -78,7 +87,7 @@ def _tensors(obj: Any, prefix: str = "") -> Any:
         yield prefix, obj
     elif isinstance(obj, dict):
         for k, v in obj.items():
-            if k != CHECKSUM_KEY:
+            if k not in (CHECKSUM_KEY, RECORD_KEY):
                 yield from _tensors(v, f"{prefix}/{k}" if prefix else str(k))
     elif isinstance(obj, (list, tuple)):
         for i, v in enumerate(obj):
@@ -95,10 +104,49 @@ def tensor_digests(obj: Any) -> dict[str, str]:
     return {name: _digest(t) for name, t in _tensors(obj)}
 
 
+def _leaves(obj: Any, prefix: str = "") -> Iterator[str]:
+    """One line per value nested in `obj`: its path (keys with their types), its type and value;
+    a tensor by dtype and shape (its bytes are covered by its digest)."""
+    if isinstance(obj, torch.Tensor):
+        yield f"{prefix} tensor {obj.dtype} {tuple(obj.shape)}"
+    elif isinstance(obj, dict):
+        items = [(k, v) for k, v in obj.items() if k not in (CHECKSUM_KEY, RECORD_KEY)]
+        yield f"{prefix} dict {len(items)}"
+        for k, v in items:
+            yield from _leaves(v, f"{prefix}/{type(k).__name__}:{k}")
+    elif isinstance(obj, (list, tuple)):
+        yield f"{prefix} {type(obj).__name__} {len(obj)}"
+        for i, v in enumerate(obj):
+            yield from _leaves(v, f"{prefix}/{i}")
+    else:
+        yield f"{prefix} {type(obj).__name__} {obj!r}"
+
+
+def record_digest(obj: dict[str, Any]) -> str:
+    """The SHA-256 of the whole record `obj`: every plain value (step, config, data position, RNG
+    state) and the recorded tensor digests; so together with those, every byte that matters."""
+    h = hashlib.sha256()
+    for line in _leaves(obj):
+        h.update(line.encode() + b"\n")
+    h.update(json.dumps(obj.get(CHECKSUM_KEY), sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def with_checksums(obj: dict[str, Any]) -> dict[str, Any]:
+    """`obj` with its tensor digests and its record digest, as every ditlab checkpoint is saved."""
+    obj = {**obj, CHECKSUM_KEY: tensor_digests(obj)}
+    obj[RECORD_KEY] = record_digest(obj)
+    return obj
+
+
 def verify_tensors(obj: dict[str, Any], path: Path, under: str | None = None) -> None:
-    """Check the tensors of a loaded checkpoint (only those named `under/...` if given) against
-    the digests it recorded; a file without digests (older ditlab, other tools) passes."""
+    """Check the record of a loaded checkpoint and its tensors (only those named `under/...` if
+    given) against the digests it recorded; a file without digests (other tools) passes, one with
+    tensor digests only (older ditlab) has its tensors checked."""
     recorded = obj.get(CHECKSUM_KEY)
+    if RECORD_KEY in obj and (not isinstance(recorded, dict) or record_digest(obj) != obj[RECORD_KEY]):
+        raise UserError(f"{path}: damaged checkpoint: its record (step, config, data position or tensor "
+                        "digests) does not match its recorded checksum")
     if not isinstance(recorded, dict):
         return
     part = obj if under is None else {under: obj.get(under)}
@@ -150,7 +198,7 @@ def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
 def save_checkpoint(folder: Path, step: int, state: dict[str, Any], keep_last: int = 0) -> Path:
     """Write the dict `state` as folder/step-NNNNNNN.pt; keep only the newest `keep_last` (0 = all)."""
     path = checkpoint_path(folder, step)
-    state = {**state, CHECKSUM_KEY: tensor_digests(state)}
+    state = with_checksums(state)
     atomic_write(path, lambda f: torch.save(state, f))
     if keep_last > 0:
         for _, old in list_checkpoints(folder)[:-keep_last]:
@@ -170,6 +218,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise UserError(f"cannot read checkpoint {path}: it holds a {type(obj).__name__}")
     verify_tensors(obj, path)
+    named = CKPT_PATTERN.match(path.name)
+    if named and isinstance(obj.get("step"), int) and obj["step"] != int(named.group(1)):
+        raise UserError(f"{path}: damaged checkpoint: it holds step {obj['step']}, its name says {int(named.group(1))}")
     return obj
 
 

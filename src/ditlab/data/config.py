@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ditlab.errors import UserError
+from ditlab.flags import check_fields
 from ditlab.options import LATENT_DTYPES, PRECISIONS
 
 
@@ -37,6 +38,7 @@ class ExtractConfig:
     """show a progress bar (--no-progress: none)"""
 
     def __post_init__(self) -> None:
+        check_fields(self)  # types, non-empty paths
         for flag, value in (("--batch-size", self.batch_size), ("--shard-size", self.shard_size),
                             ("--image-size", self.image_size)):
             if value < 1:

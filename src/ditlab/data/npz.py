@@ -22,7 +22,7 @@ from typing import Any, cast
 import numpy as np
 
 from ditlab.errors import UserError, UserFileNotFoundError
-from ditlab.runtime.files import atomic_write, fsync_file, temp_path, user_write_errors
+from ditlab.runtime.files import atomic_write, damaged_file_errors, fsync_file, temp_path, user_write_errors
 
 IMAGES_KEY = "arr_0"  # uint8 images (N, H, W, C)
 LABELS_KEY = "arr_1"  # int64 labels (N,)
@@ -120,7 +120,7 @@ class NpzImages:
         self.path = path
         if IMAGES_KEY + ".npy" not in npz_members(path):
             raise UserError(f"{path}: no {IMAGES_KEY} (ADM batches hold uint8 images (N, H, W, 3) in {IMAGES_KEY})")
-        with zipfile.ZipFile(path) as z, z.open(IMAGES_KEY + ".npy") as f:
+        with damaged_file_errors(path, ".npz batch"), zipfile.ZipFile(path) as z, z.open(IMAGES_KEY + ".npy") as f:
             shape, fortran, dtype = self._read_header(cast(zipfile.ZipExtFile, f))
         if dtype != np.uint8:
             raise UserError(f"{path}: {IMAGES_KEY} is {dtype}, expected uint8 images in [0, 255]")
@@ -146,7 +146,8 @@ class NpzImages:
         """uint8 batches (B, H, W, 3) in file order; the last one may be shorter."""
         stored = (*self.shape[:2], self.channels)  # (H, W, C) as in the file
         per_image = int(np.prod(stored))
-        with zipfile.ZipFile(self.path) as z, z.open(IMAGES_KEY + ".npy") as entry:
+        with damaged_file_errors(self.path, ".npz batch"), zipfile.ZipFile(self.path) as z, \
+                z.open(IMAGES_KEY + ".npy") as entry:
             f = cast(zipfile.ZipExtFile, entry)  # what ZipFile.open gives for reading: it has readinto
             self._read_header(f)
             for start in range(0, self.num_images, batch_size):

@@ -20,7 +20,7 @@ from ditlab.data.npz import save_samples as save_samples
 from ditlab.errors import UserError
 from ditlab.evaluation.inception import POOL_DIM, SPATIAL_DIM
 from ditlab.evaluation.metrics import FeatureStats
-from ditlab.runtime.files import atomic_write
+from ditlab.runtime.files import atomic_write, damaged_file_errors
 
 STATS_KEYS = {"pool": ("mu", "sigma"), "spatial": ("mu_s", "sigma_s")}  # ADM's names
 STATS_DIMS = {"pool": POOL_DIM, "spatial": SPATIAL_DIM}
@@ -39,7 +39,7 @@ def load_stats(path: str) -> dict[str, FeatureStats] | None:
     if len(present) != len(names):
         missing = [n for n in names if n not in members]
         raise UserError(f"{path}: has {', '.join(present)} but not {', '.join(missing)}")
-    with np.load(path) as z:
+    with damaged_file_errors(path, ".npz batch"), np.load(path) as z:
         stats = {}
         for kind, (mu_key, sigma_key) in STATS_KEYS.items():
             stats[kind] = _checked_stats(kind, z[mu_key], z[sigma_key], path)
@@ -88,8 +88,13 @@ def save_reference(path: str, images: np.ndarray, pool: FeatureStats, spatial: F
     atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
-def check_reference_batch(path: Path) -> None:
-    """It opens as an ADM batch: uint8 images (N, H, W, 3) in arr_0, well-formed statistics if any.
+def check_reference_batch(path: Path, implies: dict[str, Any] | None = None) -> None:
+    """It opens as an ADM batch: uint8 images (N, H, W, 3) in arr_0, well-formed statistics if any;
+    and of the image size the released name implies (`implies["image_size"]`) where given.
     (`ditlab.hub` checks a download of a reference batch with it.)"""
-    NpzImages(str(path))
+    images = NpzImages(str(path))
     load_stats(str(path))
+    size = (implies or {}).get("image_size")
+    height, width, _ = images.shape
+    if size is not None and (height, width) != (size, size):
+        raise UserError(f"not the released file: {height}x{width} images (the name implies {size}x{size})")

@@ -8,12 +8,14 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import zipfile
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-from ditlab.errors import UserWriteError
+from ditlab.errors import UserError, UserWriteError, one_line
 from ditlab.lazy import lazy_exports
 
 # the names of ADM's .npz batch that lived here, now in data.npz (a string: runtime imports no data module)
@@ -34,14 +36,18 @@ LOW_SPACE_BYTES = 1 << 20  # a write that failed with less free space than this 
 
 def _os_cause(e: BaseException) -> OSError | None:
     """The first OSError with a user-side errno in the exception chain of `e` (libraries such as
-    torch.save wrap the OSError of a full disk in a RuntimeError of their own)."""
+    torch.save wrap the OSError of a full disk in a RuntimeError of their own), else the first
+    OSError with any errno, else None."""
     seen: set[int] = set()
+    first = None
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if isinstance(e, OSError) and e.errno in WRITE_ERRORS:
-            return e
+        if isinstance(e, OSError) and e.errno is not None:
+            if e.errno in WRITE_ERRORS:
+                return e
+            first = first or e
         e = e.__cause__ or e.__context__
-    return None
+    return first
 
 
 def _no_space(folder: Path) -> bool:
@@ -55,7 +61,9 @@ def _no_space(folder: Path) -> bool:
 
 def write_error(e: BaseException, path: Path) -> UserWriteError | None:
     """A one-line UserWriteError naming `path` when `e` failed a write for a reason of the
-    machine (disk full, no permission, read-only), else None (then `e` is a bug to show)."""
+    machine (disk full, no permission, read-only, any other errno the system gave, named as it
+    is), else None (then `e` is a bug to show). Without an errno, a file system with (almost) no
+    space left is taken to be the reason."""
     if isinstance(e, UserWriteError):
         return e
     cause = _os_cause(e)
@@ -64,9 +72,38 @@ def write_error(e: BaseException, path: Path) -> UserWriteError | None:
         code = errno.ENOSPC
     if code is None:
         return None
-    error = UserWriteError(f"{WRITE_ERRORS[code]} writing {path}")
+    reason = WRITE_ERRORS.get(code) or os.strerror(code).lower()  # the real errno, e.g. under /proc
+    error = UserWriteError(f"{reason} writing {path}")
     error.errno = code
     return error
+
+
+def check_output_file(path: str | os.PathLike, flag: str, makes_parents: bool = False) -> None:
+    """Refuse, before any work, an output file that cannot be written where it is named: an existing
+    folder (or anything else but a file) at its name, or (unless the writer `makes_parents`) a parent
+    that is no folder."""
+    p = Path(path).expanduser()
+    if p.exists() and not p.is_file():
+        raise UserError(f"{flag} {path}: a folder (or other non-file) is there; give a file name")
+    parent = p.absolute().parent
+    if not makes_parents and not parent.is_dir():
+        missing = "is not a folder" if parent.exists() else "does not exist"
+        raise UserError(f"{flag} {path}: folder {parent} {missing}")
+
+
+@contextmanager
+def damaged_file_errors(path: str | os.PathLike, what: str) -> Iterator[None]:
+    """Turn the errors of reading a damaged archive (a failed CRC, a bad zlib stream, a short member)
+    into one UserError naming `path` as a damaged `what`; a file in ditlab's download cache is also
+    said to be deleted (to be downloaded again)."""
+    try:
+        yield
+    except (zipfile.BadZipFile, zlib.error, EOFError) as e:
+        from ditlab.hub import home
+
+        cached = Path(path).resolve().parent == home().resolve()
+        hint = ": delete it (ditlab's download cache) and run again to download it" if cached else ""
+        raise UserError(f"{path}: damaged {what} ({one_line(e)}){hint}") from e
 
 
 @contextmanager
@@ -99,11 +136,33 @@ def fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
+def _umask() -> int:
+    """This process's umask, read without changing it where the system says it (Linux /proc)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path: Path) -> None:
+    """Give the files under `path` (or `path` itself) the mode a plain open() gives them (0666 less
+    the umask): libraries that write their own files (safetensors: 0600) do not decide who reads them."""
+    mode = 0o666 & ~_umask()
+    for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        if p.is_file() and not p.is_symlink():
+            os.chmod(p, mode)
+
+
 def atomic_replace(dst: str | os.PathLike, write: Callable[[Path], object]) -> None:
     """Call write(tmp) with a temporary path beside `dst` (it may make a file or a folder there),
-    then rename it onto `dst`. A file replaces a file in one rename (never a folder); a new folder
-    moves an existing `dst` aside first and removes it once the folder is in place. On failure `dst`
-    is left as it was."""
+    give its files the umask's mode, then rename it onto `dst`. A file replaces a file in one rename
+    (never a folder); a new folder moves an existing `dst` aside first and removes it once the folder
+    is in place. On failure `dst` is left as it was."""
     dst = Path(dst)
     with user_write_errors(dst):
         dst.parent.mkdir(parents=True, exist_ok=True)
@@ -111,6 +170,7 @@ def atomic_replace(dst: str | os.PathLike, write: Callable[[Path], object]) -> N
     try:
         with user_write_errors(dst):
             write(tmp)
+            follow_umask(tmp)
         if tmp.is_dir() and (dst.exists() or dst.is_symlink()):  # a folder cannot be renamed over dst
             os.replace(dst, old)
             try:

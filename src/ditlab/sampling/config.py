@@ -7,11 +7,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ditlab.errors import UserError
-from ditlab.options import DEVICES, LABEL_MODES, PRECISIONS, SAMPLERS, WEIGHT_SETS
+from ditlab.flags import check_fields
+from ditlab.options import DEVICES, LABEL_MODES, MAX_CFG_SCALE, MAX_DIFFUSION_STEPS, PRECISIONS, SAMPLERS, WEIGHT_SETS
 
 MAX_GRID_IMAGES = 1024  # a .png grid beyond this is a mistake: use .npz or --png-dir
 OUT_KINDS = (".png", ".npz")
-MAX_STEPS = 1000  # the length of DiT's diffusion process
+MAX_STEPS = MAX_DIFFUSION_STEPS
+
+
+def check_balanced(n: int, k: int) -> None:
+    """The rule of balanced labels, for `ditlab sample --labels balanced` and a study's alike: N
+    images over K classes must be a multiple of K (exactly N / K each); the error names the nearest."""
+    if n % k:
+        candidates = [v for v in (n // k * k, (n // k + 1) * k) if v > 0]
+        best = min(abs(v - n) for v in candidates)
+        nearest = " or ".join(str(v) for v in candidates if abs(v - n) == best)
+        raise UserError(f"--num-samples {n}: --labels balanced needs a multiple of the {k} classes; "
+                        f"the nearest is {nearest}")
 
 
 @dataclass(kw_only=True)
@@ -45,9 +57,9 @@ class SampleConfig:
     """sampling steps, respaced as ADM does (250 is the paper's)"""
     sampler: str = field(default="ddpm", metadata={"choices": SAMPLERS})
     """ddpm (ancestral, the paper's), ddim, or dpm++2m (20-25 steps)"""
-    cfg_scale: float = 1.0
+    cfg_scale: float = field(default=1.0, metadata={"min": 0.0, "max": MAX_CFG_SCALE})
     """classifier-free guidance scale; 1.0 = none. The paper's FID-50K uses 1.5, its figures 4.0"""
-    guidance_channels: int | None = None
+    guidance_channels: int | None = field(default=None, metadata={"min": 1})
     """guide only the first K latent channels; 3 reproduces the reference code and its published FID
     (default: all)"""
     guidance_interval: list[float] | None = field(default=None, metadata={"nargs": 2, "metavar": ("LO", "HI")})
@@ -80,11 +92,15 @@ class SampleConfig:
     """show a progress bar (--no-progress: none)"""
 
     def __post_init__(self) -> None:
+        check_fields(self)  # types, finite floats, the fields' bounds
         out = Path(self.out).expanduser()
         if out.suffix.lower() not in OUT_KINDS:
             raise UserError(f"--out {self.out}: give a .png (one grid) or a .npz (ADM's sample format) file")
         if not self.classes and self.num_samples is None:
             raise UserError("give --classes C ... (a grid of those classes) or --num-samples N")
+        from ditlab.runtime.files import check_output_file
+
+        check_output_file(out, "--out", makes_parents=True)
         n = self.num_images
         checks = [
             (n >= 1, f"--num-samples {n} must be positive"),

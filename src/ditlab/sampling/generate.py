@@ -21,6 +21,7 @@ from ditlab.diffusion.protocol import Process
 from ditlab.errors import UserError
 from ditlab.runtime.files import atomic_write
 from ditlab.runtime.seeds import BALANCED_LABELS, IMAGE_LABELS, IMAGE_NOISE, derive_seed
+from ditlab.sampling.config import check_balanced
 
 
 def image_seed(seed: int, index: int) -> int:
@@ -48,12 +49,7 @@ def balanced_labels(seed: int, n: int, classes: list[int]) -> torch.Tensor:
     k = len(classes)
     if seed < 0:
         raise UserError(f"--seed {seed} must be non-negative")
-    if n % k:
-        candidates = [v for v in (n // k * k, (n // k + 1) * k) if v > 0]
-        best = min(abs(v - n) for v in candidates)
-        nearest = " or ".join(str(v) for v in candidates if abs(v - n) == best)
-        raise UserError(f"--num-samples {n}: --labels balanced needs a multiple of the {k} classes; "
-                        f"the nearest is {nearest}")
+    check_balanced(n, k)
     order = np.random.default_rng([BALANCED_LABELS, seed, n]).permutation(n)  # (N,)
     return torch.from_numpy(np.repeat(np.asarray(classes, dtype=np.int64), n // k)[order])
 

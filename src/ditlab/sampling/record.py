@@ -7,7 +7,6 @@ FID gaps in the literature come exactly from these: random against balanced labe
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ditlab.checkpoints.dit_checkpoint import weights_sha256 as weights_sha256  # the digest lives with the checkpoints
 from ditlab.data.npz import read_record as read_record  # the record's read and write live with the .npz format
 from ditlab.data.npz import record_array as record_array
 
@@ -30,18 +30,6 @@ GUIDANCE_KEYS = ("guidance_interval", "guidance_t", "guide")
 """Where guidance applies and with which guide model (None: everywhere; classifier-free guidance)."""
 
 
-def weights_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
-    """SHA-256 of a state dict's weights, whatever file format holds them: for each key in sorted
-    order, its UTF-8 name, its dtype and shape as text ("torch.float32 (1152, 4, 2, 2)") and a newline,
-    then the tensor's bytes (C order, as stored on the CPU: little-endian). Equal weights in a .pt, a
-    .safetensors or a diffusers folder give the same digest; a cast to another dtype does not."""
-    h = hashlib.sha256()
-    for key in sorted(state_dict):
-        t = state_dict[key].detach()
-        h.update(f"{key}\n{t.dtype} {tuple(t.shape)}\n".encode())
-        flat = t.to("cpu").contiguous().reshape(-1)  # (numel,): a 0-d tensor cannot be viewed as bytes
-        h.update(flat.view(torch.uint8).numpy().data)
-    return h.hexdigest()
 
 
 def sample_record(model: Mapping[str, Any], settings: Mapping[str, Any]) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
     GET  /             the page (no asset from outside: its script and style are inline)
     GET  /api/info     model name, config, classes with names, samplers, limits, defaults
-    GET  /api/status   queue length and batches run
+    GET  /api/status   queue length, batches and images run, the newest batches
     POST /api/sample   {"classes", "per_class", "cfg_scale", "sampler", "steps", "seed",
                         "guidance_channels", "guidance_interval" [lo, hi], "guidance_t" [lo, hi],
                         "guide" (autoguidance, where served with --guide-ckpt), "format"}
@@ -24,14 +24,14 @@ from importlib import resources
 from typing import Any
 
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from ditlab.serve.batcher import Batcher, Job, QueueFull
 from ditlab.serve.engine import Engine
 from ditlab.serve.record import grid_columns, grid_png, sample_record
-from ditlab.serve.requests import Defaults, Limits, SampleRequest, parse_request
+from ditlab.serve.requests import BadRequest, Defaults, Limits, SampleRequest, parse_request
 
 TICK_S = 0.1  # how often a waiting request looks at its job's progress and its client's connection
 RECORD_HEADER = "X-Ditlab-Record"
@@ -47,10 +47,13 @@ async def read_body(request: Request, limit: int) -> bytes | None:
     if declared.isdigit() and int(declared) > limit:
         return None
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            return None
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                return None
+    except ClientDisconnect as e:  # it sent less than its Content-Length and hung up: nobody to answer
+        raise BadRequest("body: the client closed the connection before sending all of it") from e
     return bytes(body)
 
 
@@ -83,15 +86,19 @@ class ServeApp:
         return JSONResponse({**self.engine.info(), "limits": asdict(self.limits), "defaults": asdict(self.defaults)})
 
     async def status(self, request: Request) -> JSONResponse:
-        return JSONResponse({"queued": self.batcher.queued, "batches": self.batcher.batches})
+        b = self.batcher
+        return JSONResponse({"queued": b.queued, "batches_run": b.batches_run, "images_run": b.images_run,
+                             "batches": list(b.batches)})
 
     async def sample(self, request: Request) -> Response:
-        body = await read_body(request, self.limits.max_body_bytes)
+        from ditlab.options import SAMPLERS
+
+        try:
+            body = await read_body(request, self.limits.max_body_bytes)
+        except BadRequest as e:
+            return error(str(e), e.status)
         if body is None:
             return error(f"body: larger than {self.limits.max_body_bytes} bytes", 413)
-        from ditlab.options import SAMPLERS
-        from ditlab.serve.requests import BadRequest
-
         try:
             req = parse_request(body, self.engine.class_names, self.limits, self.defaults, tuple(SAMPLERS),
                                 self.engine.latent_channels, has_guide=self.engine.guide is not None)

@@ -15,6 +15,7 @@ stops at its next step when every request in it is cancelled."""
 
 from __future__ import annotations
 
+import collections
 import math
 import threading
 import time
@@ -26,6 +27,8 @@ import numpy as np
 
 from ditlab.serve.engine import BatchCancelled
 from ditlab.serve.requests import SampleRequest
+
+RECENT_BATCHES = 100  # batches /api/status lists (a long-running server keeps no more)
 
 RunBatch = Callable[[list[SampleRequest], Callable[[], None]], list[np.ndarray]]
 
@@ -61,7 +64,9 @@ class Batcher:
         self._cond = threading.Condition()
         self._stopped = False
         self._thread = threading.Thread(target=self._loop, name="ditlab-serve-batcher", daemon=True)
-        self.batches: list[tuple[int, int]] = []  # (requests, images) of each batch run, for tests and stats
+        # (requests, images) of the newest RECENT_BATCHES batches run, for tests and stats; totals beside them
+        self.batches: collections.deque[tuple[int, int]] = collections.deque(maxlen=RECENT_BATCHES)
+        self.batches_run = self.images_run = 0
         self.last_batch_s = 0.0
 
     def start(self) -> Batcher:
@@ -155,6 +160,7 @@ class Batcher:
         finally:
             self.last_batch_s = time.monotonic() - started
         self.batches.append((len(batch), sum(len(r) for r in results)))
+        self.batches_run, self.images_run = self.batches_run + 1, self.images_run + self.batches[-1][1]
         for job, images in zip(batch, results, strict=True):
             if job.state == "running":
                 job.state = "done"

@@ -6,9 +6,11 @@ import argparse
 from dataclasses import fields
 
 from ditlab.errors import UserError
+from ditlab.flags import check_fields
 from ditlab.serve.requests import Defaults, Limits
 
 LOCALHOST = "127.0.0.1"
+MAX_BATCH_WINDOW_MS = 10_000.0  # a request waits at most this long for others to share its batch
 DEFAULT_PORT = 7860  # what Gradio demos use, so DiT users find it where they expect
 LIMIT_HELP = {"max_steps": "most sampling steps a request may ask for",
               "max_images": "most images in one request, and in one model batch",
@@ -56,13 +58,16 @@ def check_flags(args: argparse.Namespace) -> tuple[Limits, Defaults]:
 
     limits = Limits(**{f.name: getattr(args, f.name) for f in fields(Limits)})
     defaults = Defaults(**{f.name: getattr(args, "default_" + f.name) for f in fields(Defaults)})
+    check_fields(limits)  # finite numbers, the fields' bounds
+    check_fields(defaults, prefix="--default-")
     for name in ("max_images", "max_queue", "max_body_bytes"):
         if getattr(limits, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} {getattr(limits, name)} must be positive")
     checks = [(1 <= limits.max_steps <= 1000, f"--max-steps {limits.max_steps} must be between 1 and 1000"),
               (limits.max_cfg_scale >= 1, f"--max-cfg-scale {limits.max_cfg_scale} must be at least 1"),
               (0 <= args.port <= 65535, f"--port {args.port} is not a port number"),
-              (args.batch_window_ms >= 0, f"--batch-window-ms {args.batch_window_ms} must be non-negative"),
+              (0 <= args.batch_window_ms <= MAX_BATCH_WINDOW_MS,  # also false for nan
+               f"--batch-window-ms {args.batch_window_ms} must be between 0 and {MAX_BATCH_WINDOW_MS}"),
               (defaults.sampler in SAMPLERS,
                f"--default-sampler {defaults.sampler}: choose one of {', '.join(SAMPLERS)}"),
               (1 <= defaults.steps <= limits.max_steps, f"--default-steps {defaults.steps} must be between 1 and "

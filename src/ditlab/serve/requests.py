@@ -10,6 +10,8 @@ import secrets
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ditlab.options import MAX_CFG_SCALE
+
 MAX_SEED = 2**63 - 1
 FORMATS = ("png", "json", "stream")  # image/png; JSON with a base64 PNG; NDJSON progress lines, then that JSON
 FIELDS = ("classes", "per_class", "cfg_scale", "sampler", "steps", "seed", "guidance_channels", "guidance_interval",
@@ -28,7 +30,7 @@ class Limits:
     """Most requests waiting to run; beyond it a request gets 503 with Retry-After."""
     max_body_bytes: int = 16384
     """Largest request body accepted (413 beyond it)."""
-    max_cfg_scale: float = 20.0
+    max_cfg_scale: float = field(default=20.0, metadata={"min": 1.0, "max": MAX_CFG_SCALE})
     """Largest classifier-free guidance scale."""
 
 
@@ -109,7 +111,7 @@ def _class_id(value: Any, names: list[str]) -> int:
         raise BadRequest(f"classes: {value} is not a class id (0 to {len(names) - 1})")
     if not isinstance(value, str):
         raise BadRequest(f"classes: {json.dumps(value)} is neither a class id nor a name")
-    if value.strip().isdigit():
+    if value.strip().isascii() and value.strip().isdigit():  # "²" is a digit to str.isdigit, not to int()
         return _class_id(int(value), names)
     key = value.strip().lower()
     hits = [i for i, n in enumerate(names) if n.lower() == key]
@@ -149,6 +151,8 @@ def parse_request(body: bytes, names: list[str], limits: Limits, defaults: Defau
         obj = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
         raise BadRequest(f"body: not valid JSON ({e})") from e
+    except RecursionError as e:  # thousands of nested brackets: no request needs more than two levels
+        raise BadRequest("body: JSON nested too deeply") from e
     if not isinstance(obj, dict):
         raise BadRequest("body: expected a JSON object")
     unknown = [k for k in obj if k not in FIELDS]

@@ -22,6 +22,7 @@ from ditlab.data.codecs import PIXEL
 from ditlab.errors import UserError, UserFileNotFoundError
 from ditlab.runtime.distributed import DistInfo, barrier, distributed_session
 from ditlab.runtime.files import atomic_write_text
+from ditlab.sampling.config import check_balanced
 from ditlab.study.spec import Entry, EvalSetting, Study, load_spec
 from ditlab.training.resume import config_differences
 
@@ -152,6 +153,8 @@ def evaluate_point(entry: Entry, study: Study, folder: Path, step: int, setting:
         if guide is not None and not guide.is_file():
             raise UserError(f"{guide}: the guide checkpoint of {setting.key} is gone (keep_last removed it?)")
         interval = None if setting.guidance_interval is None else list(setting.guidance_interval)
+        if classes:
+            check_balanced(setting.num_samples, len(classes))  # the rule of `ditlab sample --labels balanced`
         sample_to_files(str(ckpt), str(npz),
                         num_samples=setting.num_samples, classes=classes, steps=setting.steps,
                         sampler=setting.sampler, cfg_scale=setting.cfg_scale, seed=setting.seed,

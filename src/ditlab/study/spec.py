@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ditlab.errors import UserError, UserFileNotFoundError
+from ditlab.errors import UserError, UserFileNotFoundError, one_line
 from ditlab.models.configs import SIZES
 from ditlab.training.config import TrainConfig
 
@@ -189,10 +189,13 @@ def _guide_steps(where: str, value: Any, eval_steps: tuple[int, ...]) -> tuple[i
 
 
 def _expand(value: Any) -> Any:
-    """${VAR} in strings replaced by the environment; an unset variable is an error."""
+    """${VAR} in strings replaced by the environment; an unset variable, or a ${...} that names
+    none, is an error."""
     if not isinstance(value, str):
         return value
-    for var in re.findall(r"\$\{(\w+)\}", value):
+    for var in re.findall(r"\$\{([^}]*)\}", value):
+        if not re.fullmatch(r"[A-Za-z_]\w*", var):
+            raise UserError(f"the spec's {value!r} holds ${{{var}}}, which names no environment variable")
         if var not in os.environ:
             raise UserError(f"the spec names ${{{var}}}, which is not set in the environment")
         value = value.replace(f"${{{var}}}", os.environ[var])
@@ -230,7 +233,7 @@ def _train_settings(where: str, data: dict[str, Any], train: dict[str, Any]) -> 
         _fail(f"{where} [data]", "give data = 'digits', an image folder or a latent cache")
     settings = {"ckpt_every": 10**9, "sample_every": 0, **shared}
     try:  # TrainConfig's own checks, on a stand-in entry
-        TrainConfig(**settings, results="", max_steps=1).validate()
+        TrainConfig(**settings, results="entry", max_steps=1).validate()
     except (TypeError, ValueError) as e:
         _fail(f"{where} [train]", str(e))
     return settings
@@ -321,7 +324,21 @@ def _eval(where: str, t: dict[str, Any], data: str, eval_steps: tuple[int, ...])
     for name in ("num_samples", "batch_size"):
         if not isinstance(getattr(spec, name), int) or getattr(spec, name) < 1:
             _fail(at, f"{name} {getattr(spec, name)!r} must be a positive integer")
+    _balanced(at, labels, spec.num_samples, data)
     return spec
+
+
+def _balanced(where: str, labels: str, num_samples: int, data: str) -> None:
+    """`ditlab sample`'s rule for balanced labels, where the data's classes are known before training
+    (the digits; otherwise the runner checks it against the checkpoint before sampling)."""
+    if labels == "balanced" and data == "digits":
+        from ditlab.data.digits import DIGITS_CLASSES
+        from ditlab.sampling.config import check_balanced
+
+        try:
+            check_balanced(num_samples, DIGITS_CLASSES)
+        except ValueError as e:
+            _fail(where, f"num_samples {num_samples} with labels 'balanced': {e}")
 
 
 def _sweep(where: str, t: dict[str, Any] | None, entries: dict[str, Entry], ev: EvalSpec,
@@ -341,6 +358,8 @@ def _sweep(where: str, t: dict[str, Any] | None, entries: dict[str, Entry], ev: 
                      if "guidance_interval" in t else None,
                      guide_step=_guide_steps(f"{at} guide_step", [t.get("guide_step", 0)], eval_steps)[0])
     _sampling(at, spec.sampler, spec.steps)
+    if not isinstance(spec.num_samples, int) or spec.num_samples < 1:
+        _fail(at, f"num_samples {spec.num_samples!r} must be a positive integer")
     return spec
 
 
@@ -353,6 +372,8 @@ def load_spec(path: str | os.PathLike) -> Study:
         raw = tomllib.loads(Path(path).read_text())
     except FileNotFoundError as e:
         raise UserFileNotFoundError(f"{where}: no such study spec") from e
+    except OSError as e:  # a folder, no permission
+        raise UserError(f"{where}: cannot read it as a study spec ({one_line(e)})") from e
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{where}: not a TOML file ({e})") from e
     _unknown(where, raw, {"name", "data", "train", "sizes", "grid", "eval", "sweep"})
@@ -370,5 +391,8 @@ def load_spec(path: str | os.PathLike) -> Study:
         if latent is not None and latent % e.patch_size:
             _fail(f"{where} [[grid]]", f"patch size {e.patch_size} does not divide the {latent}x{latent} input")
     ev = _eval(where, raw.get("eval", {}), settings["data"], eval_steps)
+    sweep = _sweep(where, raw.get("sweep"), entries, ev, eval_steps)
+    if sweep is not None:
+        _balanced(f"{where} [sweep]", ev.labels, sweep.num_samples, settings["data"])
     return Study(name=str(raw.get("name", Path(path).stem)), path=where, eval_steps=eval_steps, entries=entries,
-                 eval=ev, sweep=_sweep(where, raw.get("sweep"), entries, ev, eval_steps), sizes=sizes)
+                 eval=ev, sweep=sweep, sizes=sizes)

@@ -11,10 +11,12 @@ from types import MappingProxyType
 from typing import Any
 
 from ditlab.errors import UserError
+from ditlab.flags import check_fields
 from ditlab.options import (
     BLOCK_OPTIONS,
     BLOCKS,
     LR_SCHEDULES,
+    MAX_DIFFUSION_STEPS,
     MLPS,
     NORMS,
     POSITIONS,
@@ -23,6 +25,7 @@ from ditlab.options import (
     check_block_options,
 )
 
+MAX_TIMEOUT_S = 7 * 24 * 3600  # a week: past it a collective's timeout is a typo (and overflows timedelta)
 RESUMABLE: Mapping[str, Any] = MappingProxyType({"resumable": True})
 """The metadata of a setting that may differ between a stored run and the command that resumes it:
 what only changes how the run is carried out (its length, its logging, its parallelism, its float
@@ -42,9 +45,9 @@ class TrainConfig:
     """results folder: checkpoints/, samples/, metrics.jsonl, config.json"""
     model: str = "DiT-XL/2"
     """named config (ditlab.MODEL_CONFIGS); --depth, --hidden-size, --num-heads, --patch-size override it"""
-    depth: int | None = None
+    depth: int | None = field(default=None, metadata={"min": 1})
     """override the named config's depth"""
-    hidden_size: int | None = None
+    hidden_size: int | None = field(default=None, metadata={"min": 1})
     """override the named config's hidden size"""
     num_heads: int | None = None
     """override the named config's number of heads"""
@@ -92,19 +95,19 @@ class TrainConfig:
     """stop after this many passes over the data (at least 1; with --max-steps: whichever comes first)"""
     ckpt_every: int = field(default=50_000, metadata=RESUMABLE)
     """write a checkpoint every N steps (and at the end)"""
-    keep_last: int = field(default=0, metadata=RESUMABLE)
+    keep_last: int = field(default=0, metadata={**RESUMABLE, "min": 0})
     """keep only the newest K checkpoints (0 = all)"""
-    sample_every: int = field(default=10_000, metadata=RESUMABLE)
+    sample_every: int = field(default=10_000, metadata={**RESUMABLE, "min": 0})
     """write an EMA sample grid every N steps; 0 = never"""
     log_every: int = field(default=100, metadata=RESUMABLE)
     """log the mean loss terms to metrics.jsonl every N steps"""
     wandb: str | None = field(default=None, metadata=RESUMABLE)
     """also log to this Weights & Biases project (needs the wandb extra; WANDB_MODE=offline works without network)"""
-    seed: int = 0
+    seed: int = field(default=0, metadata={"min": 0})
     """the seed of the initial weights, the data order and every random draw"""
     precision: str = field(default="auto", metadata={**RESUMABLE, "choices": PRECISIONS})
     """auto = bf16 autocast where the hardware does it well, else fp32"""
-    num_workers: int = field(default=4, metadata=RESUMABLE)
+    num_workers: int = field(default=4, metadata={**RESUMABLE, "min": 0})
     """data loader workers"""
     ema_decay: float = 0.9999
     """decay of the exponential moving average of the weights"""
@@ -116,14 +119,14 @@ class TrainConfig:
     """recompute activations in the backward pass to save memory"""
     fsdp: bool = field(default=False, metadata=RESUMABLE)
     """shard with FSDP2 per block instead of DDP"""
-    sample_steps: int = field(default=50, metadata=RESUMABLE)
+    sample_steps: int = field(default=50, metadata={**RESUMABLE, "min": 1, "max": MAX_DIFFUSION_STEPS})
     """DDPM steps of the sample grids"""
     progress: bool = field(default=True, metadata={**RESUMABLE, "flag": "--no-progress"})
     """show a progress bar on rank 0 (--no-progress: none)"""
     max_bad_steps: int = field(default=5, metadata=RESUMABLE)
     """stop after this many consecutive steps with a non-finite loss or gradient norm (each one's update is
     skipped: weights, EMA and optimizer untouched)"""
-    dist_timeout: float = field(default=300.0, metadata=RESUMABLE)
+    dist_timeout: float = field(default=300.0, metadata={**RESUMABLE, "max": MAX_TIMEOUT_S})
     """seconds a collective may wait for another process before the run fails, naming the rank"""
 
     def __post_init__(self) -> None:
@@ -131,6 +134,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Refuse settings that cannot make a run, naming the flag."""
+        check_fields(self)  # types, finite floats, the fields' bounds
         if self.precision not in PRECISIONS:
             raise UserError(f"--precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
         if self.block not in BLOCKS:

@@ -60,6 +60,7 @@ def train(cfg: TrainConfig, device: str | None = None, dataset: Dataset | None =
 
     On SIGTERM / SIGINT it saves and raises `training.preempt.TrainingInterrupted` (a SystemExit)."""
     cfg.validate()
+    check_sinks(cfg)  # before the results folder is made
     if cfg.fsdp and not launched_by_torchrun():
         raise UserError("--fsdp shards the model over processes: launch it with "
                         "`torchrun --nproc_per_node=N -m ditlab train ... --fsdp`")
@@ -132,6 +133,7 @@ def _train(cfg: TrainConfig, info: DistInfo, dataset: Dataset | None = None) -> 
     state, cfg = resume.newest_state(cfg, info)
     data, steps_per_epoch, total = _open_data(cfg, info, dataset)
     parts, step, last_good = _build(cfg, info, data, steps_per_epoch, state)
+    pending = state.metrics if state is not None else None
     del state  # the weights now live in the modules
     model, ema, wrapped, opt, diffusion, train_step = (parts.model, parts.ema, parts.wrapped, parts.opt,
                                                        parts.diffusion, parts.train_step)
@@ -141,6 +143,7 @@ def _train(cfg: TrainConfig, info: DistInfo, dataset: Dataset | None = None) -> 
     if info.is_main:
         resume.start_results(Path(cfg.results), cfg, step)  # config.json; metrics.jsonl cut back to `step`
     log = MetricsLog(Path(cfg.results), info, cfg, resume_step=step, total=total, description=data.description)
+    log.restore(pending)
     sample_codec = _grid_codec(data, info) if cfg.sample_every else None
     dropout = model.cfg.class_dropout_prob if model.num_classes else None  # None: no labels
     guard = NonFiniteGuard(cfg.max_bad_steps, info.device)
@@ -168,6 +171,7 @@ def _train(cfg: TrainConfig, info: DistInfo, dataset: Dataset | None = None) -> 
                 if cfg.sample_every and step % cfg.sample_every == 0:
                     log.image(_sample_grid(ema, diffusion, data, sample_codec, cfg, info, step), step)
                 if step % cfg.ckpt_every == 0 or step == total or signum:
+                    run["metrics"] = log.pending(all_reduce_mean)
                     last_good = _checkpoint(wrapped, ema, opt, cfg, info, step, run, guard, last_good)
                 if signum:
                     log.close()

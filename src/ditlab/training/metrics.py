@@ -1,9 +1,10 @@
 """Run metrics: metrics.jsonl, the sinks (TensorBoard, Weights & Biases) and a progress bar, on rank 0.
 
 Loss terms are summed on the device every step and read back only at log steps, so the
-training step never waits for the host. Steps whose update was skipped (non-finite loss or
-gradient norm) are left out of the means and counted as "skipped"; a row whose every step was
-skipped logs null terms, so the file stays strict JSON."""
+training step never waits for the host. A checkpoint keeps the sums of the row in progress, so
+the first row after a resume is the row the uninterrupted run logs. Steps whose update was
+skipped (non-finite loss or gradient norm) are left out of the means and counted as "skipped";
+a row whose every step was skipped logs null terms, so the file stays strict JSON."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -55,6 +57,18 @@ class MetricsLog:
         values = torch.cat([torch.where(good > 0, values, torch.zeros_like(values)), good[None]])
         self.sums = values if self.sums is None else self.sums + values
         self.count += 1
+
+    def pending(self, reduce: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, Any] | None:
+        """What the next row has summed so far (its sums averaged over ranks: a collective, every rank
+        calls it), for a checkpoint: a run resumed from it logs the row an uninterrupted run logs."""
+        if self.sums is None:
+            return None
+        return {"sums": reduce(self.sums).detach().cpu(), "count": self.count}
+
+    def restore(self, pending: dict[str, Any] | None) -> None:
+        """Continue the row a checkpoint's `pending` began (None: a row starts afresh)."""
+        if pending:
+            self.sums, self.count = pending["sums"].to(self.info.device), int(pending["count"])
 
     def write(self, step: int, lr: float, reduce: Callable[[torch.Tensor], torch.Tensor]) -> None:
         if self.sums is None:

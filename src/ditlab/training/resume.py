@@ -158,14 +158,14 @@ def save(model: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer, cfg: Trai
          step: int, run: dict[str, Any]) -> Path:
     """Write the run's state at `step` as a checkpoint (rank 0 writes; a collective under FSDP);
     returns its path. `run` holds what the weights do not: steps_per_epoch, dataset_size,
-    model_config, vae, class_names."""
+    model_config, vae, class_names, metrics (the row in progress)."""
     model_sd, ema_sd, opt_sd = full_state_dicts(model, ema, opt)
     if info.is_main:
         epoch, batch = divmod(step, run["steps_per_epoch"])
         state = TrainingState(model=model_sd, ema=ema_sd, opt=opt_sd, step=step, epoch=epoch, batch_in_epoch=batch,
                               dataset_size=run["dataset_size"], config=cfg.to_dict(),
                               model_config=run["model_config"], vae=run["vae"], world_size=info.world_size,
-                              class_names=run.get("class_names"))
+                              class_names=run.get("class_names"), metrics=run.get("metrics"))
         save_state(Path(cfg.results) / "checkpoints", state, cfg.keep_last)
     barrier()
     return checkpoint_path(Path(cfg.results) / "checkpoints", step)

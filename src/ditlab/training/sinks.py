@@ -8,15 +8,20 @@ continues; `WANDB_MODE=offline` writes it under results/wandb without touching t
 from __future__ import annotations
 
 import importlib.util
+import netrc
+import os
 import secrets
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import urlparse
 
 from ditlab.errors import UserError
 from ditlab.runtime.files import atomic_write_text
 from ditlab.training.config import TrainConfig
 
 WANDB_ID_FILE = "wandb-run-id"
+WANDB_LOCAL_MODES = ("offline", "disabled", "dryrun")  # WANDB_MODE values that need no account
+WANDB_HOST = "https://api.wandb.ai"  # WANDB_BASE_URL's default
 
 
 class Sink(Protocol):
@@ -29,6 +34,21 @@ def check_sinks(cfg: TrainConfig) -> None:
     """Refuse a requested sink whose package is missing (call on every rank, before training)."""
     if cfg.wandb and importlib.util.find_spec("wandb") is None:
         raise UserError(f"--wandb {cfg.wandb}: the wandb package is not installed (pip install 'ditlab[wandb]')")
+    if cfg.wandb and not _wandb_can_log():
+        raise UserError(f"--wandb {cfg.wandb}: no W&B API key (set WANDB_API_KEY, run `wandb login`, or set "
+                        "WANDB_MODE=offline to log without an account)")
+
+
+def _wandb_can_log() -> bool:
+    """Whether W&B has what it needs to start a run: a local mode, or an API key (the environment's, or
+    the one `wandb login` keeps in ~/.netrc for its host)."""
+    if os.environ.get("WANDB_MODE", "").strip().lower() in WANDB_LOCAL_MODES or os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL") or WANDB_HOST).hostname or ""
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
 
 
 class TensorBoardSink:
@@ -65,8 +85,11 @@ class WandbSink:
         run_id = id_path.read_text().strip() if id_path.is_file() else secrets.token_hex(8)  # a name, not a draw
         if not id_path.is_file():
             atomic_write_text(id_path, run_id + "\n")
-        self.run = wandb.init(project=project, id=run_id, resume="allow", dir=str(results), config=config,
-                              name=results.resolve().name, reinit="create_new")
+        try:
+            self.run = wandb.init(project=project, id=run_id, resume="allow", dir=str(results), config=config,
+                                  name=results.resolve().name, reinit="create_new")
+        except wandb.errors.Error as e:  # a key W&B refuses, an unknown project, no network
+            raise UserError(f"--wandb {project}: {e}") from e
 
     def scalars(self, row: dict[str, float], step: int) -> None:
         self.run.log({f"train/{k}": v for k, v in row.items()}, step=step)
