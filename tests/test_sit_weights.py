@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import unpin
 from hub_server import FileServer
 from test_hub import torch_bytes
 
@@ -43,6 +44,7 @@ def mirror(tmp_path, monkeypatch):
     monkeypatch.setenv("DITLAB_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("DITLAB_OFFLINE", raising=False)
     monkeypatch.chdir(tmp_path)  # no local file of the released name
+    unpin(monkeypatch, NAME)  # a tiny stand-in under the released name (its pins: test_hub.py)
     sd = tiny_released_sit()
     srv = FileServer({NAME: torch_bytes(sd)})
     monkeypatch.setenv("DITLAB_MIRROR", srv.url)

@@ -5,7 +5,8 @@ documented by the string literal under it (its docstring). So a new setting is o
 A field's `metadata` may refine its flag: "flag" (another name, e.g. "--no-learn-sigma" for a
 boolean that defaults to True), "choices", "metavar", "nargs" (of a list field; default "+"),
 "required", "positional", "cli" (False: not a flag), and bound its value: "min", "max"
-(inclusive). Booleans become switches: `--compile` sets True; a True default gets `--no-NAME`.
+(inclusive), "infinite" (True: a float may be +inf, an open end). Booleans become switches:
+`--compile` sets True; a True default gets `--no-NAME`.
 
 `check_fields` is the one place every config's values are checked against their fields (the CLI's
 flags, a study spec's tables and library callers alike): the annotated type, a finite number for
@@ -104,8 +105,9 @@ def flag_name(field: dataclasses.Field, prefix: str = "--") -> str:
     return prefix + field.name.replace("_", "-")
 
 
-def _kind_error(value: Any, typ: Any) -> str | None:
-    """Why `value` is not of the annotated type `typ` (None when it is)."""
+def _kind_error(value: Any, typ: Any, infinite: bool = False) -> str | None:
+    """Why `value` is not of the annotated type `typ` (None when it is); `infinite` lets a float be
+    +inf (an open end of an interval), never nan or -inf."""
     origin = typing.get_origin(typ)
     if origin in (list, tuple):
         inner = typing.get_args(typ)[0]
@@ -113,7 +115,7 @@ def _kind_error(value: Any, typ: Any) -> str | None:
             return "must be a list"
         if inner is str:  # a list of texts may hold integers: class ids as library callers give them
             value = [str(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value]
-        return next((_kind_error(v, inner) for v in value if _kind_error(v, inner)), None)
+        return next((_kind_error(v, inner, infinite) for v in value if _kind_error(v, inner, infinite)), None)
     if typ is bool:
         return None if isinstance(value, bool) else "must be true or false"
     if typ is int:
@@ -121,6 +123,8 @@ def _kind_error(value: Any, typ: Any) -> str | None:
     if typ is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return "must be a number"
+        if infinite and value == math.inf:
+            return None
         return None if math.isfinite(value) else "must be a finite number"
     if typ is str:
         return None if isinstance(value, str) else "must be a text"
@@ -129,8 +133,9 @@ def _kind_error(value: Any, typ: Any) -> str | None:
 
 def check_fields(obj: Any, prefix: str = "--") -> None:
     """Refuse a field of the dataclass `obj` whose value is of the wrong type, a float that is not
-    finite (nan, inf: argparse and TOML both read them), outside its metadata "min"/"max", or an
-    empty text where a value is required, in one line naming its flag (`prefix` + the field's name)."""
+    finite (nan, inf: argparse and TOML both read them; metadata "infinite" admits +inf), outside its
+    metadata "min"/"max", or an empty text where a value is required, in one line naming its flag
+    (`prefix` + the field's name)."""
     hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
         value, (typ, optional) = getattr(obj, f.name), _unwrap(hints[f.name])
@@ -139,7 +144,7 @@ def check_fields(obj: Any, prefix: str = "--") -> None:
             if optional:
                 continue
             raise UserError(f"{flag}: a value is required")
-        why = _kind_error(value, typ)
+        why = _kind_error(value, typ, f.metadata.get("infinite", False))
         if why is not None:
             raise UserError(f"{flag} {value!r} {why}")
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING

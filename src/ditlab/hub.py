@@ -44,6 +44,7 @@ from urllib.parse import urlparse
 from urllib.request import url2pathname
 
 from ditlab.errors import UserError, one_line
+from ditlab.runtime.home import home as home  # the cache folder, shared with what runtime/ keeps there
 
 CONNECT_TIMEOUT_S = 1.5  # the reachability probe: a missing network fails within this
 READ_TIMEOUT_S = 60.0  # a stalled transfer
@@ -122,11 +123,6 @@ RELEASED.update({  # the official hubconf's files: dinov2_{arch}/dinov2_{arch}[_
 })
 REFERENCE_BATCHES = {"imagenet256": "VIRTUAL_imagenet256_labeled.npz", "imagenet512": "VIRTUAL_imagenet512.npz"}
 """`ditlab eval`'s names for ADM's reference batches"""
-
-
-def home() -> Path:
-    """The cache folder: $DITLAB_HOME, default ~/.cache/ditlab."""
-    return Path(os.environ.get("DITLAB_HOME") or "~/.cache/ditlab").expanduser()
 
 
 def offline() -> bool:

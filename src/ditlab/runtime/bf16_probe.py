@@ -105,7 +105,7 @@ def probe_key(facts: CpuFacts) -> str:
 
 
 def cache_path(facts: CpuFacts) -> Path:
-    from ditlab.hub import home
+    from ditlab.runtime.home import home
 
     return home() / CACHE_FOLDER / f"{probe_key(facts)}.json"
 

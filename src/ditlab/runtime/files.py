@@ -99,7 +99,7 @@ def damaged_file_errors(path: str | os.PathLike, what: str) -> Iterator[None]:
     try:
         yield
     except (zipfile.BadZipFile, zlib.error, EOFError) as e:
-        from ditlab.hub import home
+        from ditlab.runtime.home import home
 
         cached = Path(path).resolve().parent == home().resolve()
         hint = ": delete it (ditlab's download cache) and run again to download it" if cached else ""

@@ -62,11 +62,13 @@ class SampleConfig:
     guidance_channels: int | None = field(default=None, metadata={"min": 1})
     """guide only the first K latent channels; 3 reproduces the reference code and its published FID
     (default: all)"""
-    guidance_interval: list[float] | None = field(default=None, metadata={"nargs": 2, "metavar": ("LO", "HI")})
+    guidance_interval: list[float] | None = field(default=None, metadata={"nargs": 2, "metavar": ("LO", "HI"),
+                                                                          "infinite": True})
     """guide only the steps whose EDM noise level sigma lies in (LO, HI] (Kynkaanniemi et al. 2024): sigma =
     sqrt((1 - alpha_bar) / alpha_bar) for DDPM, (1 - t) / t on flow's linear path; 0 0 guides nowhere, 0 inf
     everywhere; unguided steps cost one model call, not two (default: every step)"""
-    guidance_t: list[float] | None = field(default=None, metadata={"nargs": 2, "metavar": ("LO", "HI")})
+    guidance_t: list[float] | None = field(default=None, metadata={"nargs": 2, "metavar": ("LO", "HI"),
+                                                                   "infinite": True})
     """guide only the steps whose time lies in [LO, HI] in the process's own t: DDPM's original timestep
     (0-999), flow's t (0 noise, 1 data; REPA's guidance_low L, guidance_high H are 1-H 1-L)"""
     guide_ckpt: str | None = field(default=None, metadata={"metavar": "PATH|NAME"})
