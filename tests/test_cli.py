@@ -54,23 +54,31 @@ def test_flags_come_from_the_config_fields_with_their_docstrings():
                 assert action.default == f.default, (command, f.name)
     # the flag names and defaults of the paper's recipe
     args = subs["train"].parse_args(["--data", "d", "--results", "r"])
-    assert (args.model, args.global_batch_size, args.lr, args.ema_decay, args.learn_sigma) == \
-        ("DiT-XL/2", 256, 1e-4, 0.9999, True)
+    assert (args.model, args.global_batch_size, args.lr, args.ema_decay, args.objective, args.learn_sigma) == \
+        ("DiT-XL/2", 256, 1e-4, 0.9999, "ddpm", None)  # learn_sigma None: the objective's (ddpm: on)
     assert subs["train"].parse_args(["--data", "d", "--results", "r", "--no-learn-sigma"]).learn_sigma is False
+    assert subs["train"].parse_args(["--data", "d", "--results", "r", "--learn-sigma"]).learn_sigma is True
     args = subs["sample"].parse_args(["--ckpt", "c", "--out", "o.png", "--classes", "1", "2", "--no-progress"])
     assert (args.classes, args.steps, args.sampler, args.cfg_scale, args.progress) == \
-        (["1", "2"], 250, "ddpm", 1.0, False)  # --classes takes ids or names: resolved once the checkpoint is read
+        (["1", "2"], None, None, 1.0, False)  # --classes: resolved once the checkpoint is read; the sampler and
+    # steps default to the checkpoint's process's (ddpm 250 steps, the paper's; flow euler 250)
 
 
 def test_the_light_choices_are_the_registries():
     import ditlab.options as options
     from ditlab.checkpoints.formats import WRITERS
     from ditlab.data.latents import STORAGE_DTYPES
-    from ditlab.diffusion import SAMPLERS
+    from ditlab.diffusion import SAMPLERS, flow
+    from ditlab.diffusion.flow_matching import SAMPLERS as FLOW_SAMPLERS
+    from ditlab.diffusion.protocol import PROCESSES
     from ditlab.models import BLOCKS
     from ditlab.runtime.precision import AMP_DTYPES
 
     assert options.SAMPLERS == tuple(SAMPLERS) and options.BLOCKS == tuple(BLOCKS)
+    assert options.FLOW_SAMPLERS == FLOW_SAMPLERS and options.OBJECTIVES == tuple(PROCESSES)
+    assert all(PROCESSES[o]({}).sampler_names == s for o, s in options.OBJECTIVE_SAMPLERS.items())
+    assert (options.FLOW_PATHS, options.FLOW_PREDICTIONS, options.FLOW_LOSS_WEIGHTS, options.TIME_SAMPLINGS) == \
+        (flow.PATHS, flow.PREDICTIONS, flow.LOSS_WEIGHTS, flow.TIME_SAMPLINGS)
     assert options.FORMATS == tuple(WRITERS) and options.LATENT_DTYPES == tuple(STORAGE_DTYPES)
     assert options.PRECISIONS == ("auto", *AMP_DTYPES)
 

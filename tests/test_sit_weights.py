@@ -60,6 +60,10 @@ def test_sit_by_name_loads_strictly_and_samples(mirror):
     ckpt = read_checkpoint(NAME)
     assert srv.requests[NAME] == 1
     assert ckpt.config["learn_sigma"] and ckpt.config["num_heads"] == 16  # the heads come from the name
+    assert ckpt.extra["process"] == {"objective": "flow"}  # and the process: SiT's file samples as flow
+    from ditlab.diffusion.protocol import process_from_record
+
+    assert process_from_record(ckpt.extra["process"]).sampler_names[0] == "euler"
     fresh = ditlab.DiT(**ckpt.config)
     fresh.load_state_dict(ckpt.state_dict, strict=True)
     model = build_model(ckpt)

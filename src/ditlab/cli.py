@@ -161,12 +161,16 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="replace an existing DST")
 
     def run(args: argparse.Namespace) -> int:
-        from ditlab.checkpoints.convert import convert
+        from ditlab.checkpoints.convert import convert, process_dropped
 
         ckpt = convert(args.src, args.dst, args.to, weights=args.weights, model=args.model, force=args.force)
         c = ckpt.config
         print(f"{args.src} ({ckpt.format}, {ckpt.weights} weights: depth {c['depth']}, hidden {c['hidden_size']}, "
               f"patch {c['patch_size']}, input {c['input_size']}) -> {args.dst} ({args.to})")
+        dropped = process_dropped(ckpt, args.to)
+        if dropped:
+            print(f"ditlab convert: warning: the {args.to} format cannot record objective {dropped!r}: sample "
+                  f"{args.dst} with `ditlab sample --objective {dropped}`", file=sys.stderr)
         return 0
 
     p.set_defaults(func=run)

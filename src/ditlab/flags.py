@@ -6,7 +6,8 @@ A field's `metadata` may refine its flag: "flag" (another name, e.g. "--no-learn
 boolean that defaults to True), "choices", "metavar", "nargs" (of a list field; default "+"),
 "required", "positional", "cli" (False: not a flag), and bound its value: "min", "max"
 (inclusive), "infinite" (True: a float may be +inf, an open end). Booleans become switches:
-`--compile` sets True; a True default gets `--no-NAME`.
+`--compile` sets True; a True default gets `--no-NAME`; an optional boolean (`bool | None`,
+default None: decided by other settings) gets both.
 
 `check_fields` is the one place every config's values are checked against their fields (the CLI's
 flags, a study spec's tables and library callers alike): the annotated type, a finite number for
@@ -68,7 +69,7 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] 
         meta = f.metadata
         if f.name in skip or meta.get("cli", True) is False:
             continue
-        typ, _ = _unwrap(hints[f.name])
+        typ, optional = _unwrap(hints[f.name])
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         default = None if required else (f.default if f.default is not dataclasses.MISSING else f.default_factory())
         doc = docs.get(f.name, "")
@@ -78,6 +79,9 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] 
                                 **({"nargs": "?", "default": default} if not required else {}))
             continue
         name = meta.get("flag", "--" + f.name.replace("_", "-"))
+        if typ is bool and optional:  # None: decided later; --NAME and --no-NAME both given
+            parser.add_argument(name, action=argparse.BooleanOptionalAction, default=default, **kwargs)
+            continue
         if typ is bool:
             parser.add_argument(name, action="store_false" if default else "store_true", **kwargs)
             continue

@@ -6,7 +6,21 @@ its tuple here by the tests."""
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 """--precision: auto (bf16 autocast where the hardware does it well, else fp32), fp32, bf16, fp16."""
 SAMPLERS = ("ddpm", "ddim", "dpm++2m")
-"""--sampler: ancestral DDPM (the paper's), DDIM, DPM-Solver++(2M)."""
+"""--sampler of a DDPM checkpoint: ancestral DDPM (the paper's), DDIM, DPM-Solver++(2M)."""
+FLOW_SAMPLERS = ("euler", "heun", "sde-euler", "sde-heun", "dopri5")
+"""--sampler of a flow checkpoint: Euler and Heun ODE, Euler-Maruyama and Heun SDE, adaptive dopri5."""
+OBJECTIVE_SAMPLERS = {"ddpm": SAMPLERS, "flow": FLOW_SAMPLERS}
+"""--objective -> its samplers, the first the default (`diffusion.protocol.PROCESSES` holds the processes)."""
+OBJECTIVES = tuple(OBJECTIVE_SAMPLERS)
+"""--objective: the paper's Gaussian diffusion (ddpm) or flow matching on an interpolant (SiT's flow)."""
+FLOW_PATHS = ("linear", "gvp")
+"""--path of a flow: linear (x_t = t x_1 + (1 - t) x_0) or gvp (sin / cos)."""
+FLOW_PREDICTIONS = ("velocity", "noise", "score")
+"""--prediction of a flow model."""
+FLOW_LOSS_WEIGHTS = ("none", "velocity", "likelihood")
+"""--loss-weight of noise / score prediction (SiT's)."""
+TIME_SAMPLINGS = ("uniform", "logit-normal")
+"""--time-sampling of a flow's training times."""
 BLOCKS = ("adaln-zero", "adaln", "cross-attn", "in-context")
 """--block: the four block designs of the paper's section 3.2, adaLN-Zero the default."""
 FORMATS = ("ditlab", "original", "diffusers", "safetensors")

@@ -11,7 +11,14 @@ import json
 import os
 from pathlib import Path
 
-from ditlab.checkpoints.formats import CONFIG_METADATA_KEY, WRITERS, DiTCheckpoint, is_safetensors, read_checkpoint
+from ditlab.checkpoints.formats import (
+    CONFIG_METADATA_KEY,
+    KEEPS_PROCESS,
+    WRITERS,
+    DiTCheckpoint,
+    is_safetensors,
+    read_checkpoint,
+)
 from ditlab.errors import UserError, UserFileExistsError, UserWriteError
 from ditlab.runtime.files import atomic_replace
 
@@ -100,3 +107,10 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, weights: st
     except ValueError as e:
         raise UserError(f"--to {to}: {e}; {dst} not written") from e
     return ckpt
+
+
+def process_dropped(ckpt: DiTCheckpoint, to: str) -> str | None:
+    """The objective that format `to` cannot record (None: nothing lost): a flow checkpoint written as the
+    authors' state dict or a diffusers folder reads back as the paper's DDPM unless sampled with --objective."""
+    objective = (ckpt.extra.get("process") or {}).get("objective", "ddpm")
+    return None if to in KEEPS_PROCESS or objective == "ddpm" else str(objective)

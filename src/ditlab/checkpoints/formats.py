@@ -41,6 +41,10 @@ from ditlab.options import FORMATS, WEIGHT_SETS
 
 CONFIG_METADATA_KEY = "ditlab_model_config"  # safetensors metadata: the DiT config as JSON
 CODEC_METADATA_KEY = "ditlab_vae"  # safetensors metadata: the codec the model was trained with
+PROCESS_METADATA_KEY = "ditlab_process"  # safetensors metadata: the record of its process, as JSON
+KEEPS_PROCESS = ("ditlab", "safetensors")
+"""The formats that record a checkpoint's process (its objective); the authors' state dict and diffusers'
+folder hold weights and the DiT config only (`ditlab sample --objective` names the process of such a file)."""
 __all__ = ["FORMATS", "WEIGHT_SETS", "DiTCheckpoint", "read_checkpoint", "build_model", "WRITERS"]
 
 
@@ -176,14 +180,17 @@ def _read_safetensors(path: Path, weights: str, model: str | None) -> DiTCheckpo
         config = json.loads(meta[CONFIG_METADATA_KEY])
     else:
         config = _authors_config(sd, model, path)
-    return DiTCheckpoint(sd, config, "safetensors", str(path), vae=meta.get(CODEC_METADATA_KEY))
+    extra = {"process": json.loads(meta[PROCESS_METADATA_KEY])} if PROCESS_METADATA_KEY in meta else {}
+    return DiTCheckpoint(sd, config, "safetensors", str(path), vae=meta.get(CODEC_METADATA_KEY), extra=extra)
 
 
 def write_safetensors(ckpt: DiTCheckpoint, path: Path) -> None:
-    """One .safetensors file: our tensors, the DiT config (and the codec, if known) as metadata."""
+    """One .safetensors file: our tensors, the DiT config (and the codec and the process, if known) as metadata."""
     metadata = {"format": "pt", CONFIG_METADATA_KEY: json.dumps(ckpt.config)}
     if ckpt.vae:
         metadata[CODEC_METADATA_KEY] = ckpt.vae
+    if ckpt.extra.get("process"):
+        metadata[PROCESS_METADATA_KEY] = json.dumps(ckpt.extra["process"])
     save_safetensors(ckpt.state_dict, path, metadata)
 
 
@@ -198,17 +205,18 @@ def _check_named(ckpt: DiTCheckpoint, name: str) -> None:
         raise UserError(f"{ckpt.source} does not hold a {name}: {', '.join(diffs)}")
 
 
-def released_checkpoint(path: str | os.PathLike) -> tuple[Path, str | None]:
-    """(the file to read, the named config its name implies): a path as it is, but a released name
-    (DiT-XL-2-256x256.pt, ...) where no such local file exists is fetched through `ditlab.hub`,
-    and supplies the heads its state dict does not store."""
+def released_checkpoint(path: str | os.PathLike) -> tuple[Path, str | None, str | None]:
+    """(the file to read, the named config its name implies, its objective): a path as it is, but a
+    released name (DiT-XL-2-256x256.pt, SiT-XL-2-256x256.pt ...) where no such local file exists is
+    fetched through `ditlab.hub`, supplies the heads its state dict does not store, and the process it
+    was trained with (its plain state dict cannot say: "flow" for SiT's)."""
     p = Path(path).expanduser()
     from ditlab.hub import RELEASED, fetch
 
     entry = RELEASED.get(str(path))
     if p.exists() or entry is None or entry.kind != "checkpoint":
-        return p, None
-    return fetch(str(path)), entry.model
+        return p, None, None
+    return fetch(str(path)), entry.model, entry.objective
 
 
 def check_released_checkpoint(path: Path, model: str | None = None, implies: dict[str, Any] | None = None) -> None:
@@ -243,7 +251,7 @@ def read_checkpoint(path: str | os.PathLike, weights: str = "ema", model: str | 
     Unknown, corrupt or mismatching files raise a one-line ValueError naming the file."""
     if weights not in WEIGHT_SETS:
         raise UserError(f"--weights {weights}: choose {' or '.join(WEIGHT_SETS)}")
-    p, implied = released_checkpoint(path)
+    p, implied, objective = released_checkpoint(path)
     if p.is_dir():
         from ditlab.checkpoints.diffusers_format import read_diffusers
 
@@ -258,6 +266,8 @@ def read_checkpoint(path: str | os.PathLike, weights: str = "ema", model: str | 
         _check_named(ckpt, model)
     # REPA's projector is for training only: what is read here samples, converts or serves without it
     ckpt.config, ckpt.state_dict = drop_projector(ckpt.config, ckpt.state_dict)
+    if objective is not None and "process" not in ckpt.extra:
+        ckpt.extra["process"] = {"objective": objective}
     try:
         with torch.device("meta"):
             shell = DiT(**ckpt.config)

@@ -1,4 +1,4 @@
-"""The protocol every training objective implements (the paper's Gaussian diffusion today, flow
+"""The protocol every training objective implements (the paper's Gaussian diffusion, SiT's flow
 matching beside it), and the registry that rebuilds one from the record a checkpoint stores.
 
 Training draws a batch's times with `sample_timesteps` and takes `training_losses`; sampling calls
@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 import torch
 
+from ditlab.diffusion.flow_matching import FlowMatching
 from ditlab.diffusion.gaussian import ModelFn
 from ditlab.diffusion.guidance import Guidance
 from ditlab.diffusion.process import Diffusion
@@ -56,6 +57,7 @@ class Process(Protocol):
 
 PROCESSES: dict[str, Callable[[dict[str, Any]], Process]] = {
     "ddpm": Diffusion.from_record,
+    "flow": FlowMatching.from_record,
 }
 """objective -> the function that rebuilds its process from a record."""
 

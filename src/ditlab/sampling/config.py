@@ -8,11 +8,21 @@ from pathlib import Path
 
 from ditlab.errors import UserError
 from ditlab.flags import check_fields
-from ditlab.options import DEVICES, LABEL_MODES, MAX_CFG_SCALE, MAX_DIFFUSION_STEPS, PRECISIONS, SAMPLERS, WEIGHT_SETS
+from ditlab.options import (
+    DEVICES,
+    LABEL_MODES,
+    MAX_CFG_SCALE,
+    MAX_DIFFUSION_STEPS,
+    OBJECTIVE_SAMPLERS,
+    OBJECTIVES,
+    PRECISIONS,
+    WEIGHT_SETS,
+)
 
 MAX_GRID_IMAGES = 1024  # a .png grid beyond this is a mistake: use .npz or --png-dir
 OUT_KINDS = (".png", ".npz")
 MAX_STEPS = MAX_DIFFUSION_STEPS
+ALL_SAMPLERS = tuple(s for samplers in OBJECTIVE_SAMPLERS.values() for s in samplers)
 
 
 def check_balanced(n: int, k: int) -> None:
@@ -53,10 +63,15 @@ class SampleConfig:
     vae: str | None = None
     """hub id, local AutoencoderKL folder, or 'pixel' (default: the codec a ditlab checkpoint was trained with,
     pixel for digits, else stabilityai/sd-vae-ft-ema)"""
-    steps: int = 250
-    """sampling steps, respaced as ADM does (250 is the paper's)"""
-    sampler: str = field(default="ddpm", metadata={"choices": SAMPLERS})
-    """ddpm (ancestral, the paper's), ddim, or dpm++2m (20-25 steps)"""
+    steps: int | None = None
+    """sampling steps: ddpm's respaced as ADM does, a flow's time grid intervals (default: the checkpoint's
+    process's, 250 for both, the paper's and SiT's)"""
+    sampler: str | None = field(default=None, metadata={"choices": ALL_SAMPLERS})
+    """a ddpm checkpoint: ddpm (ancestral, the paper's), ddim, or dpm++2m (20-25 steps); a flow checkpoint:
+    euler, heun (ODE), sde-euler, sde-heun (SDE) or dopri5 (adaptive) (default: the first of its process's)"""
+    objective: str | None = field(default=None, metadata={"choices": OBJECTIVES})
+    """the process of a file that does not record one (the authors' state dict, a diffusers folder): ddpm or
+    flow (default: the checkpoint's; ddpm where it says none)"""
     cfg_scale: float = field(default=1.0, metadata={"min": 0.0, "max": MAX_CFG_SCALE})
     """classifier-free guidance scale; 1.0 = none. The paper's FID-50K uses 1.5, its figures 4.0"""
     guidance_channels: int | None = field(default=None, metadata={"min": 1})
@@ -108,8 +123,12 @@ class SampleConfig:
             (n >= 1, f"--num-samples {n} must be positive"),
             (self.batch_size >= 1, f"--batch-size {self.batch_size} must be positive"),
             (self.seed >= 0, f"--seed {self.seed} must be non-negative"),
-            (1 <= self.steps <= MAX_STEPS, f"--steps {self.steps} must be between 1 and {MAX_STEPS}"),
-            (self.sampler in SAMPLERS, f"--sampler {self.sampler}: choose one of {', '.join(SAMPLERS)}"),
+            (self.steps is None or 1 <= self.steps <= MAX_STEPS, f"--steps {self.steps} must be between 1 and "
+                                                                  f"{MAX_STEPS}"),
+            (self.sampler is None or self.sampler in ALL_SAMPLERS,
+             f"--sampler {self.sampler}: choose one of {', '.join(ALL_SAMPLERS)}"),
+            (self.objective is None or self.objective in OBJECTIVES,
+             f"--objective {self.objective}: choose one of {', '.join(OBJECTIVES)}"),
             (self.precision in PRECISIONS, f"--precision {self.precision}: choose one of {', '.join(PRECISIONS)}"),
             (self.weights in WEIGHT_SETS, f"--weights {self.weights}: choose {' or '.join(WEIGHT_SETS)}"),
             (self.nrow is None or self.nrow >= 1, f"--nrow {self.nrow} must be positive"),

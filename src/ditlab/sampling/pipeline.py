@@ -64,12 +64,14 @@ class SamplingPipeline:
     @classmethod
     def from_checkpoint(cls, ckpt: str, *, vae: str | None = None, weights: str = "ema", model: str | None = None,
                         precision: str = "auto", device: torch.device | str | None = None,
-                        check_names: NamesCheck | None = None) -> SamplingPipeline:  # fmt: skip
+                        check_names: NamesCheck | None = None,
+                        objective: str | None = None) -> SamplingPipeline:  # fmt: skip
         """Read `ckpt` (a path or a released name) once: its `weights` ("ema" or "model"), `model` the
         named config that gives the authors' state dicts their heads, `vae` the codec (default: the
         one the checkpoint names, else the SD VAE), `precision` the DiT's autocast (the VAE runs as
         `runtime.precision.sampling_vae_dtype` says). `check_names(class_names, source)` runs before
-        the codec loads, so that a bad --classes fails before a VAE is fetched."""
+        the codec loads, so that a bad --classes fails before a VAE is fetched. `objective` names the
+        process of a file that records none (the authors' state dict): refused where the file says another."""
         from ditlab.checkpoints.formats import build_model, read_checkpoint
         from ditlab.data.classes import class_names
         from ditlab.data.codecs import DEFAULT_VAE, load_codec
@@ -96,7 +98,9 @@ class SamplingPipeline:
                   "weights_sha256": weights_sha256(checkpoint.state_dict), "model_config": mc, "vae": spec,
                   "precision": precision, "autocast": AUTOCAST_NAMES[amp], "device": run_device.type,
                   "image_size": mc["input_size"] * codec.downsample}
-        process = process_from_record({"learn_sigma": mc["learn_sigma"], **checkpoint.extra.get("process", {})})
+        process = process_from_record({"learn_sigma": mc["learn_sigma"],
+                                       **checkpoint_process(checkpoint.extra.get("process"), objective, ckpt)})
+        fields["process"] = process.to_record()
         net: torch.nn.Module = build_model(checkpoint, run_device)
         source = checkpoint.source
         del checkpoint  # the weights now live in `net`: hold no second copy
@@ -104,6 +108,18 @@ class SamplingPipeline:
             net = AutocastModel(net, amp).eval()
         return cls(model=net, codec=codec, process=process, class_names=names, config=mc, device=run_device,
                    record_fields=fields, source=source)
+
+    def sampler_and_steps(self, sampler: str | None, steps: int | None) -> tuple[str, int]:
+        """The sampler and steps a request gives, defaulting to the process's; a sampler of another
+        objective is refused in one line naming both."""
+        from ditlab.options import OBJECTIVE_SAMPLERS
+
+        p = self.process
+        if sampler is not None and sampler not in p.sampler_names:
+            other = next((o for o, names in OBJECTIVE_SAMPLERS.items() if sampler in names), "another")
+            raise UserError(f"--sampler {sampler} is a {other} sampler, but {self.source} is a {p.objective} "
+                            f"checkpoint: choose one of {', '.join(p.sampler_names)}")
+        return sampler or p.sampler_names[0], p.default_steps if steps is None else steps
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -180,3 +196,12 @@ class SamplingPipeline:
         if dtype is not None:
             net = AutocastModel(net, dtype).eval()
         return net, entry
+
+def checkpoint_process(stored: dict[str, Any] | None, objective: str | None, source: str) -> dict[str, Any]:
+    """The process record of a checkpoint: what it stores, or {"objective": objective} for a file that stores
+    none; an `objective` that contradicts the stored one is refused in one line."""
+    if stored is None:
+        return {} if objective is None else {"objective": objective}
+    if objective is not None and objective != stored.get("objective", "ddpm"):
+        raise UserError(f"--objective {objective}: {source} records objective {stored.get('objective', 'ddpm')!r}")
+    return dict(stored)

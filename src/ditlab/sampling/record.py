@@ -21,8 +21,8 @@ from ditlab.data.npz import record_array as record_array
 RECORD_VERSION = 1
 RECORD_TEXT_KEY = "ditlab"  # the PNG text chunk that holds the record of a grid
 MODEL_KEYS = ("checkpoint", "checkpoint_file", "checkpoint_format", "weights", "weights_sha256", "model_config",
-              "vae", "precision", "autocast", "device", "image_size")
-"""What was loaded, and how it runs."""
+              "process", "vae", "precision", "autocast", "device", "image_size")
+"""What was loaded, and how it runs ("process": the record of its objective and settings, `to_record`)."""
 SETTING_KEYS = ("sampler", "steps", "cfg_scale", "guidance_channels", "label_mode", "classes", "seed",
                 "num_images", "batch_size", "world_size")
 """How the batch was drawn."""

@@ -106,7 +106,9 @@ def _prepare(cfg: SampleConfig, info: DistInfo) -> _Job:
         resolved.append(run_labels(cfg, names, source))
 
     pipeline = SamplingPipeline.from_checkpoint(cfg.ckpt, vae=cfg.vae, weights=cfg.weights, model=cfg.model,
-                                                precision=cfg.precision, device=info.device, check_names=labels_of)
+                                                precision=cfg.precision, device=info.device, check_names=labels_of,
+                                                objective=cfg.objective)
+    sampler, steps = pipeline.sampler_and_steps(cfg.sampler, cfg.steps)
     (labels, label_mode, classes), = resolved
     size = pipeline.image_size
     if cfg.image_size is not None and cfg.image_size != size:
@@ -116,7 +118,7 @@ def _prepare(cfg: SampleConfig, info: DistInfo) -> _Job:
     guide, guide_entry = None, None
     if cfg.guide_ckpt is not None:
         guide, guide_entry = pipeline.load_guide(cfg.guide_ckpt, weights=cfg.weights)
-    settings = {"sampler": cfg.sampler, "steps": cfg.steps, "cfg_scale": cfg.cfg_scale,
+    settings = {"sampler": sampler, "steps": steps, "cfg_scale": cfg.cfg_scale,
                 "guidance_channels": cfg.guidance_channels, "label_mode": label_mode, "classes": classes,
                 "seed": cfg.seed, "num_images": cfg.num_images, "batch_size": cfg.batch_size,
                 "world_size": info.world_size, "guidance_interval": cfg.guidance_interval,
@@ -152,8 +154,8 @@ def _sample_rounds(cfg: SampleConfig, job: _Job, info: DistInfo) -> None:
             pixels = torch.empty((0, *job.shape[1:]), dtype=torch.uint8, device=info.device)
             if len(mine):
                 labels = job.labels[mine.start:mine.stop] if job.labels is not None else None
-                images = job.pipeline.images(labels, cfg.seed, mine, guidance=job.guidance, sampler=cfg.sampler,
-                                             steps=cfg.steps)
+                images = job.pipeline.images(labels, cfg.seed, mine, guidance=job.guidance,
+                                             sampler=job.record["sampler"], steps=job.record["steps"])
                 pixels = quantize(images)  # (b, H, W, C) uint8
                 if png_dir:
                     try:

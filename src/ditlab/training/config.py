@@ -15,13 +15,18 @@ from ditlab.flags import check_fields
 from ditlab.options import (
     BLOCK_OPTIONS,
     BLOCKS,
+    FLOW_LOSS_WEIGHTS,
+    FLOW_PATHS,
+    FLOW_PREDICTIONS,
     LR_SCHEDULES,
     MAX_DIFFUSION_STEPS,
     MLPS,
     NORMS,
+    OBJECTIVES,
     POSITIONS,
     PRECISIONS,
     QK_NORMS,
+    TIME_SAMPLINGS,
     check_block_options,
 )
 
@@ -31,6 +36,9 @@ RESUMABLE: Mapping[str, Any] = MappingProxyType({"resumable": True})
 what only changes how the run is carried out (its length, its logging, its parallelism, its float
 rounding: --grad-accum, --fsdp, --precision), where its metrics also go (--wandb), and --lr-decay-steps
 as far as `lr_schedule.check_resume` allows. Any other difference is refused."""
+FLOW_SETTINGS = ("path", "prediction", "loss_weight", "time_sampling", "time_location", "time_scale", "train_eps")
+"""The fields that set a flow's training, named as `diffusion.flow_matching.FlowConfig`'s (which reads them off a
+run's config); they belong to --objective flow."""
 
 
 @dataclass(kw_only=True)
@@ -72,8 +80,26 @@ class TrainConfig:
     """number of classes (default: the dataset's); 0 trains an unconditional model"""
     class_dropout_prob: float = 0.1
     """label dropout probability (classifier-free guidance needs it > 0)"""
-    learn_sigma: bool = field(default=True, metadata={"flag": "--no-learn-sigma"})
-    """learned variance, loss = MSE + VLB, as the paper (--no-learn-sigma: epsilon only, MSE loss)"""
+    objective: str = field(default="ddpm", metadata={"choices": OBJECTIVES})
+    """what the model learns: ddpm (the paper's Gaussian diffusion) or flow (SiT's flow matching on an
+    interpolant; --path, --prediction, --time-sampling ... set it)"""
+    path: str = field(default="linear", metadata={"choices": FLOW_PATHS})
+    """flow: the interpolant, linear (x_t = t x_1 + (1 - t) x_0, SiT's) or gvp (sin / cos)"""
+    prediction: str = field(default="velocity", metadata={"choices": FLOW_PREDICTIONS})
+    """flow: what the model predicts (velocity, SiT's default; noise; score)"""
+    loss_weight: str = field(default="none", metadata={"choices": FLOW_LOSS_WEIGHTS})
+    """flow: SiT's loss weight of noise / score prediction"""
+    time_sampling: str = field(default="uniform", metadata={"choices": TIME_SAMPLINGS})
+    """flow: training times uniform on SiT's interval, or logit-normal (Esser et al. 2024)"""
+    time_location: float = 0.0
+    """flow, logit-normal: the mean of the normal whose sigmoid is t"""
+    time_scale: float = 1.0
+    """flow, logit-normal: the standard deviation of that normal"""
+    train_eps: float | None = None
+    """flow: training times in [eps, 1 - eps] for noise / score prediction (default: SiT's 1e-3; velocity 0)"""
+    learn_sigma: bool | None = field(default=None, metadata={"flag": "--learn-sigma"})
+    """the model outputs 2C channels: ddpm learns the variance, loss = MSE + VLB, as the paper; flow drops the
+    second half, as SiT (--no-learn-sigma: C channels; default: on for ddpm, off for flow)"""
     global_batch_size: int = 256
     """images per optimizer step, summed over processes"""
     grad_accum: int = field(default=1, metadata=RESUMABLE)
@@ -120,7 +146,7 @@ class TrainConfig:
     fsdp: bool = field(default=False, metadata=RESUMABLE)
     """shard with FSDP2 per block instead of DDP"""
     sample_steps: int = field(default=50, metadata={**RESUMABLE, "min": 1, "max": MAX_DIFFUSION_STEPS})
-    """DDPM steps of the sample grids"""
+    """steps of the sample grids, with the objective's default sampler (ddpm: DDPM, flow: Euler)"""
     progress: bool = field(default=True, metadata={**RESUMABLE, "flag": "--no-progress"})
     """show a progress bar on rank 0 (--no-progress: none)"""
     max_bad_steps: int = field(default=5, metadata=RESUMABLE)
@@ -130,6 +156,8 @@ class TrainConfig:
     """seconds a collective may wait for another process before the run fails, naming the rank"""
 
     def __post_init__(self) -> None:
+        if self.learn_sigma is None:  # the objective's own: the paper's learned variance; SiT's released half unused
+            self.learn_sigma = self.objective == "ddpm"
         self.validate()
 
     def validate(self) -> None:
@@ -168,6 +196,7 @@ class TrainConfig:
         if self.grad_accum < 1 or self.global_batch_size % self.grad_accum:
             raise UserError(f"--grad-accum {self.grad_accum} must be at least 1 and divide --global-batch-size "
                             f"{self.global_batch_size}")
+        self._validate_objective()
         self.check_lr()
 
     def check_lr(self) -> None:
@@ -186,6 +215,32 @@ class TrainConfig:
     def block_options(self) -> dict[str, str]:
         """The modern block options (--norm --qk-norm --mlp --pos) as keyword arguments of create_model."""
         return {name: getattr(self, name) for name in BLOCK_OPTIONS}
+
+    def _validate_objective(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise UserError(f"--objective {self.objective!r}: choose one of {', '.join(OBJECTIVES)}")
+        for name, choices in (("path", FLOW_PATHS), ("prediction", FLOW_PREDICTIONS),
+                              ("loss_weight", FLOW_LOSS_WEIGHTS), ("time_sampling", TIME_SAMPLINGS)):  # fmt: skip
+            value = getattr(self, name)
+            if value not in choices:
+                raise UserError(f"--{name.replace('_', '-')} {value!r}: choose one of {', '.join(choices)}")
+        if self.objective != "flow":
+            defaults = {f.name: f.default for f in dataclasses.fields(self)}
+            changed = [name for name in FLOW_SETTINGS if getattr(self, name) != defaults[name]]
+            if changed:
+                raise UserError(f"--{changed[0].replace('_', '-')} sets a flow: it needs --objective flow")
+        if not (math.isfinite(self.time_scale) and self.time_scale > 0):
+            raise UserError(f"--time-scale {self.time_scale} must be a positive finite number")
+        if not math.isfinite(self.time_location):
+            raise UserError(f"--time-location {self.time_location} must be finite")
+        if self.train_eps is not None and not 0 <= self.train_eps < 0.5:
+            raise UserError(f"--train-eps {self.train_eps} must lie in [0, 0.5)")
+
+    def process_record(self) -> dict[str, Any]:
+        """What `diffusion.protocol.process_from_record` builds the run's process from: the objective and its
+        settings (a checkpoint's config holds the same keys)."""
+        flow = {name: getattr(self, name) for name in FLOW_SETTINGS} if self.objective == "flow" else {}
+        return {"objective": self.objective, "learn_sigma": self.learn_sigma, **flow}
 
     def total_steps(self, steps_per_epoch: int) -> float:
         """The step the run ends at: max_steps or epochs x steps_per_epoch, whichever comes first."""

@@ -105,12 +105,12 @@ def _open_data(cfg: TrainConfig, info: DistInfo, dataset: Dataset | None) -> tup
 def _build(cfg: TrainConfig, info: DistInfo, data: TrainingData, steps_per_epoch: int,
            state: TrainingState | None) -> tuple[_Parts, int, Path | None]:
     """The model, EMA, optimizer and step, restored from `state` on resume; (parts, step, last checkpoint)."""
-    from ditlab.diffusion import Diffusion
+    from ditlab.diffusion.protocol import process_from_record
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank and every run of this config
     model = _model_for(cfg, data).to(info.device)
     ema = make_ema(model)
-    diffusion: Process = Diffusion(learn_sigma=cfg.learn_sigma)
+    diffusion: Process = process_from_record(cfg.process_record())  # the objective's: Diffusion or FlowMatching
     wrapped, opt = apply_parallelism(model, ema, cfg, info)
     step, last_good = 0, None
     if state is not None:
@@ -225,7 +225,8 @@ def _sample_grid(ema: torch.nn.Module, diffusion: Process, data: TrainingData, c
     n = classes * per if classes else 64
     images = generate(
         ema, diffusion, labels, cfg.seed, range(n), latent_shape=(data.channels, data.size, data.size), codec=codec,
-        device=info.device, steps=cfg.sample_steps, sampler="ddpm", clip_denoised=data.kind == "pixels",
+        device=info.device, steps=cfg.sample_steps, sampler=diffusion.sampler_names[0],
+        clip_denoised=data.kind == "pixels",
     )  # fmt: skip
     if not info.is_main:
         return None

@@ -20,7 +20,7 @@ from ditlab.runtime.distributed import DistInfo
 from ditlab.training.config import TrainConfig
 from ditlab.training.sinks import check_sinks, open_sinks
 
-TERMS = ("loss", "mse", "vb")
+TERMS = ("loss", "mse", "vb")  # the terms logged, those of them the process gives (flow: "loss" alone)
 
 
 class MetricsLog:
@@ -28,7 +28,8 @@ class MetricsLog:
                  description: str = ""):
         self.info, self.cfg = info, cfg
         self.path = results / "metrics.jsonl"
-        self.sums: torch.Tensor | None = None  # (len(TERMS) + 2,): loss, mse, vb, grad norm, finite steps
+        self.sums: torch.Tensor | None = None  # (len(terms) + 2,): the terms, grad norm, finite steps
+        self.terms: tuple[str, ...] = ()  # the TERMS the process gives, known at the first step
         self.count = 0
         self.last_step, self.last_time, self.started = resume_step, time.perf_counter(), time.time()
         self.bar, self.sinks = None, []
@@ -50,7 +51,8 @@ class MetricsLog:
         """One step's terms (each (N,)), gradient norm and bad flag (0-dim bool: a skipped step)."""
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
             grad_norm = grad_norm.full_tensor()
-        values = torch.stack([terms[k].detach().float().mean() for k in TERMS] + [grad_norm.detach().float()])
+        self.terms = self.terms or tuple(k for k in TERMS if k in terms)
+        values = torch.stack([terms[k].detach().float().mean() for k in self.terms] + [grad_norm.detach().float()])
         # a step whose update was skipped (bad, or an fp16 overflow the scaler skipped) is left out
         good = torch.isfinite(values).all() if bad is None else (~bad) & torch.isfinite(values).all()
         good = good.float()
@@ -82,7 +84,7 @@ class MetricsLog:
         self.sums, self.count, self.last_step, self.last_time = None, 0, step, now
         if not self.info.is_main:
             return
-        row = {"step": step, **dict(zip(TERMS, means)), "grad_norm": means[-1], "lr": lr,
+        row = {"step": step, **dict(zip(self.terms, means)), "grad_norm": means[-1], "lr": lr,
                "images_per_sec": images_per_sec, "wall_time": time.time() - self.started}
         if skipped:
             row["skipped"] = skipped

@@ -87,7 +87,8 @@ class TrainStep:
                  drop: torch.Tensor | None = None,
                  micro_batches: int = 1) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:  # fmt: skip
         """x0, noise (N, C, H, W), t (N,) step indices, y (N,) labels, drop (N,) bool: labels replaced by
-        the null label (None: the model's own label dropout) -> ({"loss", "mse", "vb"} each (N,), norm, bad).
+        the null label (None: the model's own label dropout) -> (the process's loss terms, "loss" among them, each
+        (N,), norm, bad).
         `micro_batches` K > 1 accumulates the gradients of K slices of N / K (`accumulate`); a
         non-finite step (bad) leaves the weights, the optimizer and the EMA as they were."""
         self.opt.zero_grad(set_to_none=True)
@@ -114,7 +115,8 @@ class TrainStep:
                    drop: torch.Tensor | None, micro_batches: int) -> dict[str, torch.Tensor]:
         """Forward and backward over `micro_batches` equal slices of the batch, gradients summed in the
         parameters' .grad (which the caller zeroed). x0, noise (N, C, H, W), t (N,), y (N,) or None,
-        drop (N,) bool or None -> the loss terms {"loss", "mse", "vb"} each (N,), in the batch's order.
+        drop (N,) bool or None -> the process's loss terms ("loss"; DDPM also "mse", "vb"), each (N,), in
+        the batch's order.
 
         The inputs were drawn once for the whole per-process batch and are split here, so every
         example's draws are those of K = 1; each micro-batch's loss is its mean times its share of
