@@ -39,7 +39,8 @@ def load_rows(out: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
                 passes = ev["steps"] * (2 if ev["cfg_scale"] != 1.0 else 1) if guided is None else ev["steps"] + guided
                 groups[key] = {
                     "entry": name, "size": entry["size"], "patch_size": entry["patch_size"], "block": entry["block"],
-                    "seed": entry["seed"], "depth": entry["depth"], "hidden_size": entry["hidden_size"],
+                    "seed": entry["seed"], "objective": entry.get("objective", "ddpm"), "depth": entry["depth"],
+                    "hidden_size": entry["hidden_size"],
                     "num_heads": entry["num_heads"], "tokens": entry["tokens"], "params": entry["params"],
                     "gflops": entry["gflops"], "train_step": ev["step"], "images_seen": images,
                     "training_compute_gflop": 3 * 2 * entry["gflops"] * images,

@@ -52,7 +52,8 @@ def model_facts(entry: Entry, study: Study) -> dict[str, Any]:
     with torch.device("meta"):
         model = DiT(input_size=size, patch_size=entry.patch_size, in_channels=1 if digits else 3 if pixel else 4,
                     num_classes=10 if digits else (t.get("num_classes") or 1000), block=entry.block,
-                    learn_sigma=t.get("learn_sigma", True), **entry.model, **entry.options)  # fmt: skip
+                    learn_sigma=entry.train_config(Path(), 1, False).learn_sigma, **entry.model,
+                    **entry.options)  # fmt: skip
     return {"params": sum(p.numel() for p in model.parameters()), "gflops": count_gflops(model),
             "tokens": (size // entry.patch_size) ** 2, "input_size": size}
 
@@ -60,7 +61,8 @@ def model_facts(entry: Entry, study: Study) -> dict[str, Any]:
 def entry_record(entry: Entry, study: Study, folder: Path) -> dict[str, Any]:
     cfg = entry.train_config(folder / "run", max_steps=study.eval_steps[-1], progress=False)
     return {"name": entry.name, "size": entry.size, "patch_size": entry.patch_size, "block": entry.block,
-            "seed": entry.seed, **entry.model, **entry.options, **model_facts(entry, study),
+            "seed": entry.seed, "objective": entry.objective, **entry.model, **entry.options,
+            **model_facts(entry, study),
             "global_batch_size": cfg.global_batch_size, "train": cfg.to_dict()}  # fmt: skip
 
 

@@ -7,10 +7,13 @@ and its values are typed without YAML's guesses (`no` is a string, not False). T
   `[train]` (`eval_steps` and the `ditlab train` settings shared by every run),
 - `[sizes]` custom model sizes (`S = {depth = 2, hidden_size = 64, num_heads = 2}`) beside the
   paper's S/B/L/XL,
-- `[[grid]]` tables of `sizes` x `patch_sizes` x `blocks` x `seeds` (and the modern block options
-  `norms` x `qk_norms` x `mlps` x `positions`, each the paper's alone by default), each combination
-  one entry, named after its non-default choices (`DiT-S-2-rmsnorm-swiglu-sincos+rope`),
-- `[eval]` how each evaluation point is judged (metric, samples, sampler, steps, guidance, seeds; guidance
+- `[[grid]]` tables of `sizes` x `patch_sizes` x `blocks` x `seeds` x `objectives` ("ddpm", "flow")
+  (and the modern block options `norms` x `qk_norms` x `mlps` x `positions`, each the paper's alone by
+  default), each combination one entry, named after its non-default choices
+  (`DiT-S-2-rmsnorm-swiglu-sincos+rope`); `flow = { time_sampling = "logit-normal", ... }` sets its flow
+  entries' settings (`ditlab train`'s flow flags; [train] may set them for every flow entry),
+- `[eval]` how each evaluation point is judged (metric, samples, sampler, steps, guidance, seeds;
+  `flow_sampler` and `flow_steps` for flow entries: each entry is sampled by its own process; guidance
   may vary over `cfg_scales`, `guidance_intervals` ([lo, hi] in sigma) and `guide_steps`: the entry's own
   checkpoint at an earlier evaluation step as the guide of autoguidance, 0 for the null label),
 - `[sweep]` (optional) sampling step counts for some entries at their last evaluation point (with one
@@ -28,7 +31,7 @@ from typing import Any
 
 from ditlab.errors import UserError, UserFileNotFoundError, one_line
 from ditlab.models.configs import SIZES
-from ditlab.training.config import TrainConfig
+from ditlab.training.config import FLOW_SETTINGS, TrainConfig
 
 METRICS = ("digits", "fid")  # the digits judge's Frechet distance / accuracy; ADM's FID suite
 LABELS = ("balanced", "random")
@@ -38,12 +41,14 @@ PRIMARY = {"digits": "frechet_distance", "fid": "fid"}
 PER_ENTRY = ("data", "results", "model", "depth", "hidden_size", "num_heads", "patch_size", "block", "seed",
              "max_steps", "epochs", "progress", "norm", "qk_norm", "mlp", "pos")
 EVAL_KEYS = {"metric", "num_samples", "labels", "seeds", "sampler", "steps", "cfg_scales", "batch_size",
-             "keep_samples", "ref", "inception", "guidance_channels", "guidance_intervals", "guide_steps"}
-SWEEP_KEYS = {"entries", "steps", "sampler", "seeds", "num_samples", "cfg_scale", "guidance_interval", "guide_step"}
+             "keep_samples", "ref", "inception", "guidance_channels", "guidance_intervals", "guide_steps",
+             "flow_sampler", "flow_steps"}
+SWEEP_KEYS = {"entries", "steps", "sampler", "seeds", "num_samples", "cfg_scale", "guidance_interval", "guide_step",
+              "flow_sampler"}
 Interval = tuple[float, float] | None
 # Grid keys of the modern block options -> the TrainConfig field each sets.
 OPTION_GRID_KEYS = {"norms": "norm", "qk_norms": "qk_norm", "mlps": "mlp", "positions": "pos"}
-GRID_KEYS = {"sizes", "patch_sizes", "blocks", "seeds", *OPTION_GRID_KEYS}
+GRID_KEYS = {"sizes", "patch_sizes", "blocks", "seeds", "objectives", "flow", *OPTION_GRID_KEYS}
 
 
 def _fail(where: str, message: str) -> None:
@@ -87,9 +92,14 @@ class Entry:
     model: dict[str, int]
     """depth, hidden_size, num_heads of its size."""
     train: dict[str, Any]
-    """The shared `ditlab train` settings (everything of TrainConfig but results and max_steps)."""
+    """The shared `ditlab train` settings (everything of TrainConfig but results and max_steps), its
+    objective and that one's settings among them."""
     options: dict[str, str] = field(default_factory=dict)
     """The modern block options this entry sets (norm, qk_norm, mlp, pos); absent ones are the paper's."""
+
+    @property
+    def objective(self) -> str:
+        return str(self.train.get("objective", "ddpm"))
 
     def train_config(self, results: Path, max_steps: int, progress: bool) -> TrainConfig:
         return TrainConfig(**self.train, results=str(results), max_steps=max_steps, progress=progress,
@@ -113,6 +123,13 @@ class EvalSpec:
     guidance_channels: int | None
     guidance_intervals: tuple[Interval, ...] = (None,)
     guide_steps: tuple[int | None, ...] = (None,)
+    flow_sampler: str = "euler"
+    """the sampler and steps of flow entries (`sampler` and `steps` are the DDPM entries')"""
+    flow_steps: int = 250
+
+    def sampling(self, objective: str) -> tuple[str, int]:
+        """(sampler, steps) of an entry of `objective`."""
+        return (self.flow_sampler, self.flow_steps) if objective == "flow" else (self.sampler, self.steps)
 
 
 @dataclass(frozen=True)
@@ -125,6 +142,8 @@ class SweepSpec:
     cfg_scale: float
     guidance_interval: Interval = None
     guide_step: int | None = None
+    flow_sampler: str = "euler"
+    """the sampler of flow entries (`sampler` is the DDPM entries')"""
 
 
 @dataclass(frozen=True)
@@ -141,13 +160,15 @@ class Study:
 
     def settings(self, entry: str, step: int) -> list[EvalSetting]:
         """Every evaluation of `entry` at training step `step` (the sweep's at the last point)."""
-        e = self.eval
-        out = [_guided(EvalSetting(e.sampler, e.steps, c, e.num_samples, s, e.labels, i, g), step)
+        e, flow = self.eval, self.entries[entry].objective == "flow"
+        sampler, steps = e.sampling(self.entries[entry].objective)
+        out = [_guided(EvalSetting(sampler, steps, c, e.num_samples, s, e.labels, i, g), step)
                for c in e.cfg_scales for i in e.guidance_intervals for g in e.guide_steps for s in e.seeds]
         if self.sweep and entry in self.sweep.entries and step == self.eval_steps[-1]:
             w = self.sweep
-            out += [_guided(EvalSetting(w.sampler, n, w.cfg_scale, w.num_samples, s, e.labels, w.guidance_interval,
-                                        w.guide_step), step) for n in w.steps for s in w.seeds]  # fmt: skip
+            out += [_guided(EvalSetting(w.flow_sampler if flow else w.sampler, n, w.cfg_scale, w.num_samples, s,
+                                        e.labels, w.guidance_interval, w.guide_step), step)
+                    for n in w.steps for s in w.seeds]  # fmt: skip
         return list(dict.fromkeys(o for o in out if o is not None))  # equal settings are done once
 
     def to_dict(self) -> dict[str, Any]:
@@ -232,8 +253,9 @@ def _train_settings(where: str, data: dict[str, Any], train: dict[str, Any]) -> 
     if "data" not in data:
         _fail(f"{where} [data]", "give data = 'digits', an image folder or a latent cache")
     settings = {"ckpt_every": 10**9, "sample_every": 0, **shared}
+    flow = {"objective": "flow"} if any(k in FLOW_SETTINGS for k in settings) else {}  # settings of flow entries
     try:  # TrainConfig's own checks, on a stand-in entry
-        TrainConfig(**settings, results="entry", max_steps=1).validate()
+        TrainConfig(**{**settings, **flow}, results="entry", max_steps=1).validate()
     except (TypeError, ValueError) as e:
         _fail(f"{where} [train]", str(e))
     return settings
@@ -267,6 +289,7 @@ def _entries(where: str, grids: list[Any], sizes: dict[str, dict[str, int]], tra
     for i, g in enumerate(grids):
         at = f"{where} [[grid]] #{i + 1}"
         _unknown(at, g, GRID_KEYS)
+        variants = _objectives(at, g, train)
         names = g.get("sizes", [])
         if not isinstance(names, list) or not names or any(n not in sizes for n in names):
             _fail(at, f"sizes {names!r}: a non-empty list of {', '.join(sizes)}")
@@ -279,17 +302,49 @@ def _entries(where: str, grids: list[Any], sizes: dict[str, dict[str, int]], tra
                 for block in blocks:
                     for options in combos:
                         for seed in _ints(f"{at} seeds", g.get("seeds", [0])):
-                            name = f"DiT-{size}-{p}" + ("" if block == "adaln-zero" else f"-{block}") + \
-                                   _option_suffix(options) + ("" if seed == 0 else f"-seed{seed}")
-                            entries[name] = Entry(name, size, p, block, seed, sizes[size], train, options)
+                            for suffix, settings in variants:
+                                name = f"DiT-{size}-{p}" + ("" if block == "adaln-zero" else f"-{block}") + \
+                                       _option_suffix(options) + suffix + ("" if seed == 0 else f"-seed{seed}")
+                                entries[name] = Entry(name, size, p, block, seed, sizes[size], settings, options)
     return entries
 
 
-def _sampling(where: str, sampler: Any, steps: Any) -> None:
-    from ditlab.options import SAMPLERS
+def _objectives(at: str, grid: dict[str, Any], train: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(name suffix, the entry's train settings) of each objective of a grid table: "" for ddpm; "-flow" and
+    the grid's own flow settings ("-logit-normal", "-time-scale0.5") for flow."""
+    from ditlab.options import OBJECTIVES
 
-    if sampler not in SAMPLERS:
-        _fail(where, f"sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
+    base = train.get("objective", "ddpm")
+    objectives = grid.get("objectives", [base])
+    if not isinstance(objectives, list) or not objectives or any(o not in OBJECTIVES for o in objectives):
+        _fail(at, f"objectives {objectives!r}: a non-empty list of {', '.join(OBJECTIVES)}")
+    flow = grid.get("flow", {})
+    if not isinstance(flow, dict):
+        _fail(at, f"flow {flow!r}: a table of flow settings ({', '.join(FLOW_SETTINGS)})")
+    _unknown(f"{at} flow", flow, set(FLOW_SETTINGS))
+    shared = {k: v for k, v in train.items() if k not in FLOW_SETTINGS and k != "objective"}
+    out = []
+    for objective in objectives:
+        if objective != "flow":
+            out.append(("", {**shared, "objective": objective}))
+            continue
+        settings = {**{k: v for k, v in train.items() if k in FLOW_SETTINGS}, **flow}
+        try:
+            TrainConfig(**shared, **settings, objective="flow", results="", max_steps=1)
+        except (TypeError, ValueError) as e:
+            _fail(f"{at} flow", str(e))
+        tags = [str(v) if isinstance(v, str) else f"{k.replace('_', '-')}{v:g}" for k, v in sorted(flow.items())]
+        out.append(("".join(f"-{t}" for t in ["flow", *tags]), {**shared, **settings, "objective": "flow"}))
+    return out
+
+
+def _sampling(where: str, sampler: Any, steps: Any, objective: str = "ddpm") -> None:
+    from ditlab.options import OBJECTIVE_SAMPLERS
+
+    samplers = OBJECTIVE_SAMPLERS[objective]
+    if sampler not in samplers:
+        key = "flow_sampler" if objective == "flow" else "sampler"
+        _fail(where, f"{key} {sampler!r}: a {objective} sampler, one of {', '.join(samplers)}")
     for n in steps:
         if not isinstance(n, int) or not 1 <= n <= 1000:
             _fail(where, f"steps {n!r} must be between 1 and 1000")
@@ -319,8 +374,10 @@ def _eval(where: str, t: dict[str, Any], data: str, eval_steps: tuple[int, ...])
                     inception=_expand(t.get("inception")), guidance_channels=t.get("guidance_channels"),
                     guidance_intervals=_intervals(f"{at} guidance_intervals", t["guidance_intervals"])
                     if "guidance_intervals" in t else (None,),
-                    guide_steps=_guide_steps(f"{at} guide_steps", t.get("guide_steps", [0]), eval_steps))
+                    guide_steps=_guide_steps(f"{at} guide_steps", t.get("guide_steps", [0]), eval_steps),
+                    flow_sampler=t.get("flow_sampler", "euler"), flow_steps=t.get("flow_steps", t.get("steps", 250)))
     _sampling(at, spec.sampler, [spec.steps])
+    _sampling(at, spec.flow_sampler, [spec.flow_steps], "flow")
     for name in ("num_samples", "batch_size"):
         if not isinstance(getattr(spec, name), int) or getattr(spec, name) < 1:
             _fail(at, f"{name} {getattr(spec, name)!r} must be a positive integer")
@@ -356,8 +413,10 @@ def _sweep(where: str, t: dict[str, Any] | None, entries: dict[str, Entry], ev: 
                      num_samples=t.get("num_samples", ev.num_samples), cfg_scale=float(t.get("cfg_scale", 1.0)),
                      guidance_interval=_interval(f"{at} guidance_interval", t["guidance_interval"])
                      if "guidance_interval" in t else None,
-                     guide_step=_guide_steps(f"{at} guide_step", [t.get("guide_step", 0)], eval_steps)[0])
+                     guide_step=_guide_steps(f"{at} guide_step", [t.get("guide_step", 0)], eval_steps)[0],
+                     flow_sampler=t.get("flow_sampler", ev.flow_sampler))
     _sampling(at, spec.sampler, spec.steps)
+    _sampling(at, spec.flow_sampler, spec.steps, "flow")
     if not isinstance(spec.num_samples, int) or spec.num_samples < 1:
         _fail(at, f"num_samples {spec.num_samples!r} must be a positive integer")
     return spec
