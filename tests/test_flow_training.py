@@ -141,3 +141,28 @@ def test_convert_keeps_the_objective_where_the_format_can_and_sample_names_it_wh
     assert record["process"]["objective"] == "flow" and record["sampler"] == "euler" and np.array_equal(images, ref)
     assert main(["sample", "--ckpt", flow_ckpt, "--out", str(tmp_path / "y.npz"), *FAST, "--objective", "ddpm"]) == 2
     assert capsys.readouterr().err.strip().endswith("records objective 'flow'")
+
+
+def test_serve_offers_the_checkpoints_samplers_and_records_what_sample_redraws(tmp_path, flow_ckpt):
+    pytest.importorskip("starlette")
+    from ditlab.serve.engine import Engine
+    from ditlab.serve.record import sample_record
+    from ditlab.serve.requests import Defaults, SampleRequest
+
+    engine = Engine(flow_ckpt, device="cpu", precision="fp32")
+    info = engine.info()
+    assert info["objective"] == "flow" and info["samplers"] == ["euler", "heun", "sde-euler", "sde-heun", "dopri5"]
+    assert engine.defaults_for(Defaults()).sampler == "euler"
+    with pytest.raises(ValueError, match="^--sampler ddpm is a ddpm sampler, but .* is a flow checkpoint"):
+        engine.defaults_for(Defaults(sampler="ddpm"))
+    request = SampleRequest(classes=[3], per_class=2, cfg_scale=1.0, sampler="sde-euler", steps=2, seed=5)
+    (served,) = engine.run([request])
+    record = sample_record(engine.meta, {"classes": [3], "per_class": 2, "cfg_scale": 1.0, "sampler": "sde-euler",
+                                         "steps": 2, "seed": 5})  # fmt: skip
+    assert record["process"]["objective"] == "flow" and "--objective flow" in record["command"]
+    argv = record["command"].split()[1:]
+    argv[argv.index("--out") + 1] = str(tmp_path / "again.npz")
+    assert main([*argv[: argv.index("--nrow")], *argv[argv.index("--nrow") + 2 :], "--no-progress", "--device",
+                 "cpu"]) == 0  # fmt: skip
+    with np.load(tmp_path / "again.npz") as f:
+        assert np.array_equal(f["arr_0"], served)  # the same batch of 2, the same per-image SDE noise

@@ -120,16 +120,18 @@ def torchrun(results, *flags, max_steps=4):
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_ddp_and_fsdp_on_cpu(tmp_path):
-    out = torchrun(tmp_path / "ddp")
+@pytest.mark.parametrize("objective", [(), ("--objective", "flow", "--time-sampling", "logit-normal")],
+                         ids=["ddpm", "flow"])
+def test_torchrun_two_processes_ddp_and_fsdp_on_cpu(tmp_path, objective):
+    out = torchrun(tmp_path / "ddp", *objective)
     assert out.stdout.count("trained to step 4") == 1  # rank 0 alone reports
     assert [s for s, _ in list_checkpoints(tmp_path / "ddp" / "checkpoints")] == [2, 4]
     assert not [p for p in (tmp_path / "ddp" / "checkpoints").iterdir() if p.name.startswith(".")]
     rows = (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in rows] == [2, 4]
     # FSDP2 (sharded over the 2 ranks), stopped at step 2 and resumed, computes what DDP computed.
-    torchrun(tmp_path / "fsdp", "--fsdp", max_steps=2)
-    torchrun(tmp_path / "fsdp", "--fsdp", max_steps=4)
+    torchrun(tmp_path / "fsdp", "--fsdp", *objective, max_steps=2)
+    torchrun(tmp_path / "fsdp", "--fsdp", *objective, max_steps=4)
     # The two reduce gradients in another order (DDP's bucketed all-reduce, FSDP's reduce-scatter of
     # shards), so their float sums differ by rounding, which AdamW normalises: where a gradient is
     # ~0 (rounding alone), a weight moves by up to ~lr a step either way. Measured over repeated runs

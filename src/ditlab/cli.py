@@ -15,7 +15,7 @@ import sys
 
 from ditlab.errors import UserError, one_line
 from ditlab.flags import add_flags, from_args
-from ditlab.options import BLOCK_OPTIONS, BLOCKS, DEVICES, FEATURE_SETS, FORMATS, WEIGHT_SETS
+from ditlab.options import BLOCK_OPTIONS, BLOCKS, DEVICES, FEATURE_SETS, FORMATS, OBJECTIVES, WEIGHT_SETS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -83,15 +83,18 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="train a small DiT on the bundled digits on CPU, sample and judge it",
                        description="Trains a small DiT on scikit-learn's 8x8 digits (pixel space, CPU, a few "
                        "minutes), samples 200 class-balanced digits with guidance from DDPM-250, DDIM-50 and "
-                       "DPM-Solver++(2M)-20, and writes samples.png, samples.npz and report.json.")
+                       "DPM-Solver++(2M)-20 (--objective flow: Euler-100, Heun-25, Euler-Maruyama-100), and writes "
+                       "samples.png, samples.npz and report.json.")
     p.add_argument("--out", default="demo-out", help="output folder (default demo-out; reruns reuse its training)")
     p.add_argument("--max-steps", type=int, default=None, help="training steps (default: the demo's 1500)")
+    p.add_argument("--objective", default="ddpm", choices=OBJECTIVES,
+                   help="ddpm (the paper's, default) or flow (SiT's flow matching)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
     def run(args: argparse.Namespace) -> int:
         from ditlab.demo import run_demo, summary_lines
 
-        report = run_demo(args.out, max_steps=args.max_steps, progress=args.progress)
+        report = run_demo(args.out, max_steps=args.max_steps, progress=args.progress, objective=args.objective)
         print("\n".join(summary_lines(report, args.out)))
         return 0
 

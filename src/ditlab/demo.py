@@ -1,10 +1,10 @@
 """`ditlab demo`: the whole spine on the bundled digits, on CPU, in a few minutes.
 
-Trains a small DiT in pixel space, samples a class-balanced set with guidance from three
-samplers (DDPM-250, DDIM-50 and the fast solver at 20 steps), and judges the samples with a
-classifier trained on real digits (`evaluation.digits_judge`): its accuracy on the requested
-classes, and the Frechet distance in its feature space to held-out real digits (beside the
-real-vs-real value)."""
+Trains a small DiT in pixel space (the paper's DDPM, or flow matching with `objective="flow"`),
+samples a class-balanced set with guidance from three samplers of the checkpoint's process (DDPM-250,
+DDIM-50 and the fast solver at 20 steps; a flow: Euler-100, Heun-25 and Euler-Maruyama-100), and
+judges the samples with a classifier trained on real digits (`evaluation.digits_judge`): its accuracy
+on the requested classes, and the Frechet in its feature space to held-out real digits (beside the real-vs-real value)."""
 
 from __future__ import annotations
 
@@ -26,11 +26,14 @@ DEMO_TRAIN = dict(
 )  # fmt: skip
 PER_CLASS = 20  # 200 samples, balanced over the 10 classes
 CFG_SCALE = 2.0
-SAMPLERS = [("ddpm", 250), ("ddim", 50), ("dpm++2m", 20)]
+SAMPLERS = {"ddpm": [("ddpm", 250), ("ddim", 50), ("dpm++2m", 20)],
+            "flow": [("euler", 100), ("heun", 25), ("sde-euler", 100)]}  # the checkpoint's objective -> its samplers
 
 
-def run_demo(out: str | Path, max_steps: int | None = None, progress: bool = True) -> dict[str, Any]:
-    """Train, sample and judge; writes samples.png, samples.npz and report.json into `out`."""
+def run_demo(out: str | Path, max_steps: int | None = None, progress: bool = True,
+             objective: str = "ddpm") -> dict[str, Any]:  # fmt: skip
+    """Train (`objective` "ddpm" or "flow"), sample with the checkpoint's samplers and judge; writes
+    samples.png, samples.npz and report.json into `out`."""
     from ditlab.checkpoints.state import list_checkpoints
     from ditlab.diffusion.guidance import Guidance
     from ditlab.evaluation.batches import save_samples
@@ -40,7 +43,7 @@ def run_demo(out: str | Path, max_steps: int | None = None, progress: bool = Tru
     from ditlab.training import TrainConfig, train
 
     out = Path(out)
-    cfg = TrainConfig(data="digits", results=str(out / "run"), progress=progress,
+    cfg = TrainConfig(data="digits", results=str(out / "run"), progress=progress, objective=objective,
                       **{**DEMO_TRAIN,
                          **({"max_steps": max_steps, "ckpt_every": max_steps} if max_steps is not None else {})})
     summary = train(cfg, device="cpu")  # resumes (and returns at once) when `out` holds a finished run
@@ -55,7 +58,7 @@ def run_demo(out: str | Path, max_steps: int | None = None, progress: bool = Tru
     real_diversity = judge.diversity(real_test, real_test_labels)
     results = {}
     grid_images = None
-    for sampler, steps in SAMPLERS:
+    for sampler, steps in SAMPLERS[pipeline.process.objective]:
         t1 = time.time()
         images = pipeline.images(labels, 0, range(len(labels)), guidance=Guidance(scale=CFG_SCALE), sampler=sampler,
                                  steps=steps, progress=progress)  # pixel space: x_0 predictions clipped
@@ -76,6 +79,7 @@ def run_demo(out: str | Path, max_steps: int | None = None, progress: bool = Tru
     real_ref = judge.train_images[pick]
     report = {
         "samplers": results,
+        "objective": pipeline.process.objective,
         "cfg_scale": CFG_SCALE,
         "real_vs_real_frechet_distance": judge.frechet(real_ref, real_test),
         "classifier_accuracy_on_held_out_real": judge.accuracy(real_test, real_test_labels),

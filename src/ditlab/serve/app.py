@@ -61,7 +61,7 @@ class ServeApp:
     """The routes over one engine and its batcher."""
 
     def __init__(self, engine: Engine, limits: Limits, defaults: Defaults, window_s: float = 0.02):
-        self.engine, self.limits, self.defaults = engine, limits, defaults
+        self.engine, self.limits, self.defaults = engine, limits, engine.defaults_for(defaults)
         self.batcher = Batcher(engine.run, max_queue=limits.max_queue, max_batch_images=limits.max_images,
                                window_s=window_s)
         self.page = resources.files("ditlab.serve").joinpath("page.html").read_text(encoding="utf-8")
@@ -91,8 +91,6 @@ class ServeApp:
                              "batches": list(b.batches)})
 
     async def sample(self, request: Request) -> Response:
-        from ditlab.options import SAMPLERS
-
         try:
             body = await read_body(request, self.limits.max_body_bytes)
         except BadRequest as e:
@@ -100,7 +98,7 @@ class ServeApp:
         if body is None:
             return error(f"body: larger than {self.limits.max_body_bytes} bytes", 413)
         try:
-            req = parse_request(body, self.engine.class_names, self.limits, self.defaults, tuple(SAMPLERS),
+            req = parse_request(body, self.engine.class_names, self.limits, self.defaults, self.engine.samplers,
                                 self.engine.latent_channels, has_guide=self.engine.guide is not None)
             job = self.batcher.submit(req)
         except BadRequest as e:

@@ -46,15 +46,16 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--" + f.name.replace("_", "-"), type=type(value), default=value,
                        help=f"{LIMIT_HELP[f.name]} (default {value})")
     for f in fields(Defaults):
-        p.add_argument("--default-" + f.name.replace("_", "-"), type=type(getattr(defaults, f.name)),
-                       default=getattr(defaults, f.name), help=f"the page's initial {f.name} (default "
-                       f"{getattr(defaults, f.name)})")
+        value = getattr(defaults, f.name)
+        shown = "the checkpoint's process's first: ddpm, or euler for a flow checkpoint" if value is None else value
+        p.add_argument("--default-" + f.name.replace("_", "-"), type=str if value is None else type(value),
+                       default=value, help=f"the page's initial {f.name} (default {shown})")
     p.set_defaults(func=run_serve)
 
 
 def check_flags(args: argparse.Namespace) -> tuple[Limits, Defaults]:
     """The limits and defaults of the flags, or a one-line UserError naming the flag."""
-    from ditlab.options import SAMPLERS
+    from ditlab.sampling.config import ALL_SAMPLERS
 
     limits = Limits(**{f.name: getattr(args, f.name) for f in fields(Limits)})
     defaults = Defaults(**{f.name: getattr(args, "default_" + f.name) for f in fields(Defaults)})
@@ -68,8 +69,8 @@ def check_flags(args: argparse.Namespace) -> tuple[Limits, Defaults]:
               (0 <= args.port <= 65535, f"--port {args.port} is not a port number"),
               (0 <= args.batch_window_ms <= MAX_BATCH_WINDOW_MS,  # also false for nan
                f"--batch-window-ms {args.batch_window_ms} must be between 0 and {MAX_BATCH_WINDOW_MS}"),
-              (defaults.sampler in SAMPLERS,
-               f"--default-sampler {defaults.sampler}: choose one of {', '.join(SAMPLERS)}"),
+              (defaults.sampler is None or defaults.sampler in ALL_SAMPLERS,
+               f"--default-sampler {defaults.sampler}: choose one of {', '.join(ALL_SAMPLERS)}"),
               (1 <= defaults.steps <= limits.max_steps, f"--default-steps {defaults.steps} must be between 1 and "
                f"--max-steps {limits.max_steps}"),
               (1 <= defaults.per_class <= limits.max_images, f"--default-per-class {defaults.per_class} must be "

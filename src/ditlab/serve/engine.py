@@ -5,6 +5,7 @@ bits in any batch size; see README, "Sampling and checkpoints")."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -15,7 +16,7 @@ from ditlab.diffusion.guidance import Guidance
 from ditlab.errors import UserError
 from ditlab.sampling.pipeline import SamplingPipeline, default_device
 from ditlab.sampling.pipeline import StepCounter as StepCounter  # its old home
-from ditlab.serve.requests import SampleRequest
+from ditlab.serve.requests import Defaults, SampleRequest
 
 
 class BatchCancelled(Exception):
@@ -43,10 +44,18 @@ class Engine:
                      "weights": fields["weights"], "config": self.config, "vae": self.vae, "precision": precision,
                      "image_size": self.image_size, "class_names": self.class_names, "device": str(self.device),
                      "checkpoint_file": fields["checkpoint_file"], "weights_sha256": fields["weights_sha256"],
-                     "autocast": fields["autocast"], "guide": None}
+                     "autocast": fields["autocast"], "process": fields["process"], "guide": None}
+        self.samplers: tuple[str, ...] = tuple(p.process.sampler_names)
+        """the samplers of the checkpoint's process, the first its default"""
         self.guide: torch.nn.Module | None = None  # autoguidance's guide model (--guide-ckpt)
         if guide_ckpt is not None:
             self.guide, self.meta["guide"] = p.load_guide(guide_ckpt, weights=weights)
+
+    def defaults_for(self, defaults: Defaults) -> Defaults:
+        """`defaults` with the sampler the process's default where none is given; a sampler of another
+        objective is refused in one line naming both (as `ditlab sample` does)."""
+        sampler, _ = self.pipeline.sampler_and_steps(defaults.sampler, defaults.steps)
+        return dataclasses.replace(defaults, sampler=sampler)
 
     @property
     def latent_channels(self) -> int:
@@ -77,15 +86,13 @@ class Engine:
 
     def info(self) -> dict[str, Any]:
         """What GET /api/info tells about the model (limits and defaults are added by the app)."""
-        from ditlab.options import SAMPLERS
-
         return {"name": self.name, "checkpoint": self.meta["checkpoint"],
                 "checkpoint_format": self.meta["checkpoint_format"],
                 "weights": self.meta["weights"], "config": self.config, "vae": self.vae,
                 "image_size": self.image_size, "device": str(self.device), "precision": self.meta["precision"],
                 "conditional": bool(self.class_names), "latent_channels": self.latent_channels,
                 "classes": [{"id": i, "name": n} for i, n in enumerate(self.class_names)],
-                "samplers": list(SAMPLERS),
+                "objective": self.diffusion.objective, "samplers": list(self.samplers),
                 "guide": None if self.meta["guide"] is None else self.meta["guide"]["checkpoint"]}
 
     @property

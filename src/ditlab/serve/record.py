@@ -31,6 +31,9 @@ def sample_record(model: dict[str, Any], settings: dict[str, Any]) -> dict[str, 
            repr(settings["cfg_scale"]), "--seed", str(settings["seed"]), "--precision", model["precision"]]
     if settings.get("guidance_channels") is not None:
         cmd += ["--guidance-channels", str(settings["guidance_channels"])]
+    objective = (model.get("process") or {}).get("objective", "ddpm")
+    if objective != "ddpm":  # a file that records no process (the authors' format) samples as flow only so
+        cmd += ["--objective", objective]
     for key in ("guidance_interval", "guidance_t"):
         if settings.get(key) is not None:
             cmd += ["--" + key.replace("_", "-"), *map(repr, settings[key])]

@@ -40,7 +40,7 @@ class Defaults:
 
     per_class: int = 4
     cfg_scale: float = 4.0
-    sampler: str = "ddpm"
+    sampler: str | None = None  # None: the first of the checkpoint's process's (ddpm; flow: euler)
     steps: int = 250
 
 

@@ -12,7 +12,8 @@ from ditlab.errors import UserError
 from ditlab.runtime.files import atomic_write_text
 from ditlab.study.figures import FIGURES, write_figures
 from ditlab.study.findings import findings
-from ditlab.study.results import curves, last_point, load_rows, main_setting
+from ditlab.study.objectives import main_setting_of, objective_tables
+from ditlab.study.results import curves, last_point, load_rows, main_setting, objective_of
 from ditlab.study.spec import PRIMARY
 
 LABELS = {"frechet_distance": "Frechet distance (digits features)", "fid": "FID"}
@@ -23,8 +24,10 @@ def _fmt(x: float) -> str:
 
 
 def table(study: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
-    """Markdown table: every entry at its latest evaluation point of the main setting."""
-    cs = curves(rows, main_setting(study))
+    """Markdown table: every entry at its latest evaluation point of its objective's main setting."""
+    flow = curves(rows, main_setting_of(study, "flow"))
+    cs = {n: c for n, c in {**curves(rows, main_setting(study)), **flow}.items()
+          if (objective_of(study["entries"][n])[0] == "flow") == (n in flow)}  # fmt: skip
     metrics = list(next(iter(rows))["metrics"]) if rows else []
     head = ["entry", "params", "Gflops", "tokens", "step", "train Gflop", *metrics, "by sample seed"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -63,6 +66,10 @@ def markdown(study: dict[str, Any], rows: list[dict[str, Any]], found: dict[str,
         lines.append(f"- Training noise: {t['entries'][0]} and {t['entries'][1]} (two training seeds) differ by "
                      f"{t['difference']:.3g} at the last point.")
     lines += ["", "## Latest point of every entry", "", *table(study, rows), ""]
+    compared = objective_tables(study, rows, PRIMARY[e["metric"]])
+    if compared:
+        lines += ["## Objectives", "", "Each variant's metric, the mean over its training seeds (each seed's in "
+                  "brackets), sampled by its own process.", "", *compared, ""]
     for name in figures:
         lines += [f"## {FIGURES[name]}", "", f"![{FIGURES[name]}]({name})", ""]
     return "\n".join(lines)

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from ditlab.errors import UserFileNotFoundError
+from ditlab.training.config import FLOW_SETTINGS
 
 
 def load_rows(out: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -89,16 +90,25 @@ def curves(rows: list[dict[str, Any]], setting: tuple) -> dict[str, list[dict[st
     return out
 
 
+def objective_of(entry: dict[str, Any]) -> tuple:
+    """An entry's objective and its settings, as a comparable key (the paper's DDPM: ("ddpm",))."""
+    train = entry.get("train", {})
+    if train.get("objective", "ddpm") == "ddpm":
+        return ("ddpm",)
+    return ("flow", *sorted((k, str(v)) for k, v in train.items() if k in FLOW_SETTINGS))
+
+
 def grid_entries(study: dict[str, Any]) -> list[str]:
-    """The adaLN-Zero, seed-0 entries: the model-size x patch-size grid of figures 6, 8 and 9."""
-    return [n for n, e in study["entries"].items() if e["block"] == "adaln-zero" and e["seed"] == 0]
+    """The adaLN-Zero, seed-0 DDPM entries: the model-size x patch-size grid of figures 6, 8 and 9."""
+    return [n for n, e in study["entries"].items() if e["block"] == "adaln-zero" and e["seed"] == 0
+            and objective_of(e) == ("ddpm",)]
 
 
 def block_entries(study: dict[str, Any]) -> list[str]:
     """Seed-0 entries of the one (size, patch) that was trained with more than one block design."""
     by_config: dict[tuple, list[str]] = {}
     for n, e in study["entries"].items():
-        if e["seed"] == 0:
+        if e["seed"] == 0 and objective_of(e) == ("ddpm",):
             by_config.setdefault((e["size"], e["patch_size"]), []).append(n)
     many = [names for names in by_config.values() if len(names) > 1]
     return many[0] if many else []
@@ -110,8 +120,8 @@ def seed_pairs(study: dict[str, Any]) -> list[tuple[str, str]]:
     pairs = []
     for n, e in entries.items():
         if e["seed"] != 0:
-            twin = [m for m, f in entries.items() if f["seed"] == 0 and
-                    (f["size"], f["patch_size"], f["block"]) == (e["size"], e["patch_size"], e["block"])]
+            twin = [m for m, f in entries.items() if f["seed"] == 0 and (f["size"], f["patch_size"], f["block"],
+                    objective_of(f)) == (e["size"], e["patch_size"], e["block"], objective_of(e))]
             pairs += [(twin[0], n)] if twin else []
     return pairs
 
