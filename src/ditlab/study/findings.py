@@ -34,8 +34,11 @@ def gflops_correlation(study: dict[str, Any], rows: list[dict[str, Any]], metric
 
 def noise(study: dict[str, Any], rows: list[dict[str, Any]], metric: str) -> dict[str, Any]:
     """Training noise (|difference| between seeds of one config at the last point) and sampling noise
-    (|difference| between the two sample seeds, median over every row that has two)."""
-    cs = curves(rows, main_setting(study))
+    (|difference| between the two sample seeds, median over every row that has two); each entry at its
+    own objective's main setting."""
+    from ditlab.study.objectives import own_curves
+
+    cs = own_curves(study, rows)
     train = []
     for a, b in seed_pairs(study):
         pa, pb = last_point(cs.get(a, []), study), last_point(cs.get(b, []), study)
@@ -80,8 +83,10 @@ def sweep(study: dict[str, Any], rows: list[dict[str, Any]], metric: str) -> dic
         return None
     w, e = study["sweep"], study["eval"]
     setting_rows: dict[str, list[dict[str, Any]]] = {}
+    models_of_the_grid = set(grid_entries(study))  # the paper's sizes: not other seeds or objectives
     for r in rows:
-        if r["entry"] in w["entries"] and r["train_step"] == study["eval_steps"][-1] and r["sampler"] == w["sampler"] \
+        if r["entry"] in w["entries"] and r["entry"] in models_of_the_grid \
+                and r["train_step"] == study["eval_steps"][-1] and r["sampler"] == w["sampler"] \
                 and r["cfg_scale"] == w["cfg_scale"] and r["num_samples"] == w["num_samples"] \
                 and r["labels"] == e["labels"] and r.get("guide_step") == w.get("guide_step") \
                 and r.get("guidance_interval") == (None if w.get("guidance_interval") is None

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from ditlab.study.results import objective_of, setting_of
+from ditlab.study.results import curves, objective_of, setting_of
 
 NEAR_BEST = 0.10  # "the steps it needs": the fewest whose metric is within 10% of the variant's best in the sweep
 
@@ -19,6 +19,12 @@ def main_setting_of(study: dict[str, Any], objective: str) -> tuple:
     sampler, steps = ((e.get("flow_sampler", "euler"), e.get("flow_steps", e["steps"])) if objective == "flow"
                       else (e["sampler"], e["steps"]))  # fmt: skip
     return sampler, steps, e["cfg_scales"][0], e["num_samples"], e["labels"]
+
+
+def own_curves(study: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Per entry, its rows of its own objective's main setting in training-step order."""
+    by_objective = {o: curves(rows, main_setting_of(study, o)) for o in ("ddpm", "flow")}
+    return {n: c for n, e in study["entries"].items() if (c := by_objective[objective_of(e)[0]].get(n))}
 
 
 def variants(study: dict[str, Any]) -> dict[str, list[str]]:

@@ -12,8 +12,8 @@ from ditlab.errors import UserError
 from ditlab.runtime.files import atomic_write_text
 from ditlab.study.figures import FIGURES, write_figures
 from ditlab.study.findings import findings
-from ditlab.study.objectives import main_setting_of, objective_tables
-from ditlab.study.results import curves, last_point, load_rows, main_setting, objective_of
+from ditlab.study.objectives import objective_tables, own_curves
+from ditlab.study.results import last_point, load_rows, objective_of
 from ditlab.study.spec import PRIMARY
 
 LABELS = {"frechet_distance": "Frechet distance (digits features)", "fid": "FID"}
@@ -25,9 +25,7 @@ def _fmt(x: float) -> str:
 
 def table(study: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
     """Markdown table: every entry at its latest evaluation point of its objective's main setting."""
-    flow = curves(rows, main_setting_of(study, "flow"))
-    cs = {n: c for n, c in {**curves(rows, main_setting(study)), **flow}.items()
-          if (objective_of(study["entries"][n])[0] == "flow") == (n in flow)}  # fmt: skip
+    cs = own_curves(study, rows)
     metrics = list(next(iter(rows))["metrics"]) if rows else []
     head = ["entry", "params", "Gflops", "tokens", "step", "train Gflop", *metrics, "by sample seed"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -44,11 +42,13 @@ def table(study: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
 def markdown(study: dict[str, Any], rows: list[dict[str, Any]], found: dict[str, Any], figures: list[str],
              reference: dict[str, Any] | None) -> str:
     e = study["eval"]
-    done = sum(1 for c in curves(rows, main_setting(study)).values() if last_point(c, study))
+    done = sum(1 for c in own_curves(study, rows).values() if last_point(c, study))
+    flows = any(objective_of(x)[0] == "flow" for x in study["entries"].values())
+    flow = f" (flow entries: {e.get('flow_sampler', 'euler')} {e.get('flow_steps', e['steps'])})" if flows else ""
     lines = [f"# Study {study['name']}", "",
              f"{len(study['entries'])} entries, {done} finished to step {study['eval_steps'][-1]}; evaluation points "
              f"{', '.join(map(str, study['eval_steps']))}; {e['num_samples']} samples ({e['labels']} labels) per "
-             f"sample seed {', '.join(map(str, e['seeds']))}, {e['sampler']} {e['steps']} steps, guidance "
+             f"sample seed {', '.join(map(str, e['seeds']))}, {e['sampler']} {e['steps']} steps{flow}, guidance "
              f"{', '.join(f'{s:g}' for s in e['cfg_scales'])}; metric {found['metric']} (lower is better).", ""]
     if reference:
         lines += ["Real training digits against the held-out ones: Frechet distance "
