@@ -4,7 +4,8 @@ Trains a small DiT in pixel space (the paper's DDPM, or flow matching with `obje
 samples a class-balanced set with guidance from three samplers of the checkpoint's process (DDPM-250,
 DDIM-50 and the fast solver at 20 steps; a flow: Euler-100, Heun-25 and Euler-Maruyama-100), and
 judges the samples with a classifier trained on real digits (`evaluation.digits_judge`): its accuracy
-on the requested classes, and the Frechet in its feature space to held-out real digits (beside the real-vs-real value)."""
+on the requested classes, and the Frechet distance in its feature space to held-out real digits
+(beside the real-vs-real value)."""
 
 from __future__ import annotations
 
