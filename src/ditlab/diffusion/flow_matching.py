@@ -87,9 +87,9 @@ class FlowMatching:
     t as is (DiT's timestep embedder takes it as a fractional timestep), velocity prediction by default.
     A model with 2C output channels (learned sigma, as SiT's released weights) is read on its first C."""
 
-    objective = OBJECTIVE
-    sampler_names = SAMPLERS
-    default_steps = DEFAULT_STEPS
+    objective: str = OBJECTIVE
+    sampler_names: tuple[str, ...] = SAMPLERS
+    default_steps: int = DEFAULT_STEPS
 
     def __init__(self, path: str = "linear", **settings: Any):
         self.config = FlowConfig(path=path, **settings)
