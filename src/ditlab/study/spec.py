@@ -330,7 +330,7 @@ def _objectives(at: str, grid: dict[str, Any], train: dict[str, Any]) -> list[tu
             continue
         settings = {**{k: v for k, v in train.items() if k in FLOW_SETTINGS}, **flow}
         try:
-            TrainConfig(**shared, **settings, objective="flow", results="", max_steps=1)
+            TrainConfig(**shared, **settings, objective="flow", results="entry", max_steps=1)
         except (TypeError, ValueError) as e:
             _fail(f"{at} flow", str(e))
         tags = [str(v) if isinstance(v, str) else f"{k.replace('_', '-')}{v:g}" for k, v in sorted(flow.items())]
