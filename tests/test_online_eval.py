@@ -46,7 +46,25 @@ def offline(capsys, results, step, ref="digits", *flags, n=16) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
-def test_online_equals_offline_and_resume_neither_repeats_nor_skips(tmp_path, capsys):
+class Recorder:
+    """A sink that keeps what it is given."""
+
+    def __init__(self):
+        self.rows = []
+
+    def scalars(self, row, step):
+        self.rows.append((step, row))
+
+    def image(self, tag, path, step):
+        pass
+
+    def close(self):
+        pass
+
+
+def test_online_equals_offline_and_resume_neither_repeats_nor_skips(tmp_path, capsys, monkeypatch):
+    sink = Recorder()
+    monkeypatch.setattr("ditlab.training.metrics.open_sinks", lambda results, cfg: [sink])
     train(run_cfg(tmp_path, max_steps=2, eval_every=2), device="cpu")
     train(run_cfg(tmp_path, max_steps=4, eval_every=2), device="cpu")  # resumed: step 2 is not evaluated again
     rows = eval_rows(tmp_path)
@@ -57,6 +75,8 @@ def test_online_equals_offline_and_resume_neither_repeats_nor_skips(tmp_path, ca
         assert row["eval"]["judge_accuracy"] == result["judge_accuracy"]
         assert row["eval"]["num_samples"] == 16 and row["eval"]["ref"] == "digits"
     assert rows[0]["eval"]["judge_fd"] != rows[1]["eval"]["judge_fd"]  # two steps' EMA, two numbers
+    logged = [(step, row["eval/judge_fd"]) for step, row in sink.rows if "eval/judge_fd" in row]
+    assert logged == [(row["step"], row["eval"]["judge_fd"]) for row in rows]  # the sinks saw the same numbers
     # A crash after the checkpoint of step 4 but before its evaluation finished: the row is missing.
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     (tmp_path / "metrics.jsonl").write_text("".join(line + "\n" for line in lines[:-1]))
