@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ from ditlab.diffusion.guidance import Guidance
 from ditlab.diffusion.protocol import Process
 from ditlab.errors import UserError
 from ditlab.runtime.distributed import DistInfo, barrier, broadcast_object
+from ditlab.runtime.files import temp_path
 from ditlab.sampling.config import SampleConfig
 from ditlab.training.config import TrainConfig
 from ditlab.training.data import TrainingData
@@ -106,16 +107,22 @@ class OnlineEval:
                                                codec=self.codec)
         shape = (self.cfg.eval_samples, pipeline.image_size, pipeline.image_size, pipeline.image_channels)
         row = None
-        with tempfile.TemporaryDirectory(prefix=".eval-", dir=self.results if self.info.is_main else None) as tmp:
-            path = Path(tmp) / SAMPLES_NAME
-            writer = NpzWriter(path, shape) if self.info.is_main else None
+        folder = temp_path(self.results / "eval")  # the next start removes it if this process dies
+        try:
+            writer = None
+            if self.info.is_main:
+                folder.mkdir()
+                writer = NpzWriter(folder / SAMPLES_NAME, shape)
             for _, _, gathered in sample_rounds(pipeline, self.labels, self.sample_cfg, self.info, self.guidance):
                 if writer is not None and gathered is not None:
                     writer.write(gathered)
             if writer is not None:
                 writer.close(self.labels.numpy() if self.labels is not None else None)
-                row = self._score(str(path), time.perf_counter() - started)
+                row = self._score(str(folder / SAMPLES_NAME), time.perf_counter() - started)
                 log.evaluation(step, row)
+        finally:
+            if self.info.is_main:
+                shutil.rmtree(folder, ignore_errors=True)
         self.done.add(step)
         barrier()  # the ranks leave together: none waits in a training collective for rank 0's scoring
         return row
