@@ -121,6 +121,30 @@ class SamplingPipeline:
                             f"checkpoint: choose one of {', '.join(p.sampler_names)}")
         return sampler or p.sampler_names[0], p.default_steps if steps is None else steps
 
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, process: Process, *, vae: str, class_names: list[str],
+                   precision: str = "auto", device: torch.device | str | None = None,
+                   codec: Codec | None = None) -> SamplingPipeline:  # fmt: skip
+        """A DiT held in memory (a training run's EMA, in eval mode) made ready to sample as
+        `from_checkpoint` makes the same weights read from a file: autocast as `precision` says, the
+        codec `vae` loaded as there (or `codec`, one so loaded before)."""
+        from ditlab.data.codecs import load_codec
+        from ditlab.runtime.autocast import AUTOCAST_NAMES, AutocastModel
+        from ditlab.runtime.precision import resolve_precision, sampling_vae_dtype
+
+        run_device = default_device(device)
+        mc: dict[str, Any] = dict(getattr(model, "config"))  # noqa: B009  (a DiT's constructor arguments)
+        amp = resolve_precision(precision, run_device)
+        if codec is None:
+            codec = load_codec(vae, device=run_device, dtype=sampling_vae_dtype(precision),
+                               pixel_channels=mc["in_channels"])
+        net = AutocastModel(model, amp).eval() if amp is not None else model
+        fields = {"model_config": mc, "vae": vae, "precision": precision, "autocast": AUTOCAST_NAMES[amp],
+                  "device": run_device.type, "image_size": mc["input_size"] * codec.downsample,
+                  "process": process.to_record()}
+        return cls(model=net, codec=codec, process=process, class_names=class_names, config=mc, device=run_device,
+                   record_fields=fields, source="the training run's EMA")
+
     @property
     def latent_shape(self) -> tuple[int, int, int]:
         """(C, h, w) of the model's input."""

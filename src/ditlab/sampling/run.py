@@ -14,6 +14,7 @@ import contextlib
 import json
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,13 +128,32 @@ def _prepare(cfg: SampleConfig, info: DistInfo) -> _Job:
     return _Job(pipeline, labels, shape, sample_record(pipeline.record_fields, settings), guide)
 
 
+def sample_rounds(pipeline: SamplingPipeline, labels: torch.Tensor | None, cfg: SampleConfig, info: DistInfo,
+                  guidance: Guidance) -> Iterator[tuple[range, torch.Tensor, np.ndarray | None]]:  # fmt: skip
+    """The rounds of a run of cfg.num_images images: (this rank's indices, its (b, H, W, C) uint8 images,
+    all ranks' images of the round in index order on rank 0, None elsewhere). `ditlab sample` and online
+    evaluation (`training.online_eval`) both draw their images here. `labels` (N,) or None."""
+    from ditlab.sampling.generate import quantize
+
+    n, size, channels = cfg.num_images, pipeline.image_size, pipeline.image_channels
+    sampler, steps = pipeline.sampler_and_steps(cfg.sampler, cfg.steps)  # the process's defaults where None
+    for k in range(math.ceil(n / (info.world_size * cfg.batch_size))):
+        mine = rank_indices(n, cfg.batch_size, info.rank, info.world_size, k)
+        pixels = torch.empty((0, size, size, channels), dtype=torch.uint8, device=info.device)
+        if len(mine):
+            mine_labels = labels[mine.start:mine.stop] if labels is not None else None
+            images = pipeline.images(mine_labels, cfg.seed, mine, guidance=guidance, sampler=sampler, steps=steps)
+            pixels = quantize(images)  # (b, H, W, C) uint8
+        yield mine, pixels, gather_round(pixels, n, cfg.batch_size, info, k)
+
+
 def _sample_rounds(cfg: SampleConfig, job: _Job, info: DistInfo) -> None:
     """Every round: this rank's images sampled, decoded and quantized, gathered on rank 0 and written."""
     from tqdm.auto import tqdm
 
     from ditlab.data.npz import PROTOCOL_KEY, NpzWriter
     from ditlab.runtime.files import atomic_write_text
-    from ditlab.sampling.generate import quantize, save_grid, save_pngs
+    from ditlab.sampling.generate import save_grid, save_pngs
 
     n, out, png_dir = cfg.num_images, cfg.out_path, cfg.png_dir
     if png_dir and info.is_main:
@@ -149,20 +169,12 @@ def _sample_rounds(cfg: SampleConfig, job: _Job, info: DistInfo) -> None:
         raise UserError(f"--out {out}: cannot write it ({e})") from e
     with npz or contextlib.nullcontext(), torch.inference_mode(), \
             tqdm(total=n, unit="img", desc="sampling", disable=not (cfg.progress and info.is_main)) as bar:
-        for k in range(math.ceil(n / (info.world_size * cfg.batch_size))):
-            mine = rank_indices(n, cfg.batch_size, info.rank, info.world_size, k)
-            pixels = torch.empty((0, *job.shape[1:]), dtype=torch.uint8, device=info.device)
-            if len(mine):
-                labels = job.labels[mine.start:mine.stop] if job.labels is not None else None
-                images = job.pipeline.images(labels, cfg.seed, mine, guidance=job.guidance,
-                                             sampler=job.record["sampler"], steps=job.record["steps"])
-                pixels = quantize(images)  # (b, H, W, C) uint8
-                if png_dir:
-                    try:
-                        save_pngs(pixels.cpu().numpy(), mine, png_dir)
-                    except OSError as e:
-                        raise UserError(f"--png-dir {png_dir}: cannot write an image ({e})") from e
-            gathered = gather_round(pixels, n, cfg.batch_size, info, k)
+        for mine, pixels, gathered in sample_rounds(job.pipeline, job.labels, cfg, info, job.guidance):
+            if png_dir and len(mine):
+                try:
+                    save_pngs(pixels.cpu().numpy(), mine, png_dir)
+                except OSError as e:
+                    raise UserError(f"--png-dir {png_dir}: cannot write an image ({e})") from e
             if gathered is not None:
                 npz.write(gathered) if npz is not None else grid.append(gathered)
                 bar.update(len(gathered))

@@ -15,6 +15,7 @@ from ditlab.flags import check_fields
 from ditlab.options import (
     BLOCK_OPTIONS,
     BLOCKS,
+    FEATURE_SETS,
     FLOW_LOSS_WEIGHTS,
     FLOW_PATHS,
     FLOW_PREDICTIONS,
@@ -29,6 +30,7 @@ from ditlab.options import (
     TIME_SAMPLINGS,
     check_block_options,
 )
+from ditlab.sampling.config import MAX_STEPS, SampleConfig
 
 MAX_TIMEOUT_S = 7 * 24 * 3600  # a week: past it a collective's timeout is a typo (and overflows timedelta)
 RESUMABLE: Mapping[str, Any] = MappingProxyType({"resumable": True})
@@ -39,6 +41,13 @@ as far as `lr_schedule.check_resume` allows. Any other difference is refused."""
 FLOW_SETTINGS = ("path", "prediction", "loss_weight", "time_sampling", "time_location", "time_scale", "train_eps")
 """The fields that set a flow's training, named as `diffusion.flow_matching.FlowConfig`'s (which reads them off a
 run's config); they belong to --objective flow."""
+
+
+def like_sample(name: str) -> Any:
+    """A field that takes what `ditlab sample`'s field `name` takes (its default and choices), and may
+    change on resume: online evaluation samples as `ditlab sample` does."""
+    sample_field = next(f for f in dataclasses.fields(SampleConfig) if f.name == name)
+    return field(default=sample_field.default, metadata={**sample_field.metadata, **RESUMABLE})
 
 
 @dataclass(kw_only=True)
@@ -155,6 +164,31 @@ class TrainConfig:
     dist_timeout: float = field(default=300.0, metadata={**RESUMABLE, "max": MAX_TIMEOUT_S})
     """seconds a collective may wait for another process before the run fails, naming the rank"""
 
+    eval_every: int = field(default=0, metadata=RESUMABLE)
+    """evaluate the EMA weights every N steps and at the end (online evaluation; 0 = never): K images
+    sampled as `ditlab sample` samples them (seed --seed, random labels), scored as `ditlab eval` scores them"""
+    eval_samples: int = field(default=1000, metadata=RESUMABLE)
+    """images per online evaluation (K)"""
+    eval_ref: str | None = field(default=None, metadata=RESUMABLE)
+    """what online evaluation compares against: a reference .npz (FID etc., as `ditlab eval`), an ADM batch
+    name, or a judge (digits); default: the data's judge (digits)"""
+    eval_features: str = field(default="inception", metadata=RESUMABLE)
+    """feature spaces of a reference .npz, comma-separated: inception, dinov2 (as `ditlab eval --features`)"""
+    eval_inception: str | None = field(default=None, metadata=RESUMABLE)
+    """local Inception weights for online FID (as `ditlab eval --inception`)"""
+    eval_dinov2: str | None = field(default=None, metadata=RESUMABLE)
+    """DINOv2 weights file or released name for online FD-DINOv2 (as `ditlab eval --dinov2`)"""
+    eval_sampler: str = like_sample("sampler")
+    """the sampler of online evaluation (as `ditlab sample --sampler`)"""
+    eval_steps: int = like_sample("steps")
+    """sampling steps of online evaluation (as `ditlab sample --steps`)"""
+    eval_cfg_scale: float = like_sample("cfg_scale")
+    """classifier-free guidance scale of online evaluation (as `ditlab sample --cfg-scale`)"""
+    eval_guidance_channels: int | None = like_sample("guidance_channels")
+    """guide only the first K latent channels in online evaluation (as `ditlab sample --guidance-channels`)"""
+    eval_batch_size: int = like_sample("batch_size")
+    """images per forward pass and process in online evaluation (as `ditlab sample --batch-size`)"""
+
     def __post_init__(self) -> None:
         if self.learn_sigma is None:  # the objective's own: the paper's learned variance; SiT's released half unused
             self.learn_sigma = self.objective == "ddpm"
@@ -198,6 +232,28 @@ class TrainConfig:
                             f"{self.global_batch_size}")
         self._validate_objective()
         self.check_lr()
+        self.check_eval()
+
+    def check_eval(self) -> None:
+        """Refuse online-evaluation settings that cannot run, naming the flag (before any step is trained)."""
+        if self.eval_every < 0:
+            raise UserError(f"--eval-every {self.eval_every} must be at least 0 (0: no online evaluation)")
+        if not self.eval_every:
+            return
+        if self.fsdp:
+            raise UserError("--eval-every with --fsdp: online evaluation samples with an unsharded EMA; train with "
+                            "DDP, or evaluate the checkpoints with `ditlab sample` and `ditlab eval`")
+        features = [f.strip() for f in self.eval_features.split(",")]
+        checks = [
+            (self.eval_samples >= 1, f"--eval-samples {self.eval_samples} must be positive"),
+            (self.eval_batch_size >= 1, f"--eval-batch-size {self.eval_batch_size} must be positive"),
+            (1 <= self.eval_steps <= MAX_STEPS, f"--eval-steps {self.eval_steps} must be between 1 and {MAX_STEPS}"),
+            (bool(features) and all(f in FEATURE_SETS for f in features),
+             f"--eval-features {self.eval_features}: choose one or more of {', '.join(FEATURE_SETS)}, comma-separated"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
 
     def check_lr(self) -> None:
         """Refuse learning-rate settings that make no schedule, naming the flag."""

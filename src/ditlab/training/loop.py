@@ -35,6 +35,7 @@ from ditlab.training.data import TrainingData, open_training_data
 from ditlab.training.ema import make_ema
 from ditlab.training.guard import NonFiniteGuard, TrainingDiverged, weights_finite
 from ditlab.training.metrics import MetricsLog
+from ditlab.training.online_eval import OnlineEval
 from ditlab.training.order import RankBatchSampler
 from ditlab.training.parallel import apply_parallelism
 from ditlab.training.preempt import Preemption, health_group, is_timeout, silent_rank_error, stop
@@ -147,6 +148,9 @@ def _train(cfg: TrainConfig, info: DistInfo, dataset: Dataset | None = None) -> 
     sample_codec = _grid_codec(data, info) if cfg.sample_every else None
     dropout = model.cfg.class_dropout_prob if model.num_classes else None  # None: no labels
     guard = NonFiniteGuard(cfg.max_bad_steps, info.device)
+    online = _online_eval(cfg, info, data, diffusion, model)
+    if online is not None and online.due(step, total):  # a checkpointed step whose evaluation never finished
+        online.run(ema, step, log)
     started = time.time()
     with Preemption(info.distributed, timedelta(seconds=cfg.dist_timeout)) as preempt:
         while step < total:
@@ -176,6 +180,8 @@ def _train(cfg: TrainConfig, info: DistInfo, dataset: Dataset | None = None) -> 
                 if signum:
                     log.close()
                     raise stop(signum, step, str(last_good), info.is_main)
+                if online is not None and online.due(step, total):
+                    online.run(ema, step, log)
                 if step >= total:
                     break
     log.close()
@@ -196,6 +202,17 @@ def _checkpoint(model: torch.nn.Module, ema: torch.nn.Module, opt: torch.optim.O
         raise TrainingDiverged(f"step {step}: the weights are not finite, no checkpoint written; last good "
                                f"checkpoint: {last_good or 'none'}; lower --lr or set --grad-clip")
     return resume.save(model, ema, opt, cfg, info, step, run)
+
+
+def _online_eval(cfg: TrainConfig, info: DistInfo, data: TrainingData, process: Process,
+                 model: DiT) -> OnlineEval | None:  # fmt: skip
+    """The run's online evaluation (None without --eval-every), its settings checked before the first step."""
+    if not cfg.eval_every:
+        return None
+    from ditlab.data.classes import class_names
+
+    names = class_names(model.num_classes, stored=getattr(data.dataset, "classes", None))
+    return OnlineEval(cfg, info, data, process, names)
 
 
 def _grid_codec(data: TrainingData, info: DistInfo) -> Codec | None:

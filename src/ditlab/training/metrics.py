@@ -95,6 +95,21 @@ class MetricsLog:
         if self.bar is not None and row["loss"] is not None:
             self.bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{images_per_sec:.1f}")
 
+    def evaluation(self, step: int, scores: dict[str, Any]) -> None:
+        """An online evaluation's row (`training.online_eval`): {"step": N, "eval": scores} in
+        metrics.jsonl, its numbers as eval/NAME to the sinks (rank 0)."""
+        if not self.info.is_main:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, "eval": scores}) + "\n")
+        numbers = {f"eval/{k}": v for k, v in scores.items()
+                   if isinstance(v, float | int) and not isinstance(v, bool) and k != "seed"}
+        for sink in self.sinks:
+            sink.scalars(numbers, step)
+        if self.bar is not None:
+            self.bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in numbers.items()
+                                                        if not k.endswith("seconds")))
+
     def step_done(self) -> None:
         if self.bar is not None:
             self.bar.update(1)

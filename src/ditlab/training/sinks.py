@@ -30,6 +30,11 @@ class Sink(Protocol):
     def close(self) -> None: ...
 
 
+def tag(key: str) -> str:
+    """A metric's name in the sinks: train/NAME, or the key itself when it names its group (eval/fid)."""
+    return key if "/" in key else f"train/{key}"
+
+
 def check_sinks(cfg: TrainConfig) -> None:
     """Refuse a requested sink whose package is missing (call on every rank, before training)."""
     if cfg.wandb and importlib.util.find_spec("wandb") is None:
@@ -52,7 +57,7 @@ def _wandb_can_log() -> bool:
 
 
 class TensorBoardSink:
-    """Scalars as train/NAME, sample grids as images, in results/tensorboard."""
+    """Scalars as train/NAME (online evaluation's as eval/NAME), sample grids as images, in results/tensorboard."""
 
     def __init__(self, results: Path):
         from torch.utils.tensorboard import SummaryWriter
@@ -61,7 +66,7 @@ class TensorBoardSink:
 
     def scalars(self, row: dict[str, float], step: int) -> None:
         for k, v in row.items():
-            self.writer.add_scalar(f"train/{k}", v, step)
+            self.writer.add_scalar(tag(k), v, step)
 
     def image(self, tag: str, path: Path, step: int) -> None:
         import numpy as np
@@ -75,7 +80,8 @@ class TensorBoardSink:
 
 
 class WandbSink:
-    """Scalars as train/NAME and sample grids as wandb.Image, in one W&B run per results folder."""
+    """Scalars as train/NAME (online evaluation's as eval/NAME) and sample grids as wandb.Image, in one
+    W&B run per results folder."""
 
     def __init__(self, results: Path, project: str, config: dict[str, Any]):
         import wandb
@@ -92,7 +98,7 @@ class WandbSink:
             raise UserError(f"--wandb {project}: {e}") from e
 
     def scalars(self, row: dict[str, float], step: int) -> None:
-        self.run.log({f"train/{k}": v for k, v in row.items()}, step=step)
+        self.run.log({tag(k): v for k, v in row.items()}, step=step)
 
     def image(self, tag: str, path: Path, step: int) -> None:
         self.run.log({tag: self.wandb.Image(str(path), caption=f"EMA samples, step {step}")}, step=step)
