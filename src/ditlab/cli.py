@@ -173,7 +173,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("samples", metavar="SAMPLES.npz", help="sample batch: arr_0 uint8 images (N, H, W, 3)")
     p.add_argument("ref", metavar="REF.npz",
                    help="reference batch: arr_0 images, and mu, sigma, mu_s, sigma_s if precomputed (ADM's files); "
-                        "imagenet256 or imagenet512 fetch ADM's into $DITLAB_HOME")
+                        "imagenet256 or imagenet512 fetch ADM's into $DITLAB_HOME; fashion-mnist judges the "
+                        "samples with the Fashion-MNIST classifier (Frechet distance in its features, class "
+                        "accuracy, precision, recall) against the 10,000 test images")
     p.add_argument("--inception", metavar="PATH", default=None,
                    help="InceptionV3 weights (weights-inception-2015-12-05-6726825d.pth; default: torch hub's "
                         "checkpoints folder if there, else fetched into $DITLAB_HOME)")

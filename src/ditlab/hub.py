@@ -1,5 +1,6 @@
-"""Downloads by name: the authors' DiT checkpoints, ADM's reference batches and the FID Inception
-weights, fetched once into a cache folder and verified.
+"""Downloads by name: the authors' DiT checkpoints, ADM's reference batches, the FID Inception
+weights and Fashion-MNIST's four files (`fashion-mnist/<file>.gz`), fetched once into a cache
+folder and verified.
 
 - Cache: `$DITLAB_HOME` (default `~/.cache/ditlab`), one file per released name. A file there is
   used as it is (it was verified when it arrived): no request is made.
@@ -33,6 +34,7 @@ from typing import BinaryIO
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
+from ditlab.data.named import FASHION_FILES, FASHION_URL, hub_name
 from ditlab.errors import UserError, one_line
 
 CONNECT_TIMEOUT_S = 1.5  # the reachability probe: a missing network fails within this
@@ -51,9 +53,9 @@ class Released:
     url: str
     """its own download location (a mirror replaces everything up to the name)"""
     kind: str
-    """"checkpoint", "reference" or "inception": which structural check it gets"""
+    """"checkpoint", "reference", "inception" or "idx": which structural check it gets"""
     sha256_prefix: str | None = None
-    """the leading hex digits of its SHA-256, where known"""
+    """the leading hex digits of its SHA-256 (all of them where the publisher's file is known)"""
     model: str | None = None
     """the named config it holds (a checkpoint's state dict does not store its heads)"""
 
@@ -65,6 +67,8 @@ RELEASED: dict[str, Released] = {
     "VIRTUAL_imagenet512.npz": Released(ADM_URL + "512/VIRTUAL_imagenet512.npz", "reference"),
     INCEPTION_NAME: Released("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_NAME,
                              "inception", sha256_prefix="6726825d"),
+    **{hub_name(stem): Released(FASHION_URL + f"{stem}.gz", "idx", sha256_prefix=f.gz_sha256)
+       for stem, f in FASHION_FILES.items()},  # fashion-mnist/<stem>.gz: a name may hold a folder
 }
 REFERENCE_BATCHES = {"imagenet256": "VIRTUAL_imagenet256_labeled.npz", "imagenet512": "VIRTUAL_imagenet512.npz"}
 """`ditlab eval`'s names for ADM's reference batches"""
@@ -129,7 +133,7 @@ def _fetch(name: str, progress: bool) -> Path:
         raise UserError(f"{name} is not in the cache and DITLAB_OFFLINE is set: {where}")
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)
-        lock = open(dst.with_name(f".{name}.lock"), "w")
+        lock = open(dst.with_name(f".{dst.name}.lock"), "w")
     except OSError as e:
         raise UserError(f"DITLAB_HOME {dst.parent}: cannot write there ({one_line(e)})") from e
     with lock:
@@ -143,7 +147,7 @@ def _fetch(name: str, progress: bool) -> Path:
         why = reachable(url)
         if why is not None:
             raise UserError(f"cannot reach {url} ({why}): {where}, or set DITLAB_MIRROR")
-        part = dst.with_name(f".{name}.part")
+        part = dst.with_name(f".{dst.name}.part")
         _download(url, part, name, progress, where)
         _verify(name, part, url)
         with open(part, "rb") as f:
@@ -269,4 +273,12 @@ def check_inception(path: Path) -> None:
     load_inception(str(path))
 
 
-CHECKS = {"checkpoint": check_checkpoint, "reference": check_reference, "inception": check_inception}
+def check_idx(path: Path) -> None:
+    """It reads as an IDX file: magic, dimensions and length (`data.idx`)."""
+    from ditlab.data.idx import read_idx
+
+    read_idx(path)
+
+
+CHECKS = {"checkpoint": check_checkpoint, "reference": check_reference, "inception": check_inception,
+          "idx": check_idx}

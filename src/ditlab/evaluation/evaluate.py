@@ -89,9 +89,14 @@ def evaluate(
     fid, sfid, is, precision, recall, how many images and which statistics were used, the sample
     batch's protocol record (None if it has none) and the protocol warnings (one line each).
     `ref_path` may name ADM's batch (imagenet256, imagenet512); without `inception_path` the
-    weights come from torch hub's folder or are fetched (`ditlab.hub`)."""
+    weights come from torch hub's folder or are fetched (`ditlab.hub`). A dataset with a judge
+    (fashion-mnist, `judges.JUDGES`) is judged by it instead (`judges.evaluate_with_judge`)."""
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    from ditlab.evaluation.judges import JUDGES, evaluate_with_judge
+
+    if ref_path in JUDGES and not os.path.exists(ref_path):  # a dataset's own judge (fashion-mnist)
+        return evaluate_with_judge(samples_path, ref_path, progress)
     from ditlab.sampling.record import read_record
 
     files = {"samples": samples_path, "ref": reference_path(ref_path, progress)}

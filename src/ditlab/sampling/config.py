@@ -40,7 +40,7 @@ class SampleConfig:
     """image resolution, checked against the checkpoint (default: the checkpoint's)"""
     vae: str | None = None
     """hub id, local AutoencoderKL folder, or 'pixel' (default: the codec a ditlab checkpoint was trained with,
-    pixel for digits, else stabilityai/sd-vae-ft-ema)"""
+    pixel for digits and Fashion-MNIST, else stabilityai/sd-vae-ft-ema)"""
     steps: int = 250
     """sampling steps, respaced as ADM does (250 is the paper's)"""
     sampler: str = field(default="ddpm", metadata={"choices": SAMPLERS})

@@ -1,0 +1,156 @@
+"""Judges: classifiers trained on one dataset's real images that judge generated images of it.
+
+Where Inception judges ImageNet samples, a judge judges a small dataset's: the Frechet distance
+of its penultimate features of the samples against those of the dataset's held-out real images,
+the class accuracy of the samples on their requested labels, and improved precision / recall
+(ADM's k-NN method, `metrics.precision_recall`) in the same feature space. Its floor is what real
+training images score against the held-out ones at the same count: a sample set cannot be
+expected to do better.
+
+`ImageJudge` is the interface `ditlab eval` and `ditlab study` call; `FeatureJudge` implements
+`score` and `floor` for any judge that provides `features`, `logits` and `real_images`.
+`JUDGES` names the judges by the data they judge."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Protocol
+
+import torch
+
+from ditlab.errors import UserError
+from ditlab.evaluation.metrics import (
+    PR_NEIGHBOURS,
+    FeatureStats,
+    feature_stats,
+    frechet_distance,
+    manifold_radii,
+    precision_recall,
+)
+
+JUDGES = {"fashion-mnist": "ditlab.evaluation.fashion_judge:load_fashion_judge"}
+"""data name -> "module:function" returning its judge (trained, or read from the cache)"""
+FLOOR_SEED = 0  # which real training images stand in for samples in the floor
+INFERENCE_CHUNK = 1000  # images read from a sample file at a time
+PR_BLOCK = 2048  # rows of one block of k-NN distances: 16 MB rather than ADM's 400 MB blocks, the same values
+PIXEL_MID = 127.5  # uint8 pixels p -> (p - 127.5) / 127.5 in [-1, 1]
+
+
+class ImageJudge(Protocol):
+    """A judge of images (N, C, H, W) float in [-1, 1] with labels (N,) int64."""
+
+    name: str
+    """the data it judges, e.g. "fashion-mnist" """
+    feature_width: int
+    """D, the width of its penultimate features"""
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Penultimate features (N, D) float32."""
+        ...
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """Class logits (N, K) float32."""
+        ...
+
+    def score(self, images: torch.Tensor, labels: torch.Tensor | None) -> dict[str, float]:
+        """frechet_distance, precision, recall of samples, and class_accuracy on their requested
+        labels (left out without labels)."""
+        ...
+
+    def floor(self, num_images: int, image_size: int) -> dict[str, float]:
+        """`score` of `num_images` real training images at `image_size`."""
+        ...
+
+
+class FeatureJudge:
+    """`score` and `floor` from `features`, `logits` and `real_images` (which subclasses provide)."""
+
+    name: str
+    feature_width: int
+
+    def __init__(self) -> None:
+        self._reference: dict[int, tuple] = {}  # image size -> (features (M, D), FeatureStats, k-NN radii (M,))
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def real_images(self, split: str, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Real images (N, C, S, S) in [-1, 1] and labels (N,) of "train" or "test" at size S, made as
+        training makes them (so a sample set is compared with real images of its own size)."""
+        raise NotImplementedError
+
+    def reference(self, image_size: int) -> tuple[torch.Tensor, FeatureStats, torch.Tensor]:
+        """Features (M, D) of the held-out real images at `image_size`, their statistics and their
+        k-NN radii (computed once per size)."""
+        if image_size not in self._reference:
+            feats = self.features(self.real_images("test", image_size)[0])
+            self._reference[image_size] = feats, feature_stats(feats), manifold_radii(feats, batch=PR_BLOCK)
+        return self._reference[image_size]
+
+    def score(self, images: torch.Tensor, labels: torch.Tensor | None) -> dict[str, float]:
+        if images.dim() != 4 or images.shape[-1] != images.shape[-2] or \
+                labels is not None and len(labels) != len(images):
+            raise UserError(f"{self.name} judge: need square images (N, C, S, S) and N labels, got "
+                            f"{tuple(images.shape)} and {len(labels) if labels is not None else 'no'} labels")
+        if len(images) <= PR_NEIGHBOURS:
+            raise UserError(f"{self.name} judge: {len(images)} images; precision/recall need more than {PR_NEIGHBOURS}")
+        ref, r, radii = self.reference(images.shape[-1])
+        feats = self.features(images)
+        s = feature_stats(feats)
+        precision, recall = precision_recall(ref, feats, batch=PR_BLOCK, ref_radii=radii)
+        out = {"frechet_distance": frechet_distance(s.mu, s.sigma, r.mu, r.sigma)}
+        if labels is not None:
+            predicted = self.logits(images).argmax(1)
+            out["class_accuracy"] = float((predicted == labels.to(predicted.device)).double().mean())
+        return {**out, "precision": precision, "recall": recall}
+
+    def floor(self, num_images: int, image_size: int) -> dict[str, float]:
+        images, labels = self.real_images("train", image_size)
+        if not 0 < num_images <= len(images):
+            raise UserError(f"{self.name} judge: floor of {num_images} images; it has {len(images)} training images")
+        pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(FLOOR_SEED))[:num_images]
+        return self.score(images[pick], labels[pick])
+
+
+def load_judge(data: str, progress: bool = False) -> ImageJudge:
+    """The judge of the data named `data` (see `JUDGES`)."""
+    if data not in JUDGES:
+        raise UserError(f"no judge for {data!r}: judges exist for {', '.join(JUDGES)}")
+    module, function = JUDGES[data].split(":")
+    return getattr(importlib.import_module(module), function)(progress=progress)
+
+
+def read_sample_images(path: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The `arr_0` images of a sample batch as (N, 1, H, W) float32 in [-1, 1] (RGB averaged to
+    gray), and its `arr_1` labels (N,) int64 if it holds them."""
+    import numpy as np
+
+    from ditlab.evaluation.batches import NpzImages
+
+    batch = NpzImages(path)  # layout checks, one line each
+    pixels = np.concatenate(list(batch.batches(INFERENCE_CHUNK)))  # (N, H, W, 3)
+    images = torch.from_numpy(pixels).float().mean(-1, keepdim=True).permute(0, 3, 1, 2)  # (N, 1, H, W)
+    with np.load(path) as f:
+        labels = torch.from_numpy(f["arr_1"].astype(np.int64)) if "arr_1" in f.files else None
+    if labels is not None and labels.shape != (batch.num_images,):
+        raise UserError(f"{path}: arr_1 has shape {tuple(labels.shape)}, expected ({batch.num_images},) labels")
+    return (images - PIXEL_MID) / PIXEL_MID, labels
+
+
+def evaluate_with_judge(samples_path: str, data: str, progress: bool = False) -> dict[str, Any]:
+    """`ditlab eval SAMPLES.npz fashion-mnist`: the judge's metrics of the sample batch, beside its
+    floor (real training images at the same count and size) and the judge's own facts."""
+    from ditlab.sampling.record import read_record
+
+    images, labels = read_sample_images(samples_path)
+    judge = load_judge(data, progress)
+    size = images.shape[-1]
+    result = {**judge.score(images, labels), "num_samples": len(images), "image_size": size, "judge": judge.name,
+              "feature_width": judge.feature_width,
+              "floor": judge.floor(min(len(images), len(judge.real_images("train", size)[1])), size),
+              "judge_test_accuracy": getattr(judge, "test_accuracy", None), "protocol": read_record(samples_path)}
+    warnings = [] if labels is not None else [f"{samples_path} holds no labels (arr_1): no class accuracy"]
+    return {**result, "warnings": warnings}
