@@ -50,6 +50,9 @@ class JudgeRecipe:
     """train on the first N training images only (tests); None: all 60,000"""
 
 
+DEFAULT_RECIPE = JudgeRecipe()
+
+
 class FashionNet(nn.Module):
     """conv(3x3)-BN-ReLU-maxpool x3, then a ReLU layer of `hidden` features and a linear classifier."""
 
@@ -167,11 +170,20 @@ class FashionJudge(FeatureJudge):
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         return self._run(images, head=True)  # (N, 10)
 
-    def real_images(self, split: str, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _split(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         if split not in self._pixels:
             ds = IdxDataset(FASHION, split)
-            self._pixels[split] = ds.pixels, ds.labels
-        pixels, labels = self._pixels[split]
+            self._pixels[split] = ds.pixels, ds.labels  # (N, 28, 28) uint8, (N,)
+        return self._pixels[split]
+
+    def num_real(self, split: str) -> int:
+        return len(self._split(split)[1])
+
+    def real_images(self, split: str, image_size: int,
+                    index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        pixels, labels = self._split(split)
+        if index is not None:
+            pixels, labels = pixels[index], labels[index]
         return to_images(pixels, image_size), labels  # (N, 1, S, S)
 
 
@@ -179,7 +191,7 @@ def load_fashion_judge(recipe: JudgeRecipe | None = None, progress: bool = False
     """The judge of `recipe` (default: the standard one) from the cache, trained and cached first if absent."""
     from ditlab.runtime.files import atomic_write
 
-    recipe = recipe or JudgeRecipe()
+    recipe = recipe or DEFAULT_RECIPE
     path = cache_path(recipe)
     if not path.is_file():
         if progress:

@@ -61,6 +61,10 @@ class ImageJudge(Protocol):
         """`score` of `num_images` real training images at `image_size`."""
         ...
 
+    def num_real(self, split: str) -> int:
+        """How many real images `split` ("train" or "test") holds."""
+        ...
+
 
 class FeatureJudge:
     """`score` and `floor` from `features`, `logits` and `real_images` (which subclasses provide)."""
@@ -77,9 +81,15 @@ class FeatureJudge:
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def real_images(self, split: str, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def real_images(self, split: str, image_size: int,
+                    index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Real images (N, C, S, S) in [-1, 1] and labels (N,) of "train" or "test" at size S, made as
-        training makes them (so a sample set is compared with real images of its own size)."""
+        training makes them (so a sample set is compared with real images of its own size); only
+        the items `index` (N,) when given."""
+        raise NotImplementedError
+
+    def num_real(self, split: str) -> int:
+        """How many real images `split` holds."""
         raise NotImplementedError
 
     def reference(self, image_size: int) -> tuple[torch.Tensor, FeatureStats, torch.Tensor]:
@@ -108,11 +118,11 @@ class FeatureJudge:
         return {**out, "precision": precision, "recall": recall}
 
     def floor(self, num_images: int, image_size: int) -> dict[str, float]:
-        images, labels = self.real_images("train", image_size)
-        if not 0 < num_images <= len(images):
-            raise UserError(f"{self.name} judge: floor of {num_images} images; it has {len(images)} training images")
-        pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(FLOOR_SEED))[:num_images]
-        return self.score(images[pick], labels[pick])
+        n = self.num_real("train")
+        if not 0 < num_images <= n:
+            raise UserError(f"{self.name} judge: floor of {num_images} images; it has {n} training images")
+        pick = torch.randperm(n, generator=torch.Generator().manual_seed(FLOOR_SEED))[:num_images]
+        return self.score(*self.real_images("train", image_size, pick))
 
 
 def load_judge(data: str, progress: bool = False) -> ImageJudge:
@@ -150,7 +160,7 @@ def evaluate_with_judge(samples_path: str, data: str, progress: bool = False) ->
     size = images.shape[-1]
     result = {**judge.score(images, labels), "num_samples": len(images), "image_size": size, "judge": judge.name,
               "feature_width": judge.feature_width,
-              "floor": judge.floor(min(len(images), len(judge.real_images("train", size)[1])), size),
+              "floor": judge.floor(min(len(images), judge.num_real("train")), size),
               "judge_test_accuracy": getattr(judge, "test_accuracy", None), "protocol": read_record(samples_path)}
     warnings = [] if labels is not None else [f"{samples_path} holds no labels (arr_1): no class accuracy"]
     return {**result, "warnings": warnings}
