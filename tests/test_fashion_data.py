@@ -181,3 +181,17 @@ def test_the_real_files_match_the_canonical_contents():
     assert got.sha256 == named.FASHION_FILES[STEMS[1]].raw_sha256
     images, labels = fashion.load_idx_split("fashion-mnist", "test")  # checks both test files
     assert images.shape == (10000, 28, 28) and torch.bincount(labels).tolist() == [1000] * 10
+
+
+def test_train_on_a_bad_idx_folder_is_one_line(tmp_path, capsys):
+    from ditlab.cli import main
+
+    files = tiny_files()
+    files[STEMS[0]] = files[STEMS[0]][:-100]  # truncated training images
+    write_folder(tmp_path / "idx", files, gz=True)
+    args = ["train", "--data", str(tmp_path / "idx"), "--results", str(tmp_path / "run"), "--model", "DiT-S/8",
+            "--depth", "1", "--hidden-size", "16", "--num-heads", "2", "--max-steps", "1", "--global-batch-size", "4",
+            "--num-workers", "0", "--no-progress"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "train-images-idx3-ubyte.gz: IDX file truncated" in err
