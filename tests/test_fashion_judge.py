@@ -11,7 +11,7 @@ import torch
 from test_fashion_data import needs_real
 
 from ditlab.cli import main
-from ditlab.evaluation import fashion_judge, feature_stats, frechet_distance, precision_recall
+from ditlab.evaluation import fashion_judge, feature_stats, frechet_distance, judges, precision_recall
 from ditlab.evaluation.batches import save_samples
 from ditlab.evaluation.judges import load_judge
 
@@ -21,11 +21,14 @@ TINY = fashion_judge.JudgeRecipe(channels=(4, 8, 8), hidden=16, epochs=1, batch_
 
 @pytest.fixture(scope="module")
 def judge(tmp_path_factory):
-    """The tiny judge as the default one, in a cache of its own (for the whole module)."""
+    """The tiny judge as the default one, in a cache of its own, and the one object `ditlab eval`
+    and the study load for the whole module (so the reference features are computed once)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DITLAB_HOME", str(tmp_path_factory.mktemp("home")))
         mp.setattr(fashion_judge, "DEFAULT_RECIPE", TINY)
-        yield load_judge("fashion-mnist")
+        loaded = load_judge("fashion-mnist")
+        mp.setattr(judges, "load_judge", lambda data, progress=False: loaded)
+        yield loaded
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
