@@ -162,7 +162,7 @@ def test_only_names_an_entry(tmp_path, capsys):
     assert capsys.readouterr().out.split() == ["DiT-T-2", "DiT-T-4"]
 
 
-@pytest.mark.parametrize("name", ["cpu-mini", "paper-256"])
+@pytest.mark.parametrize("name", ["cpu-mini", "cpu-fashion", "paper-256"])
 def test_shipped_specs_parse(name, monkeypatch):
     monkeypatch.setenv("IMAGENET_LATENTS", "/data/imagenet-256-latents")
     monkeypatch.setenv("IMAGENET_REF", "/data/VIRTUAL_imagenet256_labeled.npz")

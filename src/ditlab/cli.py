@@ -190,7 +190,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("ref", metavar="REF.npz", nargs="?", default=None,
                    help="reference batch: arr_0 images, and mu, sigma, mu_s, sigma_s if precomputed (ADM's files) and "
                         "the DINOv2 features of --save-ref; imagenet256 or imagenet512 fetch ADM's into $DITLAB_HOME; "
-                        "digits: the digits judge's accuracy and Frechet distance instead")
+                        "digits: the digits judge's accuracy and Frechet distance instead; fashion-mnist: the "
+                         "Fashion-MNIST classifier's Frechet distance, class accuracy, precision and recall against "
+                         "its 10,000 test images")
     p.add_argument("--features", default="inception", metavar="inception,dinov2",
                    help=f"feature spaces, comma-separated, of {', '.join(FEATURE_SETS)} (default inception): "
                         "dinov2 adds fd_dinov2, precision_dinov2, recall_dinov2")

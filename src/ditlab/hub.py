@@ -1,5 +1,6 @@
 """Downloads by name: the authors' DiT checkpoints, SiT's, ADM's reference batches, the FID
-Inception weights and the official DINOv2 backbones, fetched once into a cache folder and verified.
+Inception weights, the official DINOv2 backbones and Fashion-MNIST's four files
+(`fashion-mnist/<file>.gz`), fetched once into a cache folder and verified.
 
 - Cache: `$DITLAB_HOME` (default `~/.cache/ditlab`), one file per released name. A file there is
   used without a request; it is verified again whenever its size or modification time differs from
@@ -43,6 +44,7 @@ from typing import Any, BinaryIO
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
+from ditlab.data.named import FASHION_FILES, FASHION_URL, hub_name
 from ditlab.errors import UserError, one_line
 from ditlab.runtime.home import home as home  # the cache folder, shared with what runtime/ keeps there
 
@@ -70,9 +72,9 @@ class Released:
     url: str
     """its own download location (a mirror replaces everything up to the name)"""
     kind: str
-    """"checkpoint", "reference", "inception" or "dinov2": what it is"""
+    """"checkpoint", "reference", "inception", "dinov2" or "idx": what it is"""
     sha256_prefix: str | None = None
-    """the leading hex digits of its SHA-256, where known"""
+    """the leading hex digits of its SHA-256 (all of them where the publisher's file is known)"""
     model: str | None = None
     """the named config it holds (a checkpoint's state dict does not store its heads; a DINOv2
     file's official model name, which its shapes must match)"""
@@ -96,8 +98,9 @@ CHECK_CHECKPOINT = "ditlab.checkpoints.formats:check_released_checkpoint"
 CHECK_REFERENCE = "ditlab.evaluation.batches:check_reference_batch"
 CHECK_INCEPTION = "ditlab.evaluation.inception:check_weights_file"
 CHECK_DINOV2 = "ditlab.evaluation.dinov2:check_released"
+CHECK_IDX = "ditlab.data.idx:check_idx_file"
 KIND_CHECKS = {"checkpoint": CHECK_CHECKPOINT, "reference": CHECK_REFERENCE, "inception": CHECK_INCEPTION,
-               "dinov2": CHECK_DINOV2}
+               "dinov2": CHECK_DINOV2, "idx": CHECK_IDX}
 # DiT-XL/2 on SD-VAE latents for ImageNet's 1000 classes, as the authors released it (SiT's too)
 _DIT_XL_2 = {"depth": 28, "hidden_size": 1152, "patch_size": 2, "in_channels": 4, "num_classes": 1000,
              "learn_sigma": True}
@@ -115,6 +118,8 @@ RELEASED: dict[str, Released] = {
                                         implies={"image_size": 512}, check=CHECK_REFERENCE),
     INCEPTION_NAME: Released("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_NAME,
                              "inception", sha256_prefix="6726825d", check=CHECK_INCEPTION),
+    **{hub_name(stem): Released(FASHION_URL + f"{stem}.gz", "idx", sha256_prefix=f.gz_sha256, check=CHECK_IDX)
+       for stem, f in FASHION_FILES.items()},  # fashion-mnist/<stem>.gz: a name may hold a folder
 }
 RELEASED.update({  # the official hubconf's files: dinov2_{arch}/dinov2_{arch}[_reg4]_pretrain.pth
     f"{model}_pretrain.pth": Released(f"{DINOV2_URL}dinov2_{arch}/{model}_pretrain.pth", "dinov2", model=model,
@@ -225,7 +230,7 @@ def _fetch(name: str, progress: bool) -> Path:
         raise UserError(f"{name} is not in the cache and DITLAB_OFFLINE is set: {where}")
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)
-        lock = open(dst.with_name(f".{name}.lock"), "w")
+        lock = open(dst.with_name(f".{dst.name}.lock"), "w")
     except OSError as e:
         raise UserError(f"DITLAB_HOME {dst.parent}: cannot write there ({one_line(e)})") from e
     with lock:
@@ -239,7 +244,7 @@ def _fetch(name: str, progress: bool) -> Path:
         why = reachable(url)
         if why is not None:
             raise UserError(f"cannot reach {url} ({why}): {where}, or set DITLAB_MIRROR")
-        part = dst.with_name(f".{name}.part")
+        part = dst.with_name(f".{dst.name}.part")
         _download(url, part, name, progress, where)
         _verify(name, part, url)
         with open(part, "rb") as f:

@@ -53,8 +53,10 @@ def codec_of_run(train_config: dict[str, Any] | None) -> str | None:
     "vae"): pixel for digits, a latent cache's own codec (if the cache is still there), else --vae."""
     if not train_config:
         return None
+    from ditlab.data.named import NAMED_DATA
+
     data = str(train_config.get("data", ""))
-    if data == "digits":
+    if data in NAMED_DATA:
         return "pixel"
     index = Path(data) / INDEX_NAME
     if index.is_file():

@@ -44,11 +44,11 @@ def training_class_names(train_config: dict[str, Any] | None) -> list[str] | Non
 
     if not train_config:
         return None
-    data = str(train_config.get("data", ""))
-    if data == "digits":
-        from ditlab.data.digits import DIGITS_CLASSES
+    from ditlab.data.named import NAMED_DATA
 
-        return [str(i) for i in range(DIGITS_CLASSES)]
+    data = str(train_config.get("data", ""))
+    if data in NAMED_DATA:
+        return list(NAMED_DATA[data].class_names)
     root = Path(data)
     try:
         if (root / INDEX_NAME).is_file():

@@ -104,13 +104,14 @@ def evaluate(
     Returns a JSON-ready dict: the metrics, how many images and which statistics were used, the
     network and preprocessing of each feature space ("features"), the sample batch's protocol
     record (None if it has none) and the protocol warnings (one line each). `ref_path` may name
-    ADM's batch (imagenet256, imagenet512), or a judge (digits: `evaluation.judges`)."""
+    ADM's batch (imagenet256, imagenet512), or a judge (digits, fashion-mnist: `evaluation.judges`),
+    whose scores it returns instead."""
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
     from ditlab.evaluation.judges import evaluate_with_judge, is_judge
 
     if is_judge(ref_path) and not os.path.exists(ref_path):  # a judge's name: its scores instead
-        return evaluate_with_judge(samples_path, ref_path)
+        return evaluate_with_judge(samples_path, ref_path, progress)
     features = check_features(features)
     from ditlab.data.npz import read_record
 

@@ -138,16 +138,18 @@ def manifold_radii(features: torch.Tensor, k: int = PR_NEIGHBOURS, batch: int = 
 
 
 def precision_recall(
-    ref: torch.Tensor, samples: torch.Tensor, k: int = PR_NEIGHBOURS, batch: int = PR_BATCH
+    ref: torch.Tensor, samples: torch.Tensor, k: int = PR_NEIGHBOURS, batch: int = PR_BATCH,
+    ref_radii: torch.Tensor | None = None,
 ) -> tuple[float, float]:
     """Improved precision and recall of samples (M, D) against ref (N, D), as ADM computes them.
 
     precision: the fraction of samples within the k-NN radius of at least one reference vector;
     recall: the fraction of reference vectors within the k-NN radius of at least one sample.
-    A point on a sphere's boundary counts as inside (distance <= radius)."""
+    A point on a sphere's boundary counts as inside (distance <= radius). `ref_radii` (N,), the
+    `manifold_radii(ref, k)` of an earlier call, saves recomputing them for the same reference."""
     if ref.dim() != 2 or samples.dim() != 2 or ref.shape[1] != samples.shape[1]:
         raise UserError(f"features must be (N, D) with the same D, got {tuple(ref.shape)} and {tuple(samples.shape)}")
-    ref_radii = manifold_radii(ref, k, batch)  # (N,)
+    ref_radii = manifold_radii(ref, k, batch) if ref_radii is None else ref_radii  # (N,)
     sample_radii = manifold_radii(samples, k, batch)  # (M,)
     ref_covered = torch.zeros(ref.shape[0], dtype=torch.bool, device=ref.device)
     sample_covered = torch.zeros(samples.shape[0], dtype=torch.bool, device=samples.device)

@@ -62,7 +62,7 @@ class SampleConfig:
     """image resolution, checked against the checkpoint (default: the checkpoint's)"""
     vae: str | None = None
     """hub id, local AutoencoderKL folder, or 'pixel' (default: the codec a ditlab checkpoint was trained with,
-    pixel for digits, else stabilityai/sd-vae-ft-ema)"""
+    pixel for digits and Fashion-MNIST, else stabilityai/sd-vae-ft-ema)"""
     steps: int | None = None
     """sampling steps: ddpm's respaced as ADM does, a flow's time grid intervals (default: the checkpoint's
     process's, 250 for both, the paper's and SiT's)"""

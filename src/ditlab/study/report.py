@@ -16,7 +16,8 @@ from ditlab.study.objectives import objective_tables, own_curves
 from ditlab.study.results import last_point, load_rows, objective_of
 from ditlab.study.spec import PRIMARY
 
-LABELS = {"frechet_distance": "Frechet distance (digits features)", "fid": "FID"}
+LABELS = {"digits": "Frechet distance (digits features)", "fashion-mnist": "Frechet distance (Fashion judge features)",
+          "fid": "FID"}  # by the spec's metric
 
 
 def _fmt(x: float) -> str:
@@ -51,8 +52,9 @@ def markdown(study: dict[str, Any], rows: list[dict[str, Any]], found: dict[str,
              f"sample seed {', '.join(map(str, e['seeds']))}, {e['sampler']} {e['steps']} steps{flow}, guidance "
              f"{', '.join(f'{s:g}' for s in e['cfg_scales'])}; metric {found['metric']} (lower is better).", ""]
     if reference:
-        lines += ["Real training digits against the held-out ones: Frechet distance "
-                  f"{reference['frechet_distance']:.3g} (a reference, as many real digits as samples: models land "
+        data = reference.get("data", "digits")
+        lines += [f"Real training images ({data}) against the held-out ones: Frechet distance "
+                  f"{reference['frechet_distance']:.3g} (a reference, as many real images as samples: models land "
                   "near it, not strictly above).", ""]
     lines += ["## What the measurements say", ""]
     for key in ("gflops_correlation", "blocks", "sweep"):
@@ -96,7 +98,7 @@ def write_report(out: str | Path) -> dict[str, Any]:
         return {"rows": len(rows), "written": False, "figures": [], "out": str(out)}
     rho = (found["gflops_correlation"] or {}).get("spearman")
     floor = (reference or {}).get(metric)
-    figures = write_figures(study, rows, metric, LABELS[metric], out, rho, floor)
+    figures = write_figures(study, rows, metric, LABELS[study["eval"]["metric"]], out, rho, floor)
     atomic_write_text(out / "report.md", markdown(study, rows, found, figures, reference) + "\n")
     atomic_write_text(results_path, text)  # last: a report interrupted before it is redone next time
     return {"rows": len(rows), "written": True, "figures": figures, "out": str(out)}

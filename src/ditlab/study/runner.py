@@ -19,6 +19,7 @@ import torch
 
 from ditlab.checkpoints.state import checkpoint_path, list_checkpoints
 from ditlab.data.codecs import PIXEL
+from ditlab.data.named import NAMED_DATA
 from ditlab.errors import UserError, UserFileNotFoundError
 from ditlab.runtime.distributed import DistInfo, barrier, distributed_session
 from ditlab.runtime.files import atomic_write_text
@@ -28,6 +29,7 @@ from ditlab.training.resume import config_differences
 
 if TYPE_CHECKING:
     from ditlab.evaluation.digits_judge import DigitsJudge
+    from ditlab.evaluation.judges import ImageJudge
 
 SD_VAE_DOWNSAMPLE = 8  # image pixels per latent pixel of the SD VAE (4 latent channels)
 COLLECTIVE_TIMEOUT = timedelta(hours=4)  # other ranks wait at a barrier while rank 0 judges FID-50K
@@ -46,13 +48,14 @@ def model_facts(entry: Entry, study: Study) -> dict[str, Any]:
     from ditlab.models import DiT, count_gflops
 
     t = entry.train
-    digits, pixel = t["data"] == "digits", t.get("vae") == PIXEL
-    image = t.get("image_size") or (8 if digits else 256)  # train's defaults: the data's own size
-    size = image if digits or pixel else image // SD_VAE_DOWNSAMPLE
+    named, pixel = NAMED_DATA.get(t["data"]), t.get("vae") == PIXEL
+    image = t.get("image_size") or (named.image_size if named else 256)  # train's defaults: the data's own size
+    size = image if named or pixel else image // SD_VAE_DOWNSAMPLE
+    channels = named.channels if named else 3 if pixel else 4
+    classes = t.get("num_classes") or (len(named.class_names) if named else 1000)
     with torch.device("meta"):
-        model = DiT(input_size=size, patch_size=entry.patch_size, in_channels=1 if digits else 3 if pixel else 4,
-                    num_classes=10 if digits else (t.get("num_classes") or 1000), block=entry.block,
-                    learn_sigma=entry.train_config(Path(), 1, False).learn_sigma, **entry.model,
+        model = DiT(input_size=size, patch_size=entry.patch_size, in_channels=channels, num_classes=classes,
+                    block=entry.block, learn_sigma=entry.train_config(Path(), 1, False).learn_sigma, **entry.model,
                     **entry.options)  # fmt: skip
     return {"params": sum(p.numel() for p in model.parameters()), "gflops": count_gflops(model),
             "tokens": (size // entry.patch_size) ** 2, "input_size": size}
@@ -81,11 +84,21 @@ def check_entry(entry: Entry, study: Study, out: Path) -> dict[str, Any]:
 
 
 class Judge:
-    """The spec's metric on a sample file: the digits classifier, or ADM's FID suite."""
+    """The spec's metric on a sample file: the digits classifier, a dataset's judge
+    (`evaluation.judges`), or ADM's FID suite."""
 
     def __init__(self, study: Study, device: torch.device, progress: bool = False):
         self.study, self.device, self.progress = study, device, progress
         self._digits: tuple[DigitsJudge, torch.Tensor] | None = None
+        self._judge: ImageJudge | None = None
+
+    def image_judge(self) -> ImageJudge:
+        """The judge of the spec's metric (`evaluation.judges.load_judge`), loaded once."""
+        if self._judge is None:
+            from ditlab.evaluation.judges import load_judge
+
+            self._judge = load_judge(self.study.eval.metric, self.progress)
+        return self._judge
 
     def __call__(self, npz: Path) -> dict[str, float]:
         ev = self.study.eval
@@ -95,6 +108,10 @@ class Judge:
             assert ev.ref is not None  # a fid study names its reference batch (spec.py)
             r = evaluate(str(npz), ev.ref, ev.inception, device=str(self.device), progress=self.progress)
             return {k: float(r[k]) for k in ("fid", "sfid", "is", "precision", "recall")}
+        if ev.metric != "digits":
+            from ditlab.evaluation.judges import read_sample_images
+
+            return self.image_judge().score(*read_sample_images(str(npz)))
         from ditlab.data.npz import read_samples
 
         judge, real = self.digits()
@@ -114,14 +131,18 @@ class Judge:
             self._digits = DigitsJudge(), load_digits_arrays("test")[0]
         return self._digits
 
-    def reference(self) -> dict[str, float] | None:
-        """The metric of real training digits against the held-out ones (the floor), for the digits."""
-        if self.study.eval.metric != "digits":
+    def reference(self) -> dict[str, Any] | None:
+        """The metric of real training images against the held-out ones (the floor), for a judge."""
+        if self.study.eval.metric == "fid":
             return None
+        if self.study.eval.metric != "digits":
+            first = next(iter(self.study.entries.values())).train
+            size = first.get("image_size") or NAMED_DATA[self.study.eval.metric].image_size
+            return {**self.image_judge().floor(self.study.eval.num_samples, size), "data": self.study.eval.metric}
         judge, real = self.digits()
         n = min(self.study.eval.num_samples, len(judge.train_images))
         pick = torch.randperm(len(judge.train_images), generator=torch.Generator().manual_seed(0))[:n]
-        return {"frechet_distance": judge.frechet(judge.train_images[pick], real)}
+        return {"frechet_distance": judge.frechet(judge.train_images[pick], real), "data": "digits"}
 
 
 def num_classes(ckpt: Path) -> int:
@@ -221,7 +242,7 @@ def run_entry(entry: Entry, study: Study, out: Path, record: dict[str, Any], jud
 def preflight(study: Study) -> None:
     """The files a study needs, checked before anything is written or trained."""
     data = study.entries[next(iter(study.entries))].train["data"]
-    if data != "digits" and not Path(data).is_dir():
+    if data not in NAMED_DATA and not Path(data).is_dir():
         raise UserFileNotFoundError(f"{study.path} [data] data = {data!r}: no such folder (an image folder or a latent "
                                 "cache, e.g. from `ditlab extract-latents`)")
     ev = study.eval
@@ -252,7 +273,7 @@ def run_study(spec: str | Path, out: str | Path, only: str | None = None, device
         if info.is_main and not ((out / "study.json").is_file() and (out / "study.json").read_text() == text):
             atomic_write_text(out / "study.json", text)
         judge = Judge(study, info.device, progress)
-        if info.is_main and not (out / "reference.json").is_file() and study.eval.metric == "digits":
+        if info.is_main and not (out / "reference.json").is_file() and study.eval.metric != "fid":
             atomic_write_text(out / "reference.json", json.dumps(judge.reference(), indent=2) + "\n")
         for i, name in enumerate(names, 1):
             r = records[name]

@@ -29,14 +29,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ditlab.data.named import NAMED_DATA
 from ditlab.errors import UserError, UserFileNotFoundError, one_line
 from ditlab.models.configs import SIZES
 from ditlab.training.config import FLOW_SETTINGS, TrainConfig
 
-METRICS = ("digits", "fid")  # the digits judge's Frechet distance / accuracy; ADM's FID suite
+METRICS = ("digits", "fashion-mnist", "fid")  # a dataset's judge (Frechet distance, accuracy, ...); ADM's FID suite
 LABELS = ("balanced", "random")
-# Lower is better for every primary metric: the digits judge's Frechet distance, ADM's FID.
-PRIMARY = {"digits": "frechet_distance", "fid": "fid"}
+# Lower is better for every primary metric: a judge's Frechet distance, ADM's FID.
+PRIMARY = {"digits": "frechet_distance", "fashion-mnist": "frechet_distance", "fid": "fid"}
 # Settings of an entry that the spec does not set through [train]: they come from the grid.
 PER_ENTRY = ("data", "results", "model", "depth", "hidden_size", "num_heads", "patch_size", "block", "seed",
              "max_steps", "epochs", "progress", "norm", "qk_norm", "mlp", "pos")
@@ -251,7 +252,7 @@ def _train_settings(where: str, data: dict[str, Any], train: dict[str, Any]) -> 
     shared = {**{k: _expand(v) for k, v in data.items()}, **train}
     _unknown(f"{where} [data]/[train]", {k: v for k, v in shared.items() if k != "data"}, names)
     if "data" not in data:
-        _fail(f"{where} [data]", "give data = 'digits', an image folder or a latent cache")
+        _fail(f"{where} [data]", "give data = 'digits', 'fashion-mnist', an image folder or a latent cache")
     settings = {"ckpt_every": 10**9, "sample_every": 0, **shared}
     flow = {"objective": "flow"} if any(k in FLOW_SETTINGS for k in settings) else {}  # settings of flow entries
     try:  # TrainConfig's own checks, on a stand-in entry
@@ -358,6 +359,9 @@ def _eval(where: str, t: dict[str, Any], data: str, eval_steps: tuple[int, ...])
         _fail(at, f"metric {metric!r}: choose one of {', '.join(METRICS)}")
     if metric == "digits" and data != "digits":
         _fail(at, "metric 'digits' judges the bundled digits: set data = 'digits' or metric = 'fid'")
+    if metric == "fashion-mnist" and data != "fashion-mnist" and not Path(data).is_dir():
+        _fail(at, "metric 'fashion-mnist' judges Fashion-MNIST: set data = 'fashion-mnist' (or a folder of its IDX "
+                  "files)")
     ref = _expand(t.get("ref"))
     if metric == "fid" and not ref:
         _fail(at, "metric 'fid' needs ref = a reference batch (e.g. VIRTUAL_imagenet256_labeled.npz)")
@@ -444,8 +448,9 @@ def load_spec(path: str | os.PathLike) -> Study:
     settings = _train_settings(where, data, train)
     sizes = _sizes(where, raw.get("sizes", {}))
     entries = _entries(where, raw.get("grid", []), sizes, settings)
-    image = settings.get("image_size") or (8 if settings["data"] == "digits" else 256)  # train's data defaults
-    latent = image if settings["data"] == "digits" else None  # image folders and caches: checked by train
+    named = NAMED_DATA.get(settings["data"])
+    image = settings.get("image_size") or (named.image_size if named else 256)  # train's data defaults
+    latent = image if named else None  # pixel space; image folders and caches: checked by train
     for e in entries.values():
         if latent is not None and latent % e.patch_size:
             _fail(f"{where} [[grid]]", f"patch size {e.patch_size} does not divide the {latent}x{latent} input")

@@ -57,7 +57,8 @@ class TrainConfig:
     refused."""
 
     data: str
-    """'digits' (bundled, pixel space), an image folder (ImageNet layout) or a latent cache"""
+    """'digits' (bundled, pixel space), 'fashion-mnist' (pixel space; the system's copy, the cache, or
+    downloaded), a folder of IDX files, an image folder (ImageNet layout) or a latent cache"""
     results: str = field(metadata=RESUMABLE)
     """results folder: checkpoints/, samples/, metrics.jsonl, config.json"""
     model: str = "DiT-XL/2"
@@ -82,7 +83,8 @@ class TrainConfig:
     """positions: sincos (the paper's fixed table), sincos+rope (plus 2-D rotary q/k, LightningDiT's) or rope"""
     image_size: int | None = None
     """image resolution in pixels (the latent is image_size / 8 with the SD VAE); default: the data's own
-    (digits 8, a latent cache its size, an image folder 256)"""
+    (digits 8, Fashion-MNIST 32: 28 padded; 16 is an area downsampling, a latent cache its size, an image
+    folder 256)"""
     vae: str = "stabilityai/sd-vae-ft-ema"
     """VAE for image folders: a hub id or a local diffusers AutoencoderKL folder"""
     num_classes: int | None = None

@@ -24,7 +24,7 @@ IMAGE_FOLDER_SIZE = 256  # --image-size of an image folder when it is left out (
 @dataclass
 class TrainingData:
     dataset: Dataset
-    kind: str  # "pixels" (digits), "images" (encoded online) or "latents" (a latent cache)
+    kind: str  # "pixels" (digits, IDX), "images" (encoded online) or "latents" (a latent cache)
     num_classes: int
     channels: int  # channels the model sees
     size: int  # spatial size the model sees
@@ -59,21 +59,27 @@ class TrainingData:
 
 
 def native_image_size(spec: str) -> int:
-    """The data's own image size, `--image-size` when it is left out: the digits' 8, the size a latent
-    cache was extracted at, 256 for an image folder."""
-    if spec == "digits":
-        from ditlab.data.digits import DIGITS_SIZE
+    """The data's own image size, `--image-size` when it is left out: the digits' 8, Fashion-MNIST's
+    32 (28 padded), the size a latent cache was extracted at, 256 for an image folder."""
+    from ditlab.data.named import NAMED_DATA
 
-        return DIGITS_SIZE
+    if spec in NAMED_DATA:
+        return NAMED_DATA[spec].image_size
+    from ditlab.data.fashion import idx_image_size, is_idx_folder
+
+    if is_idx_folder(spec):
+        return idx_image_size(spec)
     from ditlab.data.latents import is_latent_cache, read_index
 
     return int(read_index(spec)["image_size"]) if is_latent_cache(spec) else IMAGE_FOLDER_SIZE
 
 
 def absolute_path(spec: str) -> str:
-    """A local folder (or file) as an absolute path; anything else (digits, a hub id) unchanged."""
+    """A local folder (or file) as an absolute path; anything else (digits, fashion-mnist, a hub id) unchanged."""
+    from ditlab.data.named import NAMED_DATA
+
     local = os.path.expanduser(spec)
-    return os.path.abspath(local) if spec != "digits" and os.path.exists(local) else spec
+    return os.path.abspath(local) if spec not in NAMED_DATA and os.path.exists(local) else spec
 
 
 def with_data_defaults(cfg: TrainConfig, stored: dict[str, Any] | None) -> TrainConfig:
@@ -86,16 +92,25 @@ def with_data_defaults(cfg: TrainConfig, stored: dict[str, Any] | None) -> Train
 
 
 def open_training_data(spec: str, image_size: int, vae: str, device: torch.device) -> TrainingData:
-    """`--data`: "digits", a latent cache folder, or an image folder in the ImageNet layout."""
+    """`--data`: "digits", "fashion-mnist", a folder of IDX files, a latent cache folder, or an image
+    folder in the ImageNet layout."""
     if spec == "digits":
         from ditlab.data.digits import DigitsDataset
 
         ds = DigitsDataset("train", image_size)
         return TrainingData(ds, "pixels", ds.num_classes, ds.channels, image_size, flip=False, codec_spec="pixel",
                             description=f"digits: {len(ds)} images {image_size}x{image_size}, pixel space")
+    from ditlab.data.fashion import IdxDataset, is_idx_folder
+    from ditlab.data.named import FASHION
+
+    if spec == FASHION or is_idx_folder(spec):
+        ds = IdxDataset(spec, "train", image_size, progress=True)
+        return TrainingData(ds, "pixels", ds.num_classes, ds.channels, image_size, flip=True, codec_spec="pixel",
+                            description=f"{spec}: {len(ds)} images {image_size}x{image_size}, pixel space, flips")
     path = Path(spec)
     if not path.is_dir():
-        raise UserFileNotFoundError(f"--data {spec}: no such folder (use 'digits', an image folder or a latent cache)")
+        raise UserFileNotFoundError(f"--data {spec}: no such folder (use 'digits', 'fashion-mnist', an IDX folder, an "
+                                    "image folder or a latent cache)")
     from ditlab.data.latents import LatentCacheDataset, is_latent_cache
 
     if is_latent_cache(path):
