@@ -187,7 +187,7 @@ def _stamp(path: Path) -> str:
 def _verified(name: str, dst: Path) -> bool:
     """Whether `dst` is as it was when it was last verified (size and modification time)."""
     try:
-        return dst.with_name(f".{name}.verified").read_text() == _stamp(dst)
+        return dst.with_name(f".{dst.name}.verified").read_text() == _stamp(dst)
     except OSError:
         return False
 
@@ -206,7 +206,7 @@ def _cached(name: str, dst: Path) -> Path | None:
         return None
     if not _verified(name, dst):
         _verify(name, dst, f"{dst} (in the cache)", again=True)
-        atomic_write_text_quiet(dst.with_name(f".{name}.verified"), _stamp(dst))
+        atomic_write_text_quiet(dst.with_name(f".{dst.name}.verified"), _stamp(dst))
     return dst
 
 
@@ -251,7 +251,7 @@ def _fetch(name: str, progress: bool) -> Path:
             os.fsync(f.fileno())
         _in_the_way(dst)
         os.replace(part, dst)
-        atomic_write_text_quiet(dst.with_name(f".{name}.verified"), _stamp(dst))
+        atomic_write_text_quiet(dst.with_name(f".{dst.name}.verified"), _stamp(dst))
     return dst
 
 
@@ -348,7 +348,7 @@ def _verify(name: str, path: Path, url: str, again: bool = False) -> None:
         check_of(entry)(path)
     except UserError as e:
         path.unlink(missing_ok=True)
-        path.with_name(f".{name}.verified").unlink(missing_ok=True)
+        path.parent.joinpath(f".{Path(name).name}.verified").unlink(missing_ok=True)
         then = "; run again to download it" if again else ""
         raise UserError(f"{url}: not a valid {name} ({one_line(e)}); removed it{then}") from e
 

@@ -135,7 +135,7 @@ class DiT(nn.Module):
     def initialize_weights(self) -> None:
         """The reference initialisation; adaLN-Zero blocks start as the identity. A shell on the meta
         device has nothing to initialise (and normal_ on meta would import torch._dynamo)."""
-        if self.pos_embed.is_meta:
+        if next(self.parameters()).is_meta:
             return
 
         def _basic_init(module: nn.Module) -> None:

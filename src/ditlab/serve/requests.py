@@ -172,7 +172,7 @@ def parse_request(body: bytes, names: list[str], limits: Limits, defaults: Defau
     if len(ids) * per_class > limits.max_images:
         raise BadRequest(f"per_class: {len(ids)} classes x {per_class} = {len(ids) * per_class} images, "
                          f"more than {limits.max_images}")
-    sampler = obj.get("sampler", defaults.sampler)
+    sampler = obj.get("sampler", defaults.sampler or samplers[0])  # the process's first by default
     if sampler not in samplers:
         raise BadRequest(f"sampler: {json.dumps(sampler)[:40]} is not one of {', '.join(samplers)}")
     steps = _int(obj, "steps", defaults.steps, 1, limits.max_steps)

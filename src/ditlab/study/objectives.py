@@ -8,17 +8,19 @@ from typing import Any
 
 import numpy as np
 
-from ditlab.study.results import curves, objective_of, setting_of
+from ditlab.study.results import curves, main_setting, objective_of, setting_of
 
 NEAR_BEST = 0.10  # "the steps it needs": the fewest whose metric is within 10% of the variant's best in the sweep
 
 
 def main_setting_of(study: dict[str, Any], objective: str) -> tuple:
-    """(sampler, steps, cfg_scale, num_samples, labels) of the evaluation points of an entry of `objective`."""
+    """`results.main_setting` for an entry of `objective`: a flow entry's sampler and steps are the
+    spec's flow_sampler and flow_steps."""
+    base = main_setting(study)
+    if objective != "flow":
+        return base
     e = study["eval"]
-    sampler, steps = ((e.get("flow_sampler", "euler"), e.get("flow_steps", e["steps"])) if objective == "flow"
-                      else (e["sampler"], e["steps"]))  # fmt: skip
-    return sampler, steps, e["cfg_scales"][0], e["num_samples"], e["labels"]
+    return (e.get("flow_sampler", "euler"), e.get("flow_steps", e["steps"]), *base[2:])
 
 
 def own_curves(study: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:

@@ -90,12 +90,18 @@ def curves(rows: list[dict[str, Any]], setting: tuple) -> dict[str, list[dict[st
     return out
 
 
+BLOCK_OPTION_NAMES = ("norm", "qk_norm", "mlp", "pos")  # an entry record holds the non-default ones
+PAPER_OPTIONS = ("layernorm", "none", "gelu", "sincos")  # the paper's choice of each
+
+
 def objective_of(entry: dict[str, Any]) -> tuple:
-    """An entry's objective and its settings, as a comparable key (the paper's DDPM: ("ddpm",))."""
+    """An entry's objective, its settings and its modern block options (non-default ones), as a
+    comparable key: the paper's DDPM with the paper's block is ("ddpm",); the objective comes first."""
     train = entry.get("train", {})
+    options = tuple((k, str(entry[k])) for k in BLOCK_OPTION_NAMES if entry.get(k) not in (None, *PAPER_OPTIONS))
     if train.get("objective", "ddpm") == "ddpm":
-        return ("ddpm",)
-    return ("flow", *sorted((k, str(v)) for k, v in train.items() if k in FLOW_SETTINGS))
+        return ("ddpm", *options)
+    return ("flow", *sorted((k, str(v)) for k, v in train.items() if k in FLOW_SETTINGS), *options)
 
 
 def grid_entries(study: dict[str, Any]) -> list[str]:

@@ -180,10 +180,10 @@ class TrainConfig:
     """local Inception weights for online FID (as `ditlab eval --inception`)"""
     eval_dinov2: str | None = field(default=None, metadata=RESUMABLE)
     """DINOv2 weights file or released name for online FD-DINOv2 (as `ditlab eval --dinov2`)"""
-    eval_sampler: str = like_sample("sampler")
-    """the sampler of online evaluation (as `ditlab sample --sampler`)"""
-    eval_steps: int = like_sample("steps")
-    """sampling steps of online evaluation (as `ditlab sample --steps`)"""
+    eval_sampler: str | None = like_sample("sampler")
+    """the sampler of online evaluation (as `ditlab sample --sampler`; default: the objective's first)"""
+    eval_steps: int | None = like_sample("steps")
+    """sampling steps of online evaluation (as `ditlab sample --steps`; default: the objective's)"""
     eval_cfg_scale: float = like_sample("cfg_scale")
     """classifier-free guidance scale of online evaluation (as `ditlab sample --cfg-scale`)"""
     eval_guidance_channels: int | None = like_sample("guidance_channels")
@@ -249,7 +249,8 @@ class TrainConfig:
         checks = [
             (self.eval_samples >= 1, f"--eval-samples {self.eval_samples} must be positive"),
             (self.eval_batch_size >= 1, f"--eval-batch-size {self.eval_batch_size} must be positive"),
-            (1 <= self.eval_steps <= MAX_STEPS, f"--eval-steps {self.eval_steps} must be between 1 and {MAX_STEPS}"),
+            (self.eval_steps is None or 1 <= self.eval_steps <= MAX_STEPS,
+             f"--eval-steps {self.eval_steps} must be between 1 and {MAX_STEPS}"),
             (bool(features) and all(f in FEATURE_SETS for f in features),
              f"--eval-features {self.eval_features}: choose one or more of {', '.join(FEATURE_SETS)}, comma-separated"),
         ]

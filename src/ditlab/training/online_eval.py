@@ -118,7 +118,8 @@ class OnlineEval:
                     writer.write(gathered)
             if writer is not None:
                 writer.close(self.labels.numpy() if self.labels is not None else None)
-                row = self._score(str(folder / SAMPLES_NAME), time.perf_counter() - started)
+                sampler, steps = pipeline.sampler_and_steps(self.sample_cfg.sampler, self.sample_cfg.steps)
+                row = self._score(str(folder / SAMPLES_NAME), time.perf_counter() - started, sampler, steps)
                 log.evaluation(step, row)
         finally:
             if self.info.is_main:
@@ -127,14 +128,14 @@ class OnlineEval:
         barrier()  # the ranks leave together: none waits in a training collective for rank 0's scoring
         return row
 
-    def _score(self, samples: str, sampling_seconds: float) -> dict[str, Any]:
+    def _score(self, samples: str, sampling_seconds: float, sampler: str, steps: int) -> dict[str, Any]:
         from ditlab.evaluation.evaluate import evaluate
 
         started = time.perf_counter()
         result = evaluate(samples, self.ref, self.cfg.eval_inception, device=str(self.info.device),
                           features=self.cfg.eval_features.split(","), dinov2_path=self.cfg.eval_dinov2)
         scores = {k: v for k, v in result.items() if isinstance(v, float | int) and not isinstance(v, bool)}
-        return {**scores, "ref": self.ref, "sampler": self.cfg.eval_sampler, "steps": self.cfg.eval_steps,
+        return {**scores, "ref": self.ref, "sampler": sampler, "steps": steps,
                 "cfg_scale": self.cfg.eval_cfg_scale, "guidance_channels": self.cfg.eval_guidance_channels,
                 "seed": self.cfg.seed, "sampling_seconds": sampling_seconds,
                 "scoring_seconds": time.perf_counter() - started}
