@@ -292,9 +292,16 @@ def sample_latents(mean: torch.Tensor, std: torch.Tensor, generator: torch.Gener
     mean, std: (N, 2, C, h, w) as the cache gives them (index 1 of axis 1 is the flip), on any
     device; generator: on the same device, the only source of randomness (first N flips, then
     N * C * h * w normals). Returns mean + std * eps, (N, C, h, w), in mean's dtype."""
+    return sample_latents_paired(mean, std, None, generator)[0]
+
+
+def sample_latents_paired(mean: torch.Tensor, std: torch.Tensor, paired: torch.Tensor | None,
+                          generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """sample_latents (the same draws), also picking the same side of `paired` (N, 2, ...), e.g. the cached
+    REPA features of the image and of its flip: (latents (N, C, h, w), paired[:, flip] (N, ...) or None)."""
     n = mean.shape[0]
     flip = torch.randint(0, 2, (n,), generator=generator, device=mean.device)  # (N,)
     rows = torch.arange(n, device=mean.device)
     m, s = mean[rows, flip], std[rows, flip]  # (N, C, h, w) each
     eps = torch.randn(m.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-    return m + s * eps
+    return m + s * eps, None if paired is None else paired[rows, flip.to(paired.device)]

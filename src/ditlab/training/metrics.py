@@ -19,6 +19,7 @@ from ditlab.training.config import TrainConfig
 from ditlab.training.sinks import check_sinks, open_sinks
 
 TERMS = ("loss", "mse", "vb")
+OPTIONAL_TERMS = ("repa",)  # logged when the step gives them: REPA's alignment loss (before --repa-coeff)
 
 
 class MetricsLog:
@@ -26,7 +27,8 @@ class MetricsLog:
                  description: str = ""):
         self.info, self.cfg = info, cfg
         self.path = results / "metrics.jsonl"
-        self.sums: torch.Tensor | None = None  # (len(TERMS) + 2,): loss, mse, vb, grad norm, finite steps
+        self.sums: torch.Tensor | None = None  # (len(names) + 2,): the terms, grad norm, finite steps
+        self.names = TERMS + tuple(k for k in OPTIONAL_TERMS if k == "repa" and cfg.repa_encoder)
         self.count = 0
         self.last_step, self.last_time, self.started = resume_step, time.perf_counter(), time.time()
         self.bar, self.sinks = None, []
@@ -48,7 +50,7 @@ class MetricsLog:
         """One step's terms (each (N,)), gradient norm and bad flag (0-dim bool: a skipped step)."""
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
             grad_norm = grad_norm.full_tensor()
-        values = torch.stack([terms[k].detach().float().mean() for k in TERMS] + [grad_norm.detach().float()])
+        values = torch.stack([terms[k].detach().float().mean() for k in self.names] + [grad_norm.detach().float()])
         # a step whose update was skipped (bad, or an fp16 overflow the scaler skipped) is left out
         good = torch.isfinite(values).all() if bad is None else (~bad) & torch.isfinite(values).all()
         good = good.float()
@@ -68,7 +70,7 @@ class MetricsLog:
         self.sums, self.count, self.last_step, self.last_time = None, 0, step, now
         if not self.info.is_main:
             return
-        row = {"step": step, **dict(zip(TERMS, means)), "grad_norm": means[-1], "lr": lr,
+        row = {"step": step, **dict(zip(self.names, means)), "grad_norm": means[-1], "lr": lr,
                "images_per_sec": images_per_sec, "wall_time": time.time() - self.started}
         if skipped:
             row["skipped"] = skipped
