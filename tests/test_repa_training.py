@@ -5,6 +5,7 @@ official layout; the encoder sees the clean image on the side the latent was dra
 
 import json
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -114,3 +115,37 @@ def test_cached_features_follow_the_latents_flip():
 def test_default_repa_depth_is_repas():
     assert default_repa_depth(28) == 8 and default_repa_depth(24) == 8 and default_repa_depth(12) == 4
     assert default_repa_depth(2) == 1
+
+
+def test_extract_latents_caches_the_encoders_features_of_image_and_flip_and_train_reads_them(tmp_path, capsys):
+    from PIL import Image
+
+    from ditlab.data.images import center_crop_arr, to_tensor
+    from ditlab.data.latents import LatentCacheDataset
+
+    rng = np.random.default_rng(0)
+    for rel in ("a/0.png", "a/1.png", "b/0.png", "b/1.png"):
+        (tmp_path / "img" / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (10, 12, 3), dtype=np.uint8)).save(tmp_path / "img" / rel)
+    weights = tmp_path / "dino.pth"
+    net = tiny_dinov2_file(weights)
+    cache = tmp_path / "cache"
+    assert main(["extract-latents", "--data", str(tmp_path / "img"), "--out", str(cache), "--image-size", "8",
+                 "--vae", "pixel", "--num-workers", "0", "--dtype", "float32", "--no-progress",
+                 "--repa-encoder", str(weights)]) == 0
+    ds = LatentCacheDataset(str(cache))
+    assert len(ds[0]) == 3 and ds.use_repa_features(str(weights)) == (256, 64)
+    mean, _, _, features = ds[2]  # (2, 3, 8, 8), (2, 256, 64): the image and its flip
+    crop = to_tensor(center_crop_arr(Image.open(tmp_path / "img" / "b" / "0.png").convert("RGB"), 8))
+    assert torch.equal(mean[1], crop.flip(-1))
+    encoder = RepaEncoder(net.eval(), "x", dinov2=True)
+    want = encoder(torch.stack([crop, crop.flip(-1)]))  # (2, 256, 64)
+    assert torch.allclose(features, want, atol=1e-5 * want.abs().max().item())
+    assert not torch.allclose(features[0], features[1], atol=1e-3)
+    flags = ["train", "--data", str(cache), "--model", "DiT-S/2", "--depth", "2", "--hidden-size", "32",
+             "--num-heads", "2", "--global-batch-size", "4", "--num-workers", "0", "--sample-every", "0",
+             "--max-steps", "1", "--log-every", "1", "--device", "cpu", "--no-progress", "--repa-width", "16"]
+    assert main([*flags, "--results", str(tmp_path / "r"), "--repa-encoder", str(weights)]) == 0
+    assert "repa" in rows(tmp_path / "r")[0]
+    assert main([*flags, "--results", str(tmp_path / "s"), "--repa-encoder", "dinov2_vitb14"]) == 2
+    assert "holds the features of" in capsys.readouterr().err

@@ -91,12 +91,14 @@ def absolute_path(spec: str) -> str:
 
 
 def with_data_defaults(cfg: TrainConfig, stored: dict[str, Any] | None) -> TrainConfig:
-    """`cfg` (a TrainConfig) with --data and --vae made absolute (a run's stored paths work from any
-    folder) and --image-size filled in when left out: the stored run's, else the data's own."""
+    """`cfg` (a TrainConfig) with --data, --vae and a --repa-encoder file made absolute (a run's stored paths
+    work from any folder) and --image-size filled in when left out: the stored run's, else the data's own."""
     image_size = cfg.image_size
     if image_size is None:
         image_size = (stored or {}).get("image_size") or native_image_size(absolute_path(cfg.data))
-    return dataclasses.replace(cfg, data=absolute_path(cfg.data), vae=absolute_path(cfg.vae), image_size=image_size)
+    repa = None if cfg.repa_encoder is None else absolute_path(cfg.repa_encoder)
+    return dataclasses.replace(cfg, data=absolute_path(cfg.data), vae=absolute_path(cfg.vae), image_size=image_size,
+                               repa_encoder=repa)
 
 
 def open_training_data(spec: str, image_size: int, vae: str, device: torch.device) -> TrainingData:
