@@ -5,7 +5,7 @@ training steps and images, for each training seed: the paper's block, each optio
 qk-norm rmsnorm, swiglu, sincos+rope), all four together, and the paper's block with REPA; each
 judged at every evaluation point by the digits judge's Frechet distance (evaluation/digits_judge.py)
 to the held-out digits, from 250 class-balanced samples (32 DDPM steps, sample seed 0). The sizes
-fit about 20 CPU-minutes for the 14 runs on a shared, loaded 2-core machine.
+fit well under 20 CPU-minutes for the 14 runs on a shared, loaded 2-core machine.
 
 REPA's encoder must be frozen and must not be the judge (aligning to the judge's own features would
 teach to the test). It is a small denoising convolutional autoencoder trained here on the training
@@ -15,6 +15,7 @@ MLP classifier trained with labels on flattened pixels: another network, objecti
 
     PYTHONPATH=src OMP_NUM_THREADS=1 python scripts/repa_digits_study.py --out DIR --seeds 0
     PYTHONPATH=src OMP_NUM_THREADS=1 python scripts/repa_digits_study.py --out DIR --seeds 1   # in parallel
+    (--entries baseline rmsnorm ... splits one seed's entries between processes)
     PYTHONPATH=src python scripts/repa_digits_study.py --out DIR --table   # the markdown table of both
 
 Each (entry, seed) writes DIR/<entry>-seed<k>.json (its distances, wall and CPU seconds); a finished
@@ -35,7 +36,7 @@ from torch import nn
 MODEL = dict(model="DiT-S/2", depth=2, hidden_size=64, num_heads=2, patch_size=2)  # cpu-mini's S/2
 TRAIN = dict(data="digits", image_size=8, global_batch_size=64, lr=1e-3, ema_decay=0.995, precision="fp32",
              num_workers=0, log_every=100, sample_every=0, progress=False)  # cpu-mini's settings
-EVAL_STEPS = (200, 400)
+EVAL_STEPS = (400, 800)
 NUM_SAMPLES, SAMPLE_STEPS, SAMPLE_SEED = 250, 32, 0
 REPA = dict(repa_coeff=0.5, repa_width=128)  # REPA's lambda; projector width 2 x the DiT's (REPA: 2048 at 1152)
 ENTRIES: dict[str, dict] = {
@@ -105,11 +106,12 @@ def cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def run(out: Path, seed: int, judge, real: torch.Tensor, encoder: DigitsEncoder) -> None:
+def run(out: Path, seed: int, judge, real: torch.Tensor, encoder: DigitsEncoder, entries: list[str]) -> None:
     from ditlab.checkpoints.state import checkpoint_path
     from ditlab.training import TrainConfig, train
 
-    for name, options in ENTRIES.items():
+    for name in entries:
+        options = ENTRIES[name]
         record = out / f"{name}-seed{seed}.json"
         if record.is_file():
             continue
@@ -151,6 +153,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--entries", nargs="+", choices=list(ENTRIES), default=list(ENTRIES),
+                    help="run only these entries (several processes can share the work)")
     ap.add_argument("--table", action="store_true", help="print the table of the finished runs in --out")
     args = ap.parse_args()
     if args.table:
@@ -167,7 +171,7 @@ def main() -> None:
     print(json.dumps({"encoder_loss": loss, "encoder_seconds": time.time() - started,
                       "encoder_cpu_seconds": cpu_seconds() - cpu, "real_train_vs_test_frechet": floor}), flush=True)
     for seed in args.seeds:
-        run(args.out, seed, judge, real, encoder)
+        run(args.out, seed, judge, real, encoder, args.entries)
 
 
 if __name__ == "__main__":
