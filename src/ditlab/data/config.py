@@ -34,6 +34,9 @@ class ExtractConfig:
     """VAE compute precision; auto is fp16 on CUDA, fp32 on CPU"""
     dtype: str = field(default="float16", metadata={"choices": LATENT_DTYPES})
     """storage dtype of mean and std"""
+    repa_encoder: str | None = None
+    """also cache REPA's targets: this frozen encoder's patch features of every image and of its flip (a released
+    DINOv2 name or a DINOv2 weights file), for `train --repa-encoder` with the same value (default: none)"""
     progress: bool = field(default=True, metadata={"flag": "--no-progress"})
     """show a progress bar (--no-progress: none)"""
 

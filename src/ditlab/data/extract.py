@@ -35,7 +35,7 @@ from ditlab.runtime.lock import owned_folder
 from ditlab.runtime.precision import vae_dtype
 
 BARRIER_TIMEOUT = timedelta(hours=6)  # ranks may finish their shards far apart after a resume
-SHARD_SETTINGS = ("image_size", "codec", "dtype", "latent_shape", "shard_size")  # recorded in every shard
+SHARD_SETTINGS = ("image_size", "codec", "dtype", "latent_shape", "shard_size", "repa_encoder")  # in every shard
 
 
 class _Files(torch.utils.data.Dataset):
@@ -127,9 +127,17 @@ def run_extract(cfg: ExtractConfig, log: Callable[[str], None] = print) -> dict[
                             f"downsampling factor of --vae {cfg.vae}")
         h = cfg.image_size // codec.downsample
         vae = os.path.expanduser(cfg.vae)
+        encoder = None
+        if cfg.repa_encoder is not None:
+            from ditlab.models.repa_encoder import load_repa_encoder
+
+            encoder = load_repa_encoder(cfg.repa_encoder, device)
         settings = {"image_size": cfg.image_size, "codec": os.path.abspath(vae) if os.path.isdir(vae) else cfg.vae,
                     "dtype": cfg.dtype, "latent_shape": [codec.latent_channels, h, h], "shard_size": cfg.shard_size,
-                    "classes": images.classes, "data_root": os.path.abspath(cfg.data)}
+                    "classes": images.classes, "data_root": os.path.abspath(cfg.data),
+                    "repa_encoder": os.path.abspath(cfg.repa_encoder) if cfg.repa_encoder and
+                    os.path.isfile(cfg.repa_encoder) else cfg.repa_encoder,
+                    "repa_shape": list(encoder.feature_shape(3, cfg.image_size, device)) if encoder else None}
         os.makedirs(cfg.out, exist_ok=True)
         num_shards = math.ceil(len(images) / cfg.shard_size)
 
@@ -140,7 +148,7 @@ def run_extract(cfg: ExtractConfig, log: Callable[[str], None] = print) -> dict[
         workers = min(8, (os.cpu_count() or 1) // world) if cfg.num_workers is None else cfg.num_workers
         start = time.perf_counter()
         desc = f"rank {rank}/{world}" if world > 1 else "extract"
-        encoded = _encode_shards(images, codec, device, mine, settings, cfg, workers, desc, rank == 0)
+        encoded = _encode_shards(images, (codec, encoder), device, mine, settings, cfg, workers, desc, rank == 0)
         seconds = time.perf_counter() - start
         barrier()
         summary = {"num_samples": len(images), "encoded": encoded, "seconds": seconds,
@@ -169,29 +177,37 @@ def _finish(out: str, settings: dict[str, Any], num_shards: int, n: int, summary
             log(f"  {s['path']}: {s['error']}")
 
 
-def _encode_pairs(codec, device: torch.device, image: torch.Tensor, dtype: str,
-                  paths: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Images (B, 3, H, W) and their flips in one VAE call -> storage mean, std, each (B, 2, C, h, w)."""
+def _pairs(x: torch.Tensor) -> torch.Tensor:
+    """(2B, ...) the B images then their B flips -> (B, 2, ...) on the CPU."""
+    b = len(x) // 2
+    return x.view(2, b, *x.shape[1:]).transpose(0, 1).reshape(b, 2, *x.shape[1:]).cpu()
+
+
+def _encode_pairs(codec, encoder: torch.nn.Module | None, device: torch.device, image: torch.Tensor, dtype: str,
+                  paths: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:  # fmt: skip
+    """Images (B, 3, H, W) and their flips in one VAE call -> storage mean, std, each (B, 2, C, h, w), and
+    with a REPA encoder its features (B, 2, S, Dz) of the same images and flips (None without)."""
     x = image.to(device, non_blocking=True)  # (B, 3, H, W)
-    mean, std = codec.encode(torch.cat([x, x.flip(-1)]))  # (2B, C, h, w): images, then flips
-    pair = (len(x), 2, *mean.shape[1:])
-    mean = mean.view(2, len(x), *mean.shape[1:]).transpose(0, 1).reshape(pair).cpu()  # (B, 2, C, h, w)
-    std = std.view(2, len(x), *std.shape[1:]).transpose(0, 1).reshape(pair).cpu()  # (B, 2, C, h, w)
-    return _to_storage(mean, dtype, paths, "mean"), _to_storage(std, dtype, paths, "std")
+    both = torch.cat([x, x.flip(-1)])  # (2B, 3, H, W): images, then flips
+    mean, std = codec.encode(both)  # (2B, C, h, w)
+    stored = _to_storage(_pairs(mean), dtype, paths, "mean"), _to_storage(_pairs(std), dtype, paths, "std")
+    features = None if encoder is None else _to_storage(_pairs(encoder(both)), dtype, paths, "REPA features")
+    return (*stored, features)
 
 
-def _encode_shards(images: ImageFolderDataset, codec, device: torch.device, shards: list[int],
+def _encode_shards(images: ImageFolderDataset, networks: tuple[Any, torch.nn.Module | None], device: torch.device,
+                   shards: list[int],
                    settings: dict[str, Any], cfg: ExtractConfig, workers: int, desc: str, main: bool) -> int:
-    """Encode the files of `shards` (in order) and write each shard when complete; returns the
-    number of images encoded."""
+    """Encode the files of `shards` (in order) with the VAE and the REPA encoder (None: none) of `networks`
+    and write each shard when complete; returns the number of images encoded."""
     from tqdm import tqdm
 
     size = settings["shard_size"]
     files = [j for k in shards for j in range(k * size, min((k + 1) * size, len(images)))]
     loader = torch.utils.data.DataLoader(_Files(images, files), batch_size=cfg.batch_size, num_workers=workers,
                                          pin_memory=torch.cuda.is_available())
-    common = {k: settings[k] for k in SHARD_SETTINGS}
-    shard: dict[str, list] = {"mean": [], "std": [], "labels": [], "paths": [], "skipped": []}
+    common = {k: settings[k] for k in (*SHARD_SETTINGS, "repa_shape")}
+    shard: dict[str, list] = {"mean": [], "std": [], "features": [], "labels": [], "paths": [], "skipped": []}
     encoded = 0
     with tqdm(total=len(files), unit="img", desc=desc, disable=not (cfg.progress and main), smoothing=0.05) as bar:
         for image, index, error in loader:
@@ -199,7 +215,8 @@ def _encode_shards(images: ImageFolderDataset, codec, device: torch.device, shar
             paths = [images.samples[j][0] for j in index]
             ok = [i for i, e in enumerate(error) if not e]
             if ok:
-                mean, std = _encode_pairs(codec, device, image[ok], settings["dtype"], [paths[i] for i in ok])
+                mean, std, features = _encode_pairs(*networks, device, image[ok], settings["dtype"],
+                                                    [paths[i] for i in ok])
                 encoded += len(ok)
             row = 0
             for i, j in enumerate(index):
@@ -213,6 +230,8 @@ def _encode_shards(images: ImageFolderDataset, codec, device: torch.device, shar
                     for key, value in (("mean", mean[row]), ("std", std[row]), ("labels", images.samples[j][1]),
                                        ("paths", paths[i])):
                         shard[key].append(value)
+                    if features is not None:
+                        shard["features"].append(features[row])
                     row += 1
                 if j == min((k + 1) * size, len(images)) - 1:  # the shard's last file
                     _flush(cfg.out, k, shard, common)
@@ -227,5 +246,9 @@ def _flush(out: str, k: int, shard: dict[str, list], common: dict[str, Any]) -> 
     mean = np.stack(shard["mean"]) if shard["mean"] else empty  # (n, 2, C, h, w)
     std = np.stack(shard["std"]) if shard["std"] else empty  # (n, 2, C, h, w)
     meta = {**common, "labels": shard["labels"], "paths": shard["paths"], "skipped": shard["skipped"]}
-    write_shard(out, k, mean, std, meta)
+    features = None
+    if common["repa_encoder"] is not None:
+        s, dz = common["repa_shape"]
+        features = np.stack(shard["features"]) if shard["features"] else np.zeros((0, 2, s, dz), mean.dtype)
+    write_shard(out, k, mean, std, meta, features)
 

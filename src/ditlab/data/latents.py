@@ -7,6 +7,8 @@ Layout of a cache folder:
     labels.npy            (num_samples,) int64, the labels of all shards in shard order
     shard-000000.npy      (n, 2, 2, C, h, w) in `dtype`: axis 1 is (mean, std), axis 2 is
                           (the image, its horizontal flip); scaled by the codec's latent scale
+    shard-000000.repa.npy (n, 2, S, Dz) in `dtype`, only with `extract-latents --repa-encoder`: the
+                          encoder's patch features of the image and of its flip (REPA's targets)
     shard-000000.json     the shard's settings, labels, source paths (relative to the image
                           folder), skipped files, and the size and SHA-256 of its .npy (computed
                           while it was written); written after its .npy, so it marks the shard done
@@ -117,13 +119,19 @@ def _npy_header(f: BinaryIO) -> tuple[tuple[int, ...], np.dtype, int]:
     return tuple(shape), dtype, f.tell()
 
 
-def write_shard(root: str, k: int, mean: np.ndarray, std: np.ndarray, meta: dict[str, Any]) -> None:
-    """Write shard k: mean and std (n, 2, C, h, w) already cast to the storage dtype, and its
-    meta (settings, "labels", "paths", "skipped") with the .npy's size and checksum; the .json
-    goes last and marks it done."""
+REPA_SUFFIX = ".repa.npy"  # a shard's cached REPA features
+
+
+def write_shard(root: str, k: int, mean: np.ndarray, std: np.ndarray, meta: dict[str, Any],
+                features: np.ndarray | None = None) -> None:  # fmt: skip
+    """Write shard k: mean and std (n, 2, C, h, w) already cast to the storage dtype, optionally REPA's
+    features (n, 2, S, Dz), and its meta (settings, "labels", "paths", "skipped") with each .npy's size
+    and checksum; the .json goes last and marks it done."""
     data = np.stack([mean, std], axis=1)  # (n, 2, 2, C, h, w): (mean, std) x (image, flip)
     base = os.path.join(root, shard_name(k))
     record = save_hashed(base + ".npy", data)
+    if features is not None:
+        record["repa"] = save_hashed(base + REPA_SUFFIX, features)
     write_json(base + ".json", {**meta, "count": len(data), **record})
 
 
@@ -146,7 +154,7 @@ def write_index(root: str, settings: dict[str, Any], metas: list[dict[str, Any]]
         **settings,
         "num_samples": int(len(labels)),
         "labels_file": labels_record,
-        "shards": [{"name": shard_name(k), "count": m["count"], **{key: m[key] for key in ("bytes", "sha256")
+        "shards": [{"name": shard_name(k), "count": m["count"], **{key: m[key] for key in ("bytes", "sha256", "repa")
                                                                    if key in m}} for k, m in enumerate(metas)],
         "skipped": [s for m in metas for s in m["skipped"]],
     }
@@ -196,6 +204,30 @@ class LatentCacheDataset(torch.utils.data.Dataset):
         self._check_labels()
         self._check_shards(verify)
         self._shards: dict[int, np.ndarray] = {}
+        self._features: dict[int, np.ndarray] = {}
+        self.repa_shape: tuple[int, int] | None = None  # (S, Dz) once use_repa_features is called
+
+    def use_repa_features(self, encoder: str) -> tuple[int, int]:
+        """Make items carry the cached REPA features of `encoder` (the --repa-encoder the cache was made
+        with): checks every shard's features file (shape, size, checksum); returns (S, Dz)."""
+        made = self.index.get("repa_encoder")
+        if made != encoder:
+            raise UserError(f"--repa-encoder {encoder}: the latent cache {self.root} holds "
+                            f"{'no REPA features' if made is None else f'the features of {made}'}; make one with "
+                            f"`ditlab extract-latents --repa-encoder {encoder}`")
+        S, Dz = self.index["repa_shape"]
+        for k, shard in enumerate(self.index["shards"]):
+            path = self._shard_path(k)[: -len(".npy")] + REPA_SUFFIX
+            problem = file_problem(path, shard.get("repa", {}))
+            if problem is None:
+                with open(path, "rb") as f:
+                    shape, dtype, _ = _npy_header(f)
+                if shape != (shard["count"], 2, S, Dz) or dtype != STORAGE_DTYPES[self.dtype]:
+                    problem = f"{path}: holds {dtype} {shape}, the index says {self.dtype} {(shard['count'], 2, S, Dz)}"
+            if problem:
+                raise UserError(f"{problem}; {REPAIR_HINT}")
+        self.repa_shape = (S, Dz)
+        return S, Dz
 
     def _check_labels(self) -> None:
         """Every label must name one of the cache's classes (0 ... num_classes - 1)."""
@@ -259,7 +291,7 @@ class LatentCacheDataset(torch.utils.data.Dataset):
         return int(self._starts[-1])
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_shards": {}}  # memory maps are reopened in each worker
+        return {**self.__dict__, "_shards": {}, "_features": {}}  # memory maps are reopened in each worker
 
     def _shard(self, k: int) -> np.ndarray:
         arr = self._shards.get(k)
@@ -280,10 +312,17 @@ class LatentCacheDataset(torch.utils.data.Dataset):
         with open(os.path.join(self.root, self.index["shards"][k]["name"] + ".json")) as f:
             return json.load(f)["paths"][row]
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[Any, ...]:
+        """(mean, std, label), and with use_repa_features the features (2, S, Dz) float32 of the image and its flip."""
         k, row = self.locate(index)
         item = torch.from_numpy(self._shard(k)[row].astype(np.float32))  # (2, 2, C, h, w)
-        return item[0], item[1], int(self.labels[index])
+        if self.repa_shape is None:
+            return item[0], item[1], int(self.labels[index])
+        features = self._features.get(k)
+        if features is None:
+            path = self._shard_path(k)[: -len(".npy")] + REPA_SUFFIX
+            features = self._features[k] = np.load(path, mmap_mode="r")
+        return item[0], item[1], int(self.labels[index]), torch.from_numpy(features[row].astype(np.float32))
 
 
 def sample_latents(mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -292,9 +331,16 @@ def sample_latents(mean: torch.Tensor, std: torch.Tensor, generator: torch.Gener
     mean, std: (N, 2, C, h, w) as the cache gives them (index 1 of axis 1 is the flip), on any
     device; generator: on the same device, the only source of randomness (first N flips, then
     N * C * h * w normals). Returns mean + std * eps, (N, C, h, w), in mean's dtype."""
+    return sample_latents_paired(mean, std, None, generator)[0]
+
+
+def sample_latents_paired(mean: torch.Tensor, std: torch.Tensor, paired: torch.Tensor | None,
+                          generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """sample_latents (the same draws), also picking the same side of `paired` (N, 2, ...), e.g. the cached
+    REPA features of the image and of its flip: (latents (N, C, h, w), paired[:, flip] (N, ...) or None)."""
     n = mean.shape[0]
     flip = torch.randint(0, 2, (n,), generator=generator, device=mean.device)  # (N,)
     rows = torch.arange(n, device=mean.device)
     m, s = mean[rows, flip], std[rows, flip]  # (N, C, h, w) each
     eps = torch.randn(m.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-    return m + s * eps
+    return m + s * eps, None if paired is None else paired[rows, flip.to(paired.device)]

@@ -217,7 +217,7 @@ class DiT(nn.Module):
             else:
                 x = block(x, c, context, rope)  # (N, T, D)
             if i == aligned:
-                projection = self.projectors[0](x[:, :T])  # (N, T, repa_dim)
+                projection = self.projectors[0](x[:, :T]).clone()  # (N, T, repa_dim); a view no more (FSDP2)
         x = x[:, :T]  # (N, T, D): in-context drops its conditioning tokens
         x = self.final_layer(x, c)  # (N, T, p * p * C_out)
         out = self.unpatchify(x)  # (N, C_out, H, W)

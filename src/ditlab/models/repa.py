@@ -26,6 +26,12 @@ class Projector(nn.Sequential):
         super().__init__(nn.Linear(dim, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(), nn.Linear(width, z_dim))
 
 
+def default_repa_depth(depth: int) -> int:
+    """REPA's block for a DiT of `depth` blocks: 8 for 24 or more (REPA's L/2 and XL/2), else depth // 3
+    (REPA's B/2: 4 of 12), at least 1."""
+    return REPA_DEPTH_XL if depth >= 24 else max(1, depth // 3)
+
+
 def check_repa_config(depth: int, repa_dim: int, repa_depth: int, repa_width: int) -> None:
     """Refuse a projector that cannot be built, naming the setting."""
     if repa_dim < 0 or repa_width < 1:

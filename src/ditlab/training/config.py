@@ -81,6 +81,16 @@ class TrainConfig:
     """gelu (the paper's) or swiglu (hidden width int(2/3 x 4 x D), LightningDiT's)"""
     pos: str = field(default="sincos", metadata={"choices": POSITIONS})
     """positions: sincos (the paper's fixed table), sincos+rope (plus 2-D rotary q/k, LightningDiT's) or rope"""
+    repa_encoder: str | None = None
+    """REPA: align the tokens after block --repa-depth with this frozen encoder's patch features: a released
+    DINOv2 name (dinov2_vitb14, dinov2_vitl14, ...) or a DINOv2 weights file (default: off)"""
+    repa_depth: int | None = None
+    """REPA: the block whose tokens are aligned (default: 8 for 24 or more blocks, as REPA's L and XL, else
+    depth // 3, as REPA's B: 4 of 12)"""
+    repa_coeff: float = 0.5
+    """REPA: lambda, the weight of the alignment loss added to the diffusion or flow loss"""
+    repa_width: int = 2048
+    """REPA: the hidden width of the projector (REPA's 2048)"""
     image_size: int | None = None
     """image resolution in pixels (the latent is image_size / 8 with the SD VAE); default: the data's own
     (digits 8, Fashion-MNIST 32: 28 padded; 16 is an area downsampling, a latent cache its size, an image
@@ -233,6 +243,10 @@ class TrainConfig:
             raise UserError(f"--grad-accum {self.grad_accum} must be at least 1 and divide --global-batch-size "
                             f"{self.global_batch_size}")
         self._validate_objective()
+        if not (math.isfinite(self.repa_coeff) and self.repa_coeff >= 0):
+            raise UserError(f"--repa-coeff {self.repa_coeff} must be a finite number >= 0")
+        if self.repa_width < 1:
+            raise UserError(f"--repa-width {self.repa_width} must be positive")
         self.check_lr()
         self.check_eval()
 

@@ -40,22 +40,36 @@ class TrainingData:
     def to_model_input(self, batch: list[torch.Tensor], device: torch.device,
                        generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """A collated batch -> (x0 (N, C, h, w) float32 on device, labels (N,) on device)."""
-        if self.kind == "latents":
-            from ditlab.data.latents import sample_latents
+        x0, labels, _ = self.model_input_and_clean(batch, device, generator, clean=False)
+        return x0, labels
 
-            mean, std, labels = (b.to(device, non_blocking=True) for b in batch)
-            return sample_latents(mean, std, generator), labels
-        images, labels = (b.to(device, non_blocking=True) for b in batch)
+    def model_input_and_clean(self, batch: list[torch.Tensor], device: torch.device, generator: torch.Generator,
+                              clean: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """to_model_input (the same draws) and, with `clean`, what REPA's encoder needs of the same examples:
+        the clean images (N, C, H, W) in [-1, 1], flipped as the example was, or for a latent cache the
+        cached encoder features of the drawn side (N, S, Dz) (the batch's fourth entry, (N, 2, S, Dz))."""
+        if self.kind == "latents":
+            from ditlab.data.latents import sample_latents_paired
+
+            mean, std, labels = (b.to(device, non_blocking=True) for b in batch[:3])
+            if clean and len(batch) < 4:
+                raise UserError("REPA on a latent cache needs the encoder's cached features: make the cache with "
+                                "`ditlab extract-latents --repa-encoder ...`")
+            paired = batch[3].to(device, non_blocking=True) if clean else None
+            x0, features = sample_latents_paired(mean, std, paired, generator)
+            return x0, labels, features
+        images, labels = (b.to(device, non_blocking=True) for b in batch[:2])
         if self.flip:
             flip = torch.rand(images.shape[0], device=device, generator=generator) < 0.5  # (N,)
             images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+        pixels = images if clean else None
         if self.kind == "images":
             assert self.codec is not None  # an image folder's data carries the VAE that encodes it
             with torch.no_grad():
                 mean, std = self.codec.encode(images)
             noise = torch.randn(mean.shape, device=device, generator=generator, dtype=mean.dtype)
             images = (mean + std * noise).float()  # a posterior sample, already scaled
-        return images, labels
+        return images, labels, pixels
 
 
 def native_image_size(spec: str) -> int:
@@ -83,12 +97,14 @@ def absolute_path(spec: str) -> str:
 
 
 def with_data_defaults(cfg: TrainConfig, stored: dict[str, Any] | None) -> TrainConfig:
-    """`cfg` (a TrainConfig) with --data and --vae made absolute (a run's stored paths work from any
-    folder) and --image-size filled in when left out: the stored run's, else the data's own."""
+    """`cfg` (a TrainConfig) with --data, --vae and a --repa-encoder file made absolute (a run's stored paths
+    work from any folder) and --image-size filled in when left out: the stored run's, else the data's own."""
     image_size = cfg.image_size
     if image_size is None:
         image_size = (stored or {}).get("image_size") or native_image_size(absolute_path(cfg.data))
-    return dataclasses.replace(cfg, data=absolute_path(cfg.data), vae=absolute_path(cfg.vae), image_size=image_size)
+    repa = None if cfg.repa_encoder is None else absolute_path(cfg.repa_encoder)
+    return dataclasses.replace(cfg, data=absolute_path(cfg.data), vae=absolute_path(cfg.vae), image_size=image_size,
+                               repa_encoder=repa)
 
 
 def open_training_data(spec: str, image_size: int, vae: str, device: torch.device) -> TrainingData:

@@ -39,11 +39,13 @@ from ditlab.training.online_eval import OnlineEval
 from ditlab.training.order import RankBatchSampler
 from ditlab.training.parallel import apply_parallelism
 from ditlab.training.preempt import Preemption, health_group, is_timeout, silent_rank_error, stop
+from ditlab.training.repa import Alignment
+from ditlab.training.repa_run import open_alignment, repa_model_options, with_repa_module
 from ditlab.training.sinks import check_sinks
-from ditlab.training.step import TrainStep, draw_step_inputs, step_seed
+from ditlab.training.step import TrainStep, draw_aligned_step_inputs, draw_step_inputs, step_seed
 
 
-def _model_for(cfg: TrainConfig, data: TrainingData) -> DiT:
+def _model_for(cfg: TrainConfig, data: TrainingData, repa_dim: int = 0) -> DiT:
     num_classes = data.num_classes if cfg.num_classes is None else cfg.num_classes
     if 0 < num_classes < data.num_classes:  # labels >= num_classes would fail at the first batch holding one
         raise UserError(f"--num-classes {num_classes} is below the {data.num_classes} classes of --data {cfg.data} "
@@ -52,16 +54,21 @@ def _model_for(cfg: TrainConfig, data: TrainingData) -> DiT:
         cfg.model, input_size=data.size, in_channels=data.channels, num_classes=num_classes,
         depth=cfg.depth, hidden_size=cfg.hidden_size, num_heads=cfg.num_heads, patch_size=cfg.patch_size,
         block=cfg.block, learn_sigma=cfg.learn_sigma, class_dropout_prob=cfg.class_dropout_prob, **cfg.block_options(),
+        **repa_model_options(cfg, repa_dim),
     )  # fmt: skip
 
 
-def train(cfg: TrainConfig, device: str | None = None, dataset: Dataset | None = None) -> dict[str, Any]:
+def train(cfg: TrainConfig, device: str | None = None, dataset: Dataset | None = None,
+          repa_encoder: torch.nn.Module | None = None) -> dict[str, Any]:
     """Train until max_steps / epochs; returns a summary dict. `device` forces "cpu" or "cuda";
-    `dataset`, a map-style Dataset of (x (C, H, W), label), replaces --data (training.custom_data).
+    `dataset`, a map-style Dataset of (x (C, H, W), label), replaces --data (training.custom_data);
+    `repa_encoder`, any frozen module mapping clean images (N, C, H, W) in [-1, 1] to patch features
+    (N, S, Dz), turns REPA on with it (instead of --repa-encoder; the run records "module:<class>").
 
     On SIGTERM / SIGINT it saves and raises `training.preempt.TrainingInterrupted` (a SystemExit)."""
     cfg.validate()
     check_sinks(cfg)  # before the results folder is made
+    cfg = with_repa_module(cfg, repa_encoder)
     if cfg.fsdp and not launched_by_torchrun():
         raise UserError("--fsdp shards the model over processes: launch it with "
                         "`torchrun --nproc_per_node=N -m ditlab train ... --fsdp`")
@@ -69,7 +76,7 @@ def train(cfg: TrainConfig, device: str | None = None, dataset: Dataset | None =
         health = health_group(info.distributed)
         with owned_folder(cfg.results, "--results", info.is_main, temps_in=("", "checkpoints", "samples")):
             try:
-                return _train(cfg, info, dataset)
+                return _train(cfg, info, dataset, repa_encoder)
             except RuntimeError as e:  # a collective that timed out: name the rank that stopped answering
                 if info.distributed and is_timeout(e):
                     raise silent_rank_error(cfg.dist_timeout, info.rank, health) from e
@@ -86,6 +93,7 @@ class _Parts:
     opt: torch.optim.Optimizer
     diffusion: Process
     train_step: TrainStep
+    alignment: Alignment | None  # REPA's encoder and lambda (None: no REPA)
 
 
 def _open_data(cfg: TrainConfig, info: DistInfo, dataset: Dataset | None) -> tuple[TrainingData, int, float]:
@@ -104,12 +112,14 @@ def _open_data(cfg: TrainConfig, info: DistInfo, dataset: Dataset | None) -> tup
 
 
 def _build(cfg: TrainConfig, info: DistInfo, data: TrainingData, steps_per_epoch: int,
-           state: TrainingState | None) -> tuple[_Parts, int, Path | None]:
+           state: TrainingState | None,
+           repa_encoder: torch.nn.Module | None = None) -> tuple[_Parts, int, Path | None]:  # fmt: skip
     """The model, EMA, optimizer and step, restored from `state` on resume; (parts, step, last checkpoint)."""
     from ditlab.diffusion.protocol import process_from_record
 
+    alignment, repa_dim = open_alignment(cfg, data, info.device, repa_encoder)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank and every run of this config
-    model = _model_for(cfg, data).to(info.device)
+    model = _model_for(cfg, data, repa_dim).to(info.device)
     ema = make_ema(model)
     diffusion: Process = process_from_record(cfg.process_record())  # the objective's: Diffusion or FlowMatching
     wrapped, opt = apply_parallelism(model, ema, cfg, info)
@@ -122,18 +132,19 @@ def _build(cfg: TrainConfig, info: DistInfo, data: TrainingData, steps_per_epoch
         step = state.step
         last_good = checkpoint_path(Path(cfg.results) / "checkpoints", step)
     train_step = TrainStep(wrapped, ema, opt, diffusion, resolve_precision(cfg.precision, info.device), info.device,
-                           cfg.ema_decay, cfg.grad_clip)
-    return _Parts(model, ema, wrapped, opt, diffusion, train_step), step, last_good
+                           cfg.ema_decay, cfg.grad_clip, repa_coeff=cfg.repa_coeff if alignment else None)
+    return _Parts(model, ema, wrapped, opt, diffusion, train_step, alignment), step, last_good
 
 
-def _train(cfg: TrainConfig, info: DistInfo, dataset: Dataset | None = None) -> dict[str, Any]:
+def _train(cfg: TrainConfig, info: DistInfo, dataset: Dataset | None = None,
+           repa_encoder: torch.nn.Module | None = None) -> dict[str, Any]:
     if cfg.global_batch_size % info.world_size:
         raise UserError(f"--global-batch-size {cfg.global_batch_size} is not divisible by "
                         f"the {info.world_size} processes")
     check_micro_batches(cfg.global_batch_size, info.world_size, cfg.grad_accum)
     state, cfg = resume.newest_state(cfg, info)
     data, steps_per_epoch, total = _open_data(cfg, info, dataset)
-    parts, step, last_good = _build(cfg, info, data, steps_per_epoch, state)
+    parts, step, last_good = _build(cfg, info, data, steps_per_epoch, state, repa_encoder)
     pending = state.metrics if state is not None else None
     del state  # the weights now live in the modules
     model, ema, wrapped, opt, diffusion, train_step = (parts.model, parts.ema, parts.wrapped, parts.opt,
@@ -160,10 +171,14 @@ def _train(cfg: TrainConfig, info: DistInfo, dataset: Dataset | None = None) -> 
             loader = DataLoader(data.dataset, batch_sampler=batches, num_workers=cfg.num_workers,
                                 pin_memory=info.device.type == "cuda", persistent_workers=False)
             for batch in loader:
-                inputs = draw_step_inputs(data, batch, diffusion, info.device,
-                                          step_seed(cfg.seed, step, info.rank), dropout)
+                seed, features = step_seed(cfg.seed, step, info.rank), None
+                if parts.alignment is None:
+                    inputs = draw_step_inputs(data, batch, diffusion, info.device, seed, dropout)
+                else:
+                    inputs, features = draw_aligned_step_inputs(data, batch, diffusion, info.device, seed, dropout,
+                                                                parts.alignment)
                 lr_schedule.set_lr(opt, lr_schedule.lr_at(cfg, step, steps_per_epoch))
-                terms, grad_norm, bad = train_step(*inputs, micro_batches=cfg.grad_accum)
+                terms, grad_norm, bad = train_step(*inputs, micro_batches=cfg.grad_accum, features=features)
                 step += 1
                 guard.update(bad, step)
                 log.accumulate(terms, grad_norm, bad)

@@ -20,7 +20,9 @@ from ditlab.runtime.distributed import DistInfo
 from ditlab.training.config import TrainConfig
 from ditlab.training.sinks import check_sinks, open_sinks
 
-TERMS = ("loss", "mse", "vb")  # the terms logged, those of them the process gives (flow: "loss" alone)
+TERMS = ("loss", "mse", "vb", "repa")
+"""the terms logged, those of them the step gives (flow: "loss" alone; "repa": REPA's alignment loss,
+before --repa-coeff, when the run aligns)"""
 
 
 class MetricsLog:

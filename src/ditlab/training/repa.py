@@ -51,3 +51,19 @@ def projection_loss(projection: torch.Tensor, features: torch.Tensor) -> torch.T
     # in float32 whatever the autocast: the loss is a small reduction over (N, T, Dz)
     cos = (F.normalize(projection.float(), dim=-1) * F.normalize(target.float(), dim=-1)).sum(dim=-1)  # (N, T)
     return -cos.mean(dim=1)  # (N,)
+
+
+class Alignment:
+    """REPA in a training run: the frozen encoder (None when the data carries cached features) and lambda.
+
+    `targets(clean)` turns what the data gives for REPA (clean images (N, C, H, W) in [-1, 1], flipped as
+    the example was; or cached features (N, S, Dz)) into the encoder's features (N, S, Dz)."""
+
+    def __init__(self, encoder: torch.nn.Module | None, coeff: float):
+        self.encoder, self.coeff = encoder, coeff
+
+    def targets(self, clean: torch.Tensor) -> torch.Tensor:
+        if self.encoder is None:
+            return clean.float()
+        with torch.no_grad():
+            return self.encoder(clean)
