@@ -127,8 +127,14 @@ def test_two_processes_online_equal_offline(tmp_path, capsys):
              "--precision", "fp32", "--eval-ref", ref, "--eval-features", "dinov2", "--eval-dinov2", dinov2]
     torchrun(tmp_path / "run", *flags, max_steps=2)
     (row,) = eval_rows(tmp_path / "run")
-    # one process, batch 4: the same images in the same batches as rank 0 and rank 1 drew them
-    result = offline(capsys, tmp_path / "run", 2, ref, "--features", "dinov2", "--dinov2", dinov2)
+    # one process, batch 4: the same images in the same batches as rank 0 and rank 1 drew them; in one
+    # thread, as torchrun runs each rank (OMP_NUM_THREADS=1): the same kernels, so the same bits
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = offline(capsys, tmp_path / "run", 2, ref, "--features", "dinov2", "--dinov2", dinov2)
+    finally:
+        torch.set_num_threads(threads)
     assert row["eval"]["num_samples"] == 16
     for key in ("fd_dinov2", "precision_dinov2", "recall_dinov2"):
         assert row["eval"][key] == result[key], key

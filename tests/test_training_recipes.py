@@ -78,7 +78,7 @@ def test_grad_accum_that_does_not_split_the_batch_is_refused(tmp_path):
 
 
 def _cfg(**kw) -> TrainConfig:
-    return TrainConfig(data="digits", results="", **{"max_steps": 100, "lr": 1e-3, **kw})
+    return TrainConfig(data="digits", results="r", **{"max_steps": 100, "lr": 1e-3, **kw})
 
 
 def test_lr_schedules_by_hand():
