@@ -57,7 +57,8 @@ SEED = 0
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "tests" / "data" / "golden_dit_reference.npz"
 
 
-# ---- a stand-in for torchvision (timm imports it; nothing here calls it) ----------------------------
+# ---- stand-ins for packages the references import but never call (torchvision, fairscale) ----------
+# The other golden scripts (make_golden_*.py) take these helpers from here.
 
 
 class _Anything(type):
@@ -85,11 +86,14 @@ def _module_getattr(module: types.ModuleType):
     return getattr_
 
 
-class _TorchvisionStub(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Serves `torchvision` and every `torchvision.*` as an empty package whose names are placeholders."""
+class _StubPackages(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Serves each package of `names` and its submodules as an empty package whose names are placeholders."""
+
+    def __init__(self, names: tuple[str, ...]):
+        self.names = names
 
     def find_spec(self, fullname, path=None, target=None):
-        if fullname == "torchvision" or fullname.startswith("torchvision."):
+        if fullname.split(".")[0] in self.names:
             return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
         return None
 
@@ -104,10 +108,15 @@ class _TorchvisionStub(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         pass
 
 
-def stub_torchvision() -> None:
-    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+def stub_packages(*names: str) -> None:
+    """Replace the packages `names` (and any already imported) by stand-ins for the rest of the process."""
+    for name in [m for m in sys.modules if m.split(".")[0] in names]:
         del sys.modules[name]
-    sys.meta_path.insert(0, _TorchvisionStub())
+    sys.meta_path.insert(0, _StubPackages(names))
+
+
+def stub_torchvision() -> None:
+    stub_packages("torchvision")
 
 
 # ---- helpers -----------------------------------------------------------------------------------------
@@ -118,13 +127,26 @@ def half_rounded(t: torch.Tensor) -> torch.Tensor:
     return t.half().float()
 
 
-def randomized(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Every trainable parameter random (std WEIGHT_STD), rounded to float16 values; eval mode."""
+def randomized(model: torch.nn.Module, seed: int, std: float = WEIGHT_STD) -> torch.nn.Module:
+    """Every trainable parameter random (std `std`), rounded to float16 values; eval mode."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
-                p.copy_(half_rounded(torch.randn(p.shape, generator=g) * WEIGHT_STD))
+                p.copy_(half_rounded(torch.randn(p.shape, generator=g) * std))
+    return model.eval()
+
+
+def randomized_with_norms(model: torch.nn.Module, seed: int, std: float, qkv_std: float) -> torch.nn.Module:
+    """Trainable weights random and float16-rounded: norm weights 1 + noise, attention's qkv std
+    `qkv_std` (peaked attention), everything else std `std`; eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                noise = torch.randn(p.shape, generator=g) * (qkv_std if "attn.qkv" in name else std)
+                is_norm_weight = "norm" in name.split(".")[-2] and name.endswith("weight")
+                p.copy_(half_rounded(noise + 1.0 if is_norm_weight else noise))
     return model.eval()
 
 
@@ -177,6 +199,15 @@ def reference_commit(repo: str) -> str:
         return out.stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def write_fixture(out: str | Path, store: dict[str, np.ndarray]) -> Path:
+    """`store` as a compressed .npz at `out` (its folder made)."""
+    out_path = Path(out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(out_path, **store)
+    print(f"wrote {out_path} ({out_path.stat().st_size / 1024:.0f} KiB, {len(store)} arrays)")
+    return out_path
 
 
 # ---- the fixture -------------------------------------------------------------------------------------
@@ -313,10 +344,7 @@ def main() -> None:
                   reference="github.com/facebookresearch/DiT",
                   reference_commit=args.ref_commit or reference_commit(args.dit_repo))  # fmt: skip
     store["config"] = np.array(json.dumps(config))
-    out_path = Path(args.out)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(out_path, **store)
-    print(f"wrote {out_path} ({out_path.stat().st_size / 1024:.0f} KiB, {len(store)} arrays)")
+    write_fixture(args.out, store)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import warnings
 from functools import partial
@@ -34,6 +33,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from make_golden import half_rounded, reference_commit, write_fixture  # noqa: E402  (the shared golden-script helpers)
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "tests" / "data" / "golden_dinov2_reference.npz"
 TINY = dict(patch_size=14, img_size=70, embed_dim=64, depth=2, num_heads=2, mlp_ratio=2, init_values=1.0,
@@ -47,10 +49,6 @@ BATCH = 2
 WEIGHT_STD = 0.05
 HUB_MODELS = ("dinov2_vits14", "dinov2_vitb14", "dinov2_vitl14", "dinov2_vitg14")
 SEED = 0
-
-
-def half_rounded(t: torch.Tensor) -> torch.Tensor:
-    return t.half().float()
 
 
 def randomized(model: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -78,8 +76,7 @@ def main() -> None:
     from dinov2.models import vision_transformer as vits
 
     torch.set_num_threads(1)
-    commit = args.ref_commit or subprocess.run(["git", "-C", args.dinov2_repo, "rev-parse", "HEAD"],
-                                               capture_output=True, text=True).stdout.strip() or "unknown"
+    commit = args.ref_commit or reference_commit(args.dinov2_repo)
     store: dict[str, np.ndarray] = {}
     g = torch.Generator().manual_seed(SEED)
     inputs = {f"{h}x{w}": half_rounded(torch.randn(BATCH, 3, h, w, generator=g)) for h, w in SIZES}
@@ -110,10 +107,7 @@ def main() -> None:
     store["config"] = np.array(json.dumps({"tiny": TINY, "models": MODELS, "sizes": SIZES, "batch": BATCH,
                                            "weight_std": WEIGHT_STD, "seed": SEED, "reference_commit": commit,
                                            "torch": torch.__version__}))
-    out_path = Path(args.out)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(out_path, **store)
-    print(f"wrote {out_path} ({out_path.stat().st_size / 1024:.0f} KiB, {len(store)} arrays)")
+    write_fixture(args.out, store)
 
 
 if __name__ == "__main__":

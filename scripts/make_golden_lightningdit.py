@@ -21,16 +21,15 @@ eval-mode forward in float32."""
 from __future__ import annotations
 
 import argparse
-import importlib.abc
-import importlib.machinery
 import json
-import subprocess
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from make_golden import randomized_with_norms, reference_commit, stub_packages, write_fixture  # noqa: E402  (the shared golden-script helpers)
 
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=16, depth=2, num_heads=2, num_classes=10)
 N = 3  # batch
@@ -51,63 +50,9 @@ STUBBED = ("torchvision", "fairscale")
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "tests" / "data" / "golden_lightningdit_reference.npz"
 
 
-class _Anything(type):
-    """Metaclass of the placeholders: any attribute of one is another placeholder."""
-
-    def __getattr__(cls, name: str):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return _Anything(name, (), {})
-
-
-class _Stub(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Serves every module under STUBBED as an empty package whose names are placeholder classes."""
-
-    def find_spec(self, fullname, path=None, target=None):
-        if fullname.split(".")[0] in STUBBED:
-            return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
-        return None
-
-    def create_module(self, spec):
-        module = types.ModuleType(spec.name)
-        module.__path__ = []
-        module.__version__ = "0.0.0"
-
-        def getattr_(name: str):
-            if name.startswith("__"):
-                raise AttributeError(name)
-            return _Anything(name, (), {})
-
-        module.__getattr__ = getattr_
-        return module
-
-    def exec_module(self, module) -> None:
-        pass
-
-
 def eager_compile(fn=None, **kwargs):
     """torch.compile as the identity, with or without arguments."""
     return fn if fn is not None else (lambda f: f)
-
-
-def randomized(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Trainable weights random and float16-rounded: norm weights 1 + noise, everything else noise."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                noise = torch.randn(p.shape, generator=g) * (QKV_STD if "attn.qkv" in name else WEIGHT_STD)
-                is_norm_weight = "norm" in name.split(".")[-2] and name.endswith("weight")
-                p.copy_((noise + 1.0 if is_norm_weight else noise).half().float())
-    return model.eval()
-
-
-def reference_commit(repo: str) -> str:
-    try:
-        return subprocess.run(["git", "-C", repo, "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()  # fmt: skip
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main() -> None:
@@ -117,7 +62,7 @@ def main() -> None:
     parser.add_argument("--ref-commit", default=None, help="the checkout's commit, recorded in the fixture")
     args = parser.parse_args()
 
-    sys.meta_path.insert(0, _Stub())
+    stub_packages(*STUBBED)
     torch.compile = eager_compile
     sys.path.insert(0, args.repo)
     from models.lightningdit import LightningDiT  # the reference
@@ -130,7 +75,8 @@ def main() -> None:
     out: dict[str, np.ndarray] = {"x": x.numpy().astype(np.float16), "t": t.numpy(), "y": y.numpy()}
     for i, (name, switches) in enumerate(VARIANTS.items()):
         torch.manual_seed(SEED + i)
-        model = randomized(LightningDiT(**TINY, learn_sigma=False, **switches), SEED + i)
+        reference = LightningDiT(**TINY, learn_sigma=False, **switches)
+        model = randomized_with_norms(reference, SEED + i, WEIGHT_STD, QKV_STD)
         with torch.no_grad():
             output = model(x, t, y)  # (N, C, H, W)
         for key, value in model.state_dict().items():
@@ -140,8 +86,7 @@ def main() -> None:
     config = {"model": TINY, "variants": VARIANTS, "weight_std": WEIGHT_STD, "qkv_std": QKV_STD, "seed": SEED,
               "reference": "github.com/hustvl/LightningDiT", "commit": args.ref_commit or reference_commit(args.repo)}
     out["config"] = np.array(json.dumps(config))
-    np.savez_compressed(args.out, **out)
-    print(f"wrote {args.out}: {len(VARIANTS)} variants, {len(out)} arrays")
+    write_fixture(args.out, out)
 
 
 if __name__ == "__main__":

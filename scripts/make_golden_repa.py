@@ -20,16 +20,15 @@ What is stored, per variant ("plain"; "qknorm": timm's LayerNorm QK-norm, REPA's
 from __future__ import annotations
 
 import argparse
-import importlib.abc
-import importlib.machinery
 import json
-import subprocess
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from make_golden import randomized_with_norms, reference_commit, stub_torchvision, write_fixture  # noqa: E402  (the shared golden-script helpers)
 
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=16, decoder_hidden_size=16, depth=3,
             num_heads=2, num_classes=10, encoder_depth=2, z_dims=[24], projector_dim=64)
@@ -38,49 +37,6 @@ WEIGHT_STD, QKV_STD = 0.2, 0.5
 SEED = 0
 VARIANTS = {"plain": {"qk_norm": False}, "qknorm": {"qk_norm": True}}
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "tests" / "data" / "golden_repa_reference.npz"
-
-
-class _Anything(type):
-    def __getattr__(cls, name: str):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return _Anything(name, (), {})
-
-
-class _TorchvisionStub(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Serves torchvision and its submodules as empty packages whose names are placeholder classes."""
-
-    def find_spec(self, fullname, path=None, target=None):
-        if fullname.split(".")[0] == "torchvision":
-            return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
-        return None
-
-    def create_module(self, spec):
-        module = types.ModuleType(spec.name)
-        module.__path__ = []
-        module.__version__ = "0.0.0"
-
-        def getattr_(name: str):
-            if name.startswith("__"):
-                raise AttributeError(name)
-            return _Anything(name, (), {})
-
-        module.__getattr__ = getattr_
-        return module
-
-    def exec_module(self, module) -> None:
-        pass
-
-
-def randomized(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                noise = torch.randn(p.shape, generator=g) * (QKV_STD if "attn.qkv" in name else WEIGHT_STD)
-                is_norm_weight = "norm" in name.split(".")[-2] and name.endswith("weight")
-                p.copy_((noise + 1.0 if is_norm_weight else noise).half().float())
-    return model.eval()
 
 
 class Projected:
@@ -93,14 +49,6 @@ class Projected:
         return torch.zeros_like(x), self.zs_tilde
 
 
-def reference_commit(repo: str) -> str:
-    try:
-        return subprocess.run(["git", "-C", repo, "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()  # fmt: skip
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repo", required=True, help="a checkout of github.com/sihyun-yu/REPA")
@@ -108,7 +56,7 @@ def main() -> None:
     parser.add_argument("--ref-commit", default=None, help="the checkout's commit, recorded in the fixture")
     args = parser.parse_args()
 
-    sys.meta_path.insert(0, _TorchvisionStub())
+    stub_torchvision()
     sys.path.insert(0, args.repo)
     from loss import SILoss  # the reference
     from models.sit import SiT
@@ -125,7 +73,7 @@ def main() -> None:
     loss_fn = SILoss(prediction="v", path_type="linear", weighting="uniform")
     for i, (name, block_kwargs) in enumerate(VARIANTS.items()):
         torch.manual_seed(SEED + i)
-        model = randomized(SiT(path_type="linear", **TINY, **block_kwargs), SEED + i)
+        model = randomized_with_norms(SiT(path_type="linear", **TINY, **block_kwargs), SEED + i, WEIGHT_STD, QKV_STD)
         with torch.no_grad():
             velocity, zs = model(x, t, y)  # (N, C, H, W), [(N, T, z_dim)]
             _, proj_loss = loss_fn(Projected(zs), x, {}, zs=[z])
@@ -140,8 +88,7 @@ def main() -> None:
     config = {"model": TINY, "variants": VARIANTS, "weight_std": WEIGHT_STD, "qkv_std": QKV_STD, "seed": SEED,
               "reference": "github.com/sihyun-yu/REPA", "commit": args.ref_commit or reference_commit(args.repo)}
     out["config"] = np.array(json.dumps(config))
-    np.savez_compressed(args.out, **out)
-    print(f"wrote {args.out}: {len(VARIANTS)} variants, {len(out)} arrays")
+    write_fixture(args.out, out)
 
 
 if __name__ == "__main__":

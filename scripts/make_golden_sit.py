@@ -35,7 +35,14 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_golden import half_rounded, numpy_of, reference_commit, stub_torchvision  # noqa: E402
+from make_golden import (  # noqa: E402
+    half_rounded,
+    numpy_of,
+    randomized,
+    reference_commit,
+    stub_torchvision,
+    write_fixture,
+)
 
 NULL = 10  # the tiny model's null label (= num_classes)
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=4, num_classes=NULL)
@@ -80,16 +87,6 @@ class NoiseRecorder:
         return row
 
 
-def randomized(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Every trainable parameter random (std WEIGHT_STD), rounded to float16 values; eval mode."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(half_rounded(torch.randn(p.shape, generator=g) * WEIGHT_STD))
-    return model.eval()
-
-
 def forward_fn(model, guided: bool):
     """The network as the reference's samplers call it: forward_with_cfg on the doubled state, or forward."""
     return model.forward_with_cfg if guided else model.forward
@@ -110,7 +107,7 @@ def main() -> None:
 
     store: dict[str, np.ndarray] = {}
     g = torch.Generator().manual_seed(SEED)
-    model = randomized(SiT(**TINY, learn_sigma=True), seed=1)
+    model = randomized(SiT(**TINY, learn_sigma=True), seed=1, std=WEIGHT_STD)
     for k, v in model.state_dict().items():
         store[f"model/{k}"] = numpy_of(v if k == "pos_embed" else v.half())
 
@@ -199,10 +196,7 @@ def main() -> None:
                   torch=torch.__version__, reference="github.com/willisma/SiT",
                   reference_commit=args.ref_commit or reference_commit(args.sit_repo))  # fmt: skip
     store["config"] = np.array(json.dumps(config))
-    out_path = Path(args.out)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(out_path, **store)
-    print(f"wrote {out_path} ({out_path.stat().st_size / 1024:.0f} KiB, {len(store)} arrays)")
+    write_fixture(args.out, store)
 
 
 if __name__ == "__main__":
