@@ -135,10 +135,19 @@ class FeatureJudge:
 
 
 def load_judge(data: str, progress: bool = False) -> ImageJudge:
-    """The judge of the data named `data` (see `JUDGES`)."""
+    """The judge of the data named `data` (see `JUDGES`), loaded once per process and cache folder, so
+    that its held-out reference features are computed once however often it scores (online evaluation
+    scores at every --eval-every)."""
     if data not in JUDGES:
         raise UserError(f"no judge for {data!r}: judges exist for {', '.join(JUDGES)} (and digits)")
-    module, function = JUDGES[data].split(":")
+    from ditlab.runtime.home import home
+
+    return _loaded_judge(JUDGES[data], str(home()), progress)
+
+
+@functools.cache
+def _loaded_judge(target: str, cache_folder: str, progress: bool) -> ImageJudge:
+    module, function = target.split(":")
     return getattr(importlib.import_module(module), function)(progress=progress)
 
 

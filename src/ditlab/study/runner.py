@@ -90,15 +90,12 @@ class Judge:
     def __init__(self, study: Study, device: torch.device, progress: bool = False):
         self.study, self.device, self.progress = study, device, progress
         self._digits: tuple[DigitsJudge, torch.Tensor] | None = None
-        self._judge: ImageJudge | None = None
 
     def image_judge(self) -> ImageJudge:
-        """The judge of the spec's metric (`evaluation.judges.load_judge`), loaded once."""
-        if self._judge is None:
-            from ditlab.evaluation.judges import load_judge
+        """The judge of the spec's metric (`evaluation.judges.load_judge`: loaded once per process)."""
+        from ditlab.evaluation.judges import load_judge
 
-            self._judge = load_judge(self.study.eval.metric, self.progress)
-        return self._judge
+        return load_judge(self.study.eval.metric, self.progress)
 
     def __call__(self, npz: Path) -> dict[str, float]:
         ev = self.study.eval
@@ -126,9 +123,9 @@ class Judge:
         """The demo's classifier (trained once) and the held-out real digits (N, 1, 8, 8)."""
         if self._digits is None:
             from ditlab.data.digits import load_digits_arrays
-            from ditlab.evaluation.digits_judge import DigitsJudge
+            from ditlab.evaluation.judges import digits_judge
 
-            self._digits = DigitsJudge(), load_digits_arrays("test")[0]
+            self._digits = digits_judge(), load_digits_arrays("test")[0]  # trained once per process
         return self._digits
 
     def reference(self) -> dict[str, Any] | None:
