@@ -32,6 +32,7 @@ import torch  # noqa: E402
 from serve_helpers import LiveServer, save_digits_checkpoint  # noqa: E402
 
 import ditlab  # noqa: E402
+from ditlab.runtime.cpu_facts import cpu_model  # noqa: E402
 from ditlab.serve.app import create_app  # noqa: E402
 from ditlab.serve.engine import Engine  # noqa: E402
 from ditlab.serve.requests import Defaults, Limits  # noqa: E402
@@ -77,15 +78,6 @@ def run_clients(server: LiveServer, clients: int, per_client: int, body: dict, b
             "latency_mean_s": round(statistics.mean(latencies), 4),
             "latency_p50_s": round(statistics.median(latencies), 4),
             "latency_max_s": round(max(latencies), 4), "pngs": pngs}
-
-
-def cpu_model() -> str:
-    """The CPU's model name (Linux), else the machine type."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return os.uname().machine
 
 
 def main() -> None:

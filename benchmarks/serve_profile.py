@@ -24,10 +24,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 os.environ.setdefault("MKL_CBWR", "AVX2,STRICT")  # as benchmarks/serve.py
 import torch  # noqa: E402
-from serve import cpu_model  # noqa: E402  (benchmarks/serve.py, beside this file)
 from serve_helpers import save_digits_checkpoint  # noqa: E402
 
 import ditlab  # noqa: E402
+from ditlab.runtime.cpu_facts import cpu_model  # noqa: E402
 from ditlab.serve.engine import Engine  # noqa: E402
 from ditlab.serve.record import grid_png, sample_record  # noqa: E402
 from ditlab.serve.requests import SampleRequest  # noqa: E402

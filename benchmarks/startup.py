@@ -37,6 +37,9 @@ import time
 from pathlib import Path
 
 OURS_SRC = Path(__file__).resolve().parents[1] / "src"
+sys.path.insert(0, str(OURS_SRC))
+from ditlab.runtime.cpu_facts import cpu_model  # noqa: E402  (light: no torch)
+
 AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 COMMANDS = ("train", "sample", "serve", "eval", "demo")
 # The precisions timed per command and ISA: the default (auto) everywhere, and fp32 beside it where the
@@ -83,14 +86,6 @@ sys.meta_path.insert(0, Hook())
 from ditlab.cli import main
 sys.exit(main(sys.argv[1:]))
 """
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return os.uname().machine
 
 
 def free_port() -> int:

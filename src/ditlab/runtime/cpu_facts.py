@@ -73,6 +73,15 @@ def _cpuinfo(text: str) -> tuple[str, frozenset[str] | None]:
     return model, None if flags is None else frozenset(flags.split())
 
 
+def cpu_model() -> str:
+    """This machine's CPU model name (/proc/cpuinfo), else the processor or machine type (no torch)."""
+    try:
+        model = _cpuinfo(CPUINFO.read_text(errors="replace"))[0]
+    except OSError:
+        model = ""
+    return model or platform.processor() or platform.machine()
+
+
 def read_cpu_facts() -> CpuFacts:
     """This machine's CpuFacts under this process's environment (imports torch)."""
     import torch
