@@ -222,15 +222,15 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UserError(f"--{name.replace('_', '-')} {value} must be at least 1 (leave it out for no limit)")
-        if not (math.isfinite(self.lr) and self.lr > 0):
+        if self.lr <= 0:  # finite: check_fields
             raise UserError(f"--lr {self.lr} must be a positive finite number")
-        if self.grad_clip is not None and not (math.isfinite(self.grad_clip) and self.grad_clip > 0):
+        if self.grad_clip is not None and self.grad_clip <= 0:
             raise UserError(f"--grad-clip {self.grad_clip} must be a positive finite norm (leave it out: no clipping)")
         if self.image_size is not None and self.image_size < 1:
             raise UserError(f"--image-size {self.image_size} must be positive")
         if self.max_bad_steps < 1:
             raise UserError(f"--max-bad-steps {self.max_bad_steps} must be at least 1")
-        if not (math.isfinite(self.dist_timeout) and self.dist_timeout > 0):
+        if self.dist_timeout <= 0:
             raise UserError(f"--dist-timeout {self.dist_timeout} must be a positive number of seconds")
         for name in ("ckpt_every", "log_every"):
             if getattr(self, name) < 1:
@@ -243,7 +243,7 @@ class TrainConfig:
             raise UserError(f"--grad-accum {self.grad_accum} must be at least 1 and divide --global-batch-size "
                             f"{self.global_batch_size}")
         self._validate_objective()
-        if not (math.isfinite(self.repa_coeff) and self.repa_coeff >= 0):
+        if self.repa_coeff < 0:
             raise UserError(f"--repa-coeff {self.repa_coeff} must be a finite number >= 0")
         if self.repa_width < 1:
             raise UserError(f"--repa-width {self.repa_width} must be positive")
@@ -302,10 +302,8 @@ class TrainConfig:
             changed = [name for name in FLOW_SETTINGS if getattr(self, name) != defaults[name]]
             if changed:
                 raise UserError(f"--{changed[0].replace('_', '-')} sets a flow: it needs --objective flow")
-        if not (math.isfinite(self.time_scale) and self.time_scale > 0):
+        if self.time_scale <= 0:
             raise UserError(f"--time-scale {self.time_scale} must be a positive finite number")
-        if not math.isfinite(self.time_location):
-            raise UserError(f"--time-location {self.time_location} must be finite")
         if self.train_eps is not None and not 0 <= self.train_eps < 0.5:
             raise UserError(f"--train-eps {self.train_eps} must lie in [0, 0.5)")
 
