@@ -56,6 +56,8 @@ def markdown(study: dict[str, Any], rows: list[dict[str, Any]], found: dict[str,
         lines += [f"Real training images ({data}) against the held-out ones: Frechet distance "
                   f"{reference['frechet_distance']:.3g} (a reference, as many real images as samples: models land "
                   "near it, not strictly above).", ""]
+    if study.get("ablation"):
+        return "\n".join(lines + ablation_markdown(study, rows, found, figures))
     lines += ["## What the measurements say", ""]
     for key in ("gflops_correlation", "blocks", "sweep"):
         if found.get(key):
@@ -77,6 +79,28 @@ def markdown(study: dict[str, Any], rows: list[dict[str, Any]], found: dict[str,
     return "\n".join(lines)
 
 
+def ablation_markdown(study: dict[str, Any], rows: list[dict[str, Any]], found: dict[str, Any],
+                      figures: list[str]) -> list[str]:
+    """The report of an ablation study: what each entry buys against the baseline."""
+    from ditlab.study.ablation import ABLATION_FIGURE, ablation_findings, ablation_table, guidance_table
+
+    ab, metric = found["ablation"], found["metric"]
+    equal = study["ablation"]["equal_compute"]
+    how = ("at equal training compute (images x training Gflops per image: each entry has its own steps at the "
+           "same compute points)" if equal else "for the same steps")
+    lines = [f"Baseline {ab['baseline']}; every entry trained {how}. Speed-up: the baseline's final training compute "
+             "over the compute at which the entry first reaches the baseline's final value (linear between evaluation "
+             "points).", "", "## What the measurements say", ""]
+    lines += [f"- {t}" for t in ablation_findings(ab, metric)]
+    lines += ["", "## Every entry", "", *ablation_table(ab, study, metric), ""]
+    guided = guidance_table(study, rows, metric)
+    if guided:
+        lines += ["## Guidance on the last checkpoints", "", *guided, ""]
+    if ABLATION_FIGURE in figures:
+        lines += ["## Quality vs training compute", "", f"![Quality vs training compute]({ABLATION_FIGURE})", ""]
+    return lines
+
+
 def write_report(out: str | Path) -> dict[str, Any]:
     """Write results.json, the figures and report.md into the study folder `out`; returns a summary
     ("written": False when everything was already up to date)."""
@@ -87,7 +111,13 @@ def write_report(out: str | Path) -> dict[str, Any]:
         raise UserError("the figures need matplotlib: pip install 'ditlab[study]'") from e
     study, rows = load_rows(out)
     metric = PRIMARY[study["eval"]["metric"]]
-    found = findings(study, rows, metric)
+    found: dict[str, Any]
+    if study.get("ablation"):
+        from ditlab.study.ablation import ablation_results
+
+        found = {"metric": metric, "ablation": ablation_results(study, rows, metric)}
+    else:
+        found = findings(study, rows, metric)
     ref_path = out / "reference.json"
     reference = json.loads(ref_path.read_text()) if ref_path.is_file() else None
     results = {"study": study["name"], "metric": metric, "reference": reference, "findings": found, "rows": rows}
@@ -96,9 +126,15 @@ def write_report(out: str | Path) -> dict[str, Any]:
     stored = results_path.read_text() if results_path.is_file() else None
     if stored == text and (out / "report.md").is_file():
         return {"rows": len(rows), "written": False, "figures": [], "out": str(out)}
-    rho = (found["gflops_correlation"] or {}).get("spearman")
     floor = (reference or {}).get(metric)
-    figures = write_figures(study, rows, metric, LABELS[study["eval"]["metric"]], out, rho, floor)
+    if study.get("ablation"):
+        from ditlab.study.ablation import ABLATION_FIGURE, ablation_figure
+
+        drawn = ablation_figure(found["ablation"], LABELS[study["eval"]["metric"]], out / ABLATION_FIGURE, floor)
+        figures = [ABLATION_FIGURE] if drawn else []
+    else:
+        rho = (found["gflops_correlation"] or {}).get("spearman")
+        figures = write_figures(study, rows, metric, LABELS[study["eval"]["metric"]], out, rho, floor)
     atomic_write_text(out / "report.md", markdown(study, rows, found, figures, reference) + "\n")
     atomic_write_text(results_path, text)  # last: a report interrupted before it is redone next time
     return {"rows": len(rows), "written": True, "figures": figures, "out": str(out)}

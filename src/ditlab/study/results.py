@@ -2,7 +2,8 @@
 
 One row per entry, training step and sampling setting (sampler, steps, guidance, sample count,
 labels): the entry's config, parameters, Gflops, training compute (3 x 2 x Gflops x images seen:
-forward and backward are three forwards, a multiply-accumulate two flops), sampling compute
+forward and backward are three forwards, a multiply-accumulate two flops; an ablation entry's own
+training Gflops per image instead of 3 x Gflops, REPA's projector and encoder included), sampling compute
 (Gflops x steps, x 2 with guidance) and the metrics of every sample seed with their mean. Works on
 a partly finished study: only what has been measured is read."""
 
@@ -44,19 +45,26 @@ def load_rows(out: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
                     "hidden_size": entry["hidden_size"],
                     "num_heads": entry["num_heads"], "tokens": entry["tokens"], "params": entry["params"],
                     "gflops": entry["gflops"], "train_step": ev["step"], "images_seen": images,
-                    "training_compute_gflop": 3 * 2 * entry["gflops"] * images,
+                    "training_compute_gflop": 2 * entry.get("train_gflops_per_image", 3 * entry["gflops"]) * images,
                     "sampler": ev["sampler"], "steps": ev["steps"], "cfg_scale": ev["cfg_scale"],
                     "num_samples": ev["num_samples"], "labels": ev["labels"],
                     "guidance_interval": _interval(ev), "guide_step": ev.get("guide_step"),
+                    "guide_entry": ev.get("guide_entry"),
                     "sampling_compute_gflop": entry["gflops"] * passes,
                     "metrics_by_sample_seed": {},
                 }  # fmt: skip
             groups[key]["metrics_by_sample_seed"][str(ev["seed"])] = ev["metrics"]
-    rows = [groups[k] for k in sorted(groups, key=lambda k: (list(study["entries"]).index(k[0]), *k[1:]))]
+    order = list(study["entries"])
+    rows = [groups[k] for k in sorted(groups, key=lambda k: (order.index(k[0]), *map(_sortable, k[1:])))]
     for row in rows:
         by_seed = list(row["metrics_by_sample_seed"].values())
         row["metrics"] = {m: float(np.mean([s[m] for s in by_seed])) for m in by_seed[0]}
     return study, rows
+
+
+def _sortable(value: Any) -> tuple:
+    """A key part that sorts beside its kind: None (no guidance interval, no guide) first."""
+    return (0,) if value is None else (1, value)
 
 
 def _interval(row: dict[str, Any]) -> list[float] | None:
@@ -77,8 +85,9 @@ def main_setting(study: dict[str, Any]) -> tuple:
 
 def setting_of(row: dict[str, Any]) -> tuple:
     interval = _interval(row)
-    return (row["sampler"], row["steps"], row["cfg_scale"], row["num_samples"], row["labels"],
-            None if interval is None else tuple(interval), row.get("guide_step"))
+    setting = (row["sampler"], row["steps"], row["cfg_scale"], row["num_samples"], row["labels"],
+               None if interval is None else tuple(interval), row.get("guide_step"))
+    return setting if row.get("guide_entry") is None else (*setting, row["guide_entry"])
 
 
 def curves(rows: list[dict[str, Any]], setting: tuple) -> dict[str, list[dict[str, Any]]]:
@@ -134,4 +143,7 @@ def seed_pairs(study: dict[str, Any]) -> list[tuple[str, str]]:
 
 def last_point(curve: list[dict[str, Any]], study: dict[str, Any]) -> dict[str, Any] | None:
     row = curve[-1] if curve else None
-    return row if row is not None and row["train_step"] == study["eval_steps"][-1] else None
+    if row is None:
+        return None
+    own = study["entries"].get(row["entry"], {}).get("eval_steps") or study["eval_steps"]
+    return row if row["train_step"] == own[-1] else None

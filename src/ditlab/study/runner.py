@@ -43,8 +43,9 @@ def metrics_path(folder: Path, step: int, setting: EvalSetting) -> Path:
     return folder / "evals" / step_dir(step) / f"{setting.key}.json"
 
 
-def model_facts(entry: Entry, study: Study) -> dict[str, Any]:
-    """Parameters, Gflops and tokens of the entry's DiT, counted on the meta device (no weights)."""
+def model_facts(entry: Entry, study: Study | None = None) -> dict[str, Any]:
+    """Parameters, Gflops and tokens of the entry's DiT, counted on the meta device (no weights), and
+    its input: the image's size and channels, and the DiT's input size (a latent's, or the image's)."""
     from ditlab.models import DiT, count_gflops
 
     t = entry.train
@@ -58,15 +59,21 @@ def model_facts(entry: Entry, study: Study) -> dict[str, Any]:
                     block=entry.block, learn_sigma=entry.train_config(Path(), 1, False).learn_sigma, **entry.model,
                     **entry.options)  # fmt: skip
     return {"params": sum(p.numel() for p in model.parameters()), "gflops": count_gflops(model),
-            "tokens": (size // entry.patch_size) ** 2, "input_size": size}
+            "tokens": (size // entry.patch_size) ** 2, "input_size": size, "image_size": image,
+            "channels": named.channels if named else 3}
 
 
 def entry_record(entry: Entry, study: Study, folder: Path) -> dict[str, Any]:
-    cfg = entry.train_config(folder / "run", max_steps=study.eval_steps[-1], progress=False)
-    return {"name": entry.name, "size": entry.size, "patch_size": entry.patch_size, "block": entry.block,
-            "seed": entry.seed, "objective": entry.objective, **entry.model, **entry.options,
-            **model_facts(entry, study),
-            "global_batch_size": cfg.global_batch_size, "train": cfg.to_dict()}  # fmt: skip
+    cfg = entry.train_config(folder / "run", max_steps=study.steps_of(entry.name)[-1], progress=False)
+    facts = model_facts(entry, study)
+    del facts["image_size"], facts["channels"]
+    record = {"name": entry.name, "size": entry.size, "patch_size": entry.patch_size, "block": entry.block,
+              "seed": entry.seed, "objective": entry.objective, **entry.model, **entry.options, **facts,
+              "global_batch_size": cfg.global_batch_size, "train": cfg.to_dict(),
+              "eval_steps": list(study.steps_of(entry.name))}  # fmt: skip
+    if study.ablation and entry.name in study.ablation.get("train_gflops_per_image", {}):
+        record["train_gflops_per_image"] = study.ablation["train_gflops_per_image"][entry.name]["total"]
+    return record
 
 
 def check_entry(entry: Entry, study: Study, out: Path) -> dict[str, Any]:
@@ -170,6 +177,9 @@ def evaluate_point(entry: Entry, study: Study, folder: Path, step: int, setting:
         classes = list(range(num_classes(ckpt))) if setting.labels == "balanced" else None
         guide = None if setting.guide_step is None else checkpoint_path(folder / "run" / "checkpoints",
                                                                           setting.guide_step)  # fmt: skip
+        if setting.guide_entry is not None:  # another entry's last checkpoint (it ran first: run_study's order)
+            guide = checkpoint_path(folder.parent / setting.guide_entry / "run" / "checkpoints",
+                                    study.steps_of(setting.guide_entry)[-1])
         if guide is not None and not guide.is_file():
             raise UserError(f"{guide}: the guide checkpoint of {setting.key} is gone (keep_last removed it?)")
         interval = None if setting.guidance_interval is None else list(setting.guidance_interval)
@@ -218,7 +228,7 @@ def run_entry(entry: Entry, study: Study, out: Path, record: dict[str, Any], jud
         atomic_write_text(folder / "entry.json", json.dumps(record, indent=2) + "\n")
     done = {"trained_steps": 0, "evaluations": 0}
     ckpts = folder / "run" / "checkpoints"
-    for step in study.eval_steps:
+    for step in study.steps_of(entry.name):
         pending = [s for s in study.settings(entry.name, step) if not metrics_path(folder, step, s).is_file()]
         if not pending:  # nothing left to do here: its checkpoint is not needed (keep_last may have removed it)
             continue
@@ -261,6 +271,8 @@ def run_study(spec: str | Path, out: str | Path, only: str | None = None, device
     if only is not None and only not in study.entries:
         raise UserError(f"--only {only}: not an entry of {spec} (entries: {', '.join(study.entries)})")
     names = [only] if only else list(study.entries)
+    guides = set(study.final.guide_entries) if study.final else set()
+    names = [n for n in names if n in guides] + [n for n in names if n not in guides]  # a guide trains first
     preflight(study)
     out = Path(out)
     records = {n: check_entry(study.entries[n], study, out) for n in names}  # refuse before writing anything
@@ -275,7 +287,8 @@ def run_study(spec: str | Path, out: str | Path, only: str | None = None, device
         for i, name in enumerate(names, 1):
             r = records[name]
             say(info, f"[{i}/{len(names)}] {name}: {r['params'] / 1e6:.3g}M params, {r['gflops']:.3g} Gflops, "
-                      f"{r['tokens']} tokens, {len(study.eval_steps)} evaluation points to step {study.eval_steps[-1]}")
+                      f"{r['tokens']} tokens, {len(study.eval_steps)} evaluation points to step "
+                      f"{study.steps_of(name)[-1]}")
             started = time.time()
             done = run_entry(study.entries[name], study, out, r, judge, info, device, progress)
             summaries.append({"entry": name, **done, "seconds": time.time() - started})

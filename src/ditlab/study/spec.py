@@ -17,7 +17,16 @@ and its values are typed without YAML's guesses (`no` is a string, not False). T
   may vary over `cfg_scales`, `guidance_intervals` ([lo, hi] in sigma) and `guide_steps`: the entry's own
   checkpoint at an earlier evaluation step as the guide of autoguidance, 0 for the null label),
 - `[sweep]` (optional) sampling step counts for some entries at their last evaluation point (with one
-  `cfg_scale`, `guidance_interval` and `guide_step`).
+  `cfg_scale`, `guidance_interval` and `guide_step`),
+- `[ablation]` (optional, `study.ablation`): `baseline` names a grid entry; every entry is renamed from
+  what differs from it (`DiT-B-2+flow+logit-normal+repa`), and with `equal_compute` (default true) each
+  entry trains to the baseline's training compute (images x training Gflops per image) at every
+  evaluation point, so its own steps are the baseline's scaled by the ratio of their costs,
+- `[final]` (optional) guidance compared at each listed entry's last point only: `cfg_scales` x
+  `guidance_intervals` x `guide_steps` (an earlier point of the entry itself) and `guide_entries`
+  (another entry's last checkpoint: autoguidance by a smaller or less-trained model; each guides the
+  listed entries of its own process).
+A grid table's `repa = { encoder = ..., depth = K, coeff = L, width = W }` trains its entries with REPA.
 String values may name environment variables (`"${IMAGENET_LATENTS}"`)."""
 
 from __future__ import annotations
@@ -49,7 +58,9 @@ SWEEP_KEYS = {"entries", "steps", "sampler", "seeds", "num_samples", "cfg_scale"
 Interval = tuple[float, float] | None
 # Grid keys of the modern block options -> the TrainConfig field each sets.
 OPTION_GRID_KEYS = {"norms": "norm", "qk_norms": "qk_norm", "mlps": "mlp", "positions": "pos"}
-GRID_KEYS = {"sizes", "patch_sizes", "blocks", "seeds", "objectives", "flow", *OPTION_GRID_KEYS}
+GRID_KEYS = {"sizes", "patch_sizes", "blocks", "seeds", "objectives", "flow", "repa", *OPTION_GRID_KEYS}
+REPA_KEYS = {"encoder": "repa_encoder", "depth": "repa_depth", "coeff": "repa_coeff", "width": "repa_width"}
+FINAL_KEYS = {"entries", "cfg_scales", "guidance_intervals", "guide_steps", "guide_entries"}
 
 
 def _fail(where: str, message: str) -> None:
@@ -70,6 +81,8 @@ class EvalSetting:
     """guide only where sigma is in (lo, hi] (None: everywhere)"""
     guide_step: int | None = None
     """autoguidance by the entry's own checkpoint at this training step (None: the null label)"""
+    guide_entry: str | None = None
+    """autoguidance by this other entry's last checkpoint"""
 
     @property
     def key(self) -> str:
@@ -78,6 +91,8 @@ class EvalSetting:
         key = f"{self.sampler}-{self.steps}-cfg{self.cfg_scale:g}-n{self.num_samples}-{self.labels}-seed{self.seed}"
         if self.guidance_interval is not None:
             key += f"-gi{self.guidance_interval[0]:g}-{self.guidance_interval[1]:g}"
+        if self.guide_entry is not None:
+            key += f"-guide-{self.guide_entry}"
         return key + ("" if self.guide_step is None else f"-guide{self.guide_step}")
 
 
@@ -97,6 +112,10 @@ class Entry:
     objective and that one's settings among them."""
     options: dict[str, str] = field(default_factory=dict)
     """The modern block options this entry sets (norm, qk_norm, mlp, pos); absent ones are the paper's."""
+    eval_steps: tuple[int, ...] = ()
+    """Its own evaluation points where they differ from the study's (an ablation at equal compute)."""
+    grid_name: str = ""
+    """Its name from the grid, before an ablation renames it."""
 
     @property
     def objective(self) -> str:
@@ -148,6 +167,17 @@ class SweepSpec:
 
 
 @dataclass(frozen=True)
+class FinalSpec:
+    """Guidance compared on the last checkpoints of `entries` (every combination, each sample seed)."""
+
+    entries: tuple[str, ...]
+    cfg_scales: tuple[float, ...]
+    guidance_intervals: tuple[Interval, ...] = (None,)
+    guide_steps: tuple[int | None, ...] = (None,)
+    guide_entries: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Study:
     """A parsed and checked spec."""
 
@@ -158,17 +188,37 @@ class Study:
     eval: EvalSpec
     sweep: SweepSpec | None = None
     sizes: dict[str, dict[str, int]] = field(default_factory=dict)
+    ablation: dict[str, Any] | None = None
+    """{"baseline": entry name, "equal_compute": bool} where the spec has an [ablation] table."""
+    final: FinalSpec | None = None
+
+    def steps_of(self, entry: str) -> tuple[int, ...]:
+        """The entry's evaluation points (training steps): its own at equal compute, else the study's."""
+        return self.entries[entry].eval_steps or self.eval_steps
+
+    def own_step(self, entry: str, step: int | None) -> int | None:
+        """A step named in the spec (one of the study's eval_steps) as the entry's step at the same point."""
+        return None if step is None else self.steps_of(entry)[self.eval_steps.index(step)]
 
     def settings(self, entry: str, step: int) -> list[EvalSetting]:
-        """Every evaluation of `entry` at training step `step` (the sweep's at the last point)."""
+        """Every evaluation of `entry` at training step `step` (the sweep's and [final]'s at its last point)."""
         e, flow = self.eval, self.entries[entry].objective == "flow"
         sampler, steps = e.sampling(self.entries[entry].objective)
-        out = [_guided(EvalSetting(sampler, steps, c, e.num_samples, s, e.labels, i, g), step)
+        last = step == self.steps_of(entry)[-1]
+        out = [_guided(EvalSetting(sampler, steps, c, e.num_samples, s, e.labels, i, self.own_step(entry, g)), step)
                for c in e.cfg_scales for i in e.guidance_intervals for g in e.guide_steps for s in e.seeds]
-        if self.sweep and entry in self.sweep.entries and step == self.eval_steps[-1]:
+        if self.final and last and entry in self.final.entries:
+            f = self.final
+            out += [_guided(EvalSetting(sampler, steps, c, e.num_samples, s, e.labels, i, self.own_step(entry, g)),
+                            step) for c in f.cfg_scales for i in f.guidance_intervals for g in f.guide_steps
+                    for s in e.seeds]  # fmt: skip
+            out += [EvalSetting(sampler, steps, c, e.num_samples, s, e.labels, i, None, guide)
+                    for c in f.cfg_scales if c != 1.0 for i in f.guidance_intervals for guide in f.guide_entries
+                    if self.entries[guide].objective == self.entries[entry].objective for s in e.seeds]  # fmt: skip
+        if self.sweep and entry in self.sweep.entries and last:
             w = self.sweep
             out += [_guided(EvalSetting(w.flow_sampler if flow else w.sampler, n, w.cfg_scale, w.num_samples, s,
-                                        e.labels, w.guidance_interval, w.guide_step), step)
+                                        e.labels, w.guidance_interval, self.own_step(entry, w.guide_step)), step)
                     for n in w.steps for s in w.seeds]  # fmt: skip
         return list(dict.fromkeys(o for o in out if o is not None))  # equal settings are done once
 
@@ -298,6 +348,7 @@ def _entries(where: str, grids: list[Any], sizes: dict[str, dict[str, int]], tra
         if not isinstance(blocks, list) or any(b not in BLOCKS for b in blocks):
             _fail(at, f"blocks {blocks!r}: a list of {', '.join(BLOCKS)}")
         combos = _option_choices(at, g)
+        repa, repa_suffix = _repa(at, g.get("repa"), train)
         for size in names:
             for p in _ints(f"{at} patch_sizes", g.get("patch_sizes"), 1):
                 for block in blocks:
@@ -305,9 +356,31 @@ def _entries(where: str, grids: list[Any], sizes: dict[str, dict[str, int]], tra
                         for seed in _ints(f"{at} seeds", g.get("seeds", [0])):
                             for suffix, settings in variants:
                                 name = f"DiT-{size}-{p}" + ("" if block == "adaln-zero" else f"-{block}") + \
-                                       _option_suffix(options) + suffix + ("" if seed == 0 else f"-seed{seed}")
-                                entries[name] = Entry(name, size, p, block, seed, sizes[size], settings, options)
+                                       _option_suffix(options) + suffix + repa_suffix + \
+                                       ("" if seed == 0 else f"-seed{seed}")
+                                entry = Entry(name, size, p, block, seed, sizes[size], {**settings, **repa}, options,
+                                              grid_name=name)
+                                if entries.get(name, entry) != entry:  # the same entry again is one entry
+                                    _fail(at, f"entry {name} is already in an earlier [[grid]] table, with other "
+                                              "settings")
+                                entries[name] = entry
     return entries
+
+
+def _repa(at: str, table: Any, train: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """(train settings, name suffix) of a grid table's `repa`: ({}, "") where it has none."""
+    if table is None:
+        return {}, ""
+    if not isinstance(table, dict) or "encoder" not in table:
+        _fail(f"{at} repa", f"{table!r}: a table with encoder = a REPA encoder name or path (and depth, coeff, width)")
+    _unknown(f"{at} repa", table, set(REPA_KEYS))
+    settings = {REPA_KEYS[k]: _expand(v) for k, v in table.items()}
+    try:
+        TrainConfig(**{**train, **settings}, results="entry", max_steps=1).validate()
+    except (TypeError, ValueError) as e:
+        _fail(f"{at} repa", str(e))
+    tags = [f"{k}{table[k]:g}" for k in ("depth", "coeff") if k in table]
+    return settings, "".join(f"-{t}" for t in ["repa", *tags])
 
 
 def _objectives(at: str, grid: dict[str, Any], train: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
@@ -426,6 +499,32 @@ def _sweep(where: str, t: dict[str, Any] | None, entries: dict[str, Entry], ev: 
     return spec
 
 
+def _final(where: str, t: dict[str, Any] | None, entries: dict[str, Entry],
+           eval_steps: tuple[int, ...]) -> FinalSpec | None:  # fmt: skip
+    if t is None:
+        return None
+    at = f"{where} [final]"
+    _unknown(at, t, FINAL_KEYS)
+    names = t.get("entries", list(entries))
+    guides = t.get("guide_entries", [])
+    for key, value in (("entries", names), ("guide_entries", guides)):
+        if not isinstance(value, list) or any(n not in entries for n in value):
+            bad = [n for n in value if n not in entries] if isinstance(value, list) else [value]
+            _fail(at, f"{key}: {bad[0]!r} is not an entry (entries: {', '.join(entries)})")
+    scales = t.get("cfg_scales")
+    if not isinstance(scales, list) or not scales or not all(isinstance(s, int | float) and s > 0 for s in scales):
+        _fail(at, f"cfg_scales {scales!r}: a non-empty list of positive numbers")
+    for g in guides:  # a guide guides the listed entries of its own process (autoguidance needs one)
+        if not any(entries[g].objective == entries[n].objective for n in names):
+            _fail(at, f"guide_entries: {g} ({entries[g].objective}) can guide none of the entries "
+                      f"({', '.join(names)}): autoguidance needs one process")
+    return FinalSpec(entries=tuple(names), cfg_scales=tuple(float(s) for s in scales),
+                     guidance_intervals=_intervals(f"{at} guidance_intervals", t["guidance_intervals"])
+                     if "guidance_intervals" in t else (None,),
+                     guide_steps=_guide_steps(f"{at} guide_steps", t.get("guide_steps", [0]), eval_steps),
+                     guide_entries=tuple(guides))
+
+
 def load_spec(path: str | os.PathLike) -> Study:
     """Read and check a study spec; every mistake is one line naming the file and the table."""
     import tomllib
@@ -439,7 +538,7 @@ def load_spec(path: str | os.PathLike) -> Study:
         raise UserError(f"{where}: cannot read it as a study spec ({one_line(e)})") from e
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{where}: not a TOML file ({e})") from e
-    _unknown(where, raw, {"name", "data", "train", "sizes", "grid", "eval", "sweep"})
+    _unknown(where, raw, {"name", "data", "train", "sizes", "grid", "eval", "sweep", "ablation", "final"})
     train = dict(raw.get("train", {}))
     eval_steps = _ints(f"{where} [train] eval_steps", train.pop("eval_steps", None), 1)
     if list(eval_steps) != sorted(set(eval_steps)):
@@ -454,9 +553,15 @@ def load_spec(path: str | os.PathLike) -> Study:
     for e in entries.values():
         if latent is not None and latent % e.patch_size:
             _fail(f"{where} [[grid]]", f"patch size {e.patch_size} does not divide the {latent}x{latent} input")
+    ablation = None
+    if "ablation" in raw:
+        from ditlab.study.ablation import ablate
+
+        entries, ablation = ablate(f"{where} [ablation]", raw["ablation"], entries, eval_steps)
     ev = _eval(where, raw.get("eval", {}), settings["data"], eval_steps)
     sweep = _sweep(where, raw.get("sweep"), entries, ev, eval_steps)
     if sweep is not None:
         _balanced(f"{where} [sweep]", ev.labels, sweep.num_samples, settings["data"])
+    final = _final(where, raw.get("final"), entries, eval_steps)
     return Study(name=str(raw.get("name", Path(path).stem)), path=where, eval_steps=eval_steps, entries=entries,
-                 eval=ev, sweep=sweep, sizes=sizes)
+                 eval=ev, sweep=sweep, sizes=sizes, ablation=ablation, final=final)
