@@ -134,6 +134,8 @@ def test_changed_entry_is_refused_and_nothing_written(tmp_path):
     (('patch_sizes = [2, 4]', 'patch_sizes = [3]'), "patch size 3 does not divide"),
     (('eval_steps = [2, 4]', 'eval_steps = [4, 2]'), "must increase"),
     (('data = "digits"', 'data = "${DITLAB_NO_SUCH_VARIABLE}"'), "DITLAB_NO_SUCH_VARIABLE"),
+    (("[eval]", '[eval]\nfeatures = ["dinov2"]'), r"features \['dinov2'\]: only metric 'fid'"),
+    (("[eval]", '[eval]\nfeatures = ["clip"]'), r"features \['clip'\]: a non-empty list of inception, dinov2"),
 ])  # fmt: skip
 def test_spec_mistakes_are_one_line_errors(tmp_path, capsys, edit, message):
     path = write_spec(tmp_path)

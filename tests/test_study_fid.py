@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 from test_evaluation_inception import _random_state_dict
+from test_repa_training import tiny_dinov2_file
 
 from ditlab.evaluation import save_samples
 from ditlab.evaluation.inception import WEIGHTS_FILENAME
@@ -34,6 +35,8 @@ patch_sizes = [4]
 metric = "fid"
 ref = "{ref}"
 inception = "{inception}"
+features = ["inception", "dinov2"]
+dinov2 = "{dinov2}"
 num_samples = 6
 seeds = [0]
 steps = 2
@@ -52,14 +55,17 @@ def test_fid_study_on_an_image_folder(tmp_path):
     spec = tmp_path / "fid.toml"
     weights = tmp_path / WEIGHTS_FILENAME
     torch.save(_random_state_dict(0), weights)
-    spec.write_text(SPEC.format(data=tmp_path / "images", ref=tmp_path / "ref.npz", inception=weights))
+    tiny_dinov2_file(tmp_path / "dino.pth")  # FD-DINOv2 beside ADM's suite
+    spec.write_text(SPEC.format(data=tmp_path / "images", ref=tmp_path / "ref.npz", inception=weights,
+                                dinov2=tmp_path / "dino.pth"))
     out = tmp_path / "study"
     (summary,) = run_study(spec, out, progress=False)
     assert (summary["trained_steps"], summary["evaluations"]) == (2, 1)
     entry = json.loads((out / "DiT-T-4" / "entry.json").read_text())
     assert entry["tokens"] == 4 and entry["input_size"] == 8  # pixel space: no 8x VAE downsampling
     ev = json.loads((out / "DiT-T-4" / "evals" / "step-0000002" / "ddpm-2-cfg1-n6-random-seed0.json").read_text())
-    assert set(ev["metrics"]) == {"fid", "sfid", "is", "precision", "recall"}
+    assert set(ev["metrics"]) == {"fid", "sfid", "is", "precision", "recall", "fd_dinov2", "precision_dinov2",
+                                  "recall_dinov2"}
     assert all(math.isfinite(v) for v in ev["metrics"].values()) and ev["metrics"]["fid"] > 0
     assert not list((out / "DiT-T-4" / "samples").rglob("*.npz"))  # keep_samples = false: judged, then removed
     (again,) = run_study(spec, out, progress=False)

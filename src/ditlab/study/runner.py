@@ -32,7 +32,9 @@ if TYPE_CHECKING:
     from ditlab.evaluation.judges import ImageJudge
 
 SD_VAE_DOWNSAMPLE = 8  # image pixels per latent pixel of the SD VAE (4 latent channels)
-COLLECTIVE_TIMEOUT = timedelta(hours=4)  # other ranks wait at a barrier while rank 0 judges FID-50K
+COLLECTIVE_TIMEOUT = timedelta(hours=4)
+FID_METRICS = ("fid", "sfid", "is", "precision", "recall",  # ADM's suite, and FD-DINOv2's where asked
+               "fd_dinov2", "precision_dinov2", "recall_dinov2")  # other ranks wait at a barrier while rank 0 judges FID-50K
 
 
 def step_dir(step: int) -> str:
@@ -110,8 +112,9 @@ class Judge:
             from ditlab.evaluation import evaluate
 
             assert ev.ref is not None  # a fid study names its reference batch (spec.py)
-            r = evaluate(str(npz), ev.ref, ev.inception, device=str(self.device), progress=self.progress)
-            return {k: float(r[k]) for k in ("fid", "sfid", "is", "precision", "recall")}
+            r = evaluate(str(npz), ev.ref, ev.inception, device=str(self.device), progress=self.progress,
+                         features=ev.features, dinov2_path=ev.dinov2)
+            return {k: float(r[k]) for k in FID_METRICS if k in r}
         if ev.metric != "digits":
             from ditlab.evaluation.judges import read_sample_images
 

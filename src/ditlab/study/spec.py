@@ -52,7 +52,7 @@ PER_ENTRY = ("data", "results", "model", "depth", "hidden_size", "num_heads", "p
              "max_steps", "epochs", "progress", "norm", "qk_norm", "mlp", "pos")
 EVAL_KEYS = {"metric", "num_samples", "labels", "seeds", "sampler", "steps", "cfg_scales", "batch_size",
              "keep_samples", "ref", "inception", "guidance_channels", "guidance_intervals", "guide_steps",
-             "flow_sampler", "flow_steps"}
+             "flow_sampler", "flow_steps", "features", "dinov2"}
 SWEEP_KEYS = {"entries", "steps", "sampler", "seeds", "num_samples", "cfg_scale", "guidance_interval", "guide_step",
               "flow_sampler"}
 Interval = tuple[float, float] | None
@@ -146,6 +146,10 @@ class EvalSpec:
     flow_sampler: str = "euler"
     """the sampler and steps of flow entries (`sampler` and `steps` are the DDPM entries')"""
     flow_steps: int = 250
+    features: tuple[str, ...] = ("inception",)
+    """metric "fid": the feature spaces of `ditlab eval --features` (inception, dinov2: FD-DINOv2)"""
+    dinov2: str | None = None
+    """metric "fid" with dinov2 features: a DINOv2 weights file or released name (default ViT-L/14)"""
 
     def sampling(self, objective: str) -> tuple[str, int]:
         """(sampler, steps) of an entry of `objective`."""
@@ -452,7 +456,8 @@ def _eval(where: str, t: dict[str, Any], data: str, eval_steps: tuple[int, ...])
                     guidance_intervals=_intervals(f"{at} guidance_intervals", t["guidance_intervals"])
                     if "guidance_intervals" in t else (None,),
                     guide_steps=_guide_steps(f"{at} guide_steps", t.get("guide_steps", [0]), eval_steps),
-                    flow_sampler=t.get("flow_sampler", "euler"), flow_steps=t.get("flow_steps", t.get("steps", 250)))
+                    flow_sampler=t.get("flow_sampler", "euler"), flow_steps=t.get("flow_steps", t.get("steps", 250)),
+                    features=_features(at, t.get("features", ["inception"]), metric), dinov2=_expand(t.get("dinov2")))
     _sampling(at, spec.sampler, [spec.steps])
     _sampling(at, spec.flow_sampler, [spec.flow_steps], "flow")
     for name in ("num_samples", "batch_size"):
@@ -460,6 +465,16 @@ def _eval(where: str, t: dict[str, Any], data: str, eval_steps: tuple[int, ...])
             _fail(at, f"{name} {getattr(spec, name)!r} must be a positive integer")
     _balanced(at, labels, spec.num_samples, data)
     return spec
+
+
+def _features(at: str, value: Any, metric: str) -> tuple[str, ...]:
+    from ditlab.options import FEATURE_SETS
+
+    if not isinstance(value, list) or not value or any(v not in FEATURE_SETS for v in value):
+        _fail(at, f"features {value!r}: a non-empty list of {', '.join(FEATURE_SETS)}")
+    if metric != "fid" and value != ["inception"]:
+        _fail(at, f"features {value!r}: only metric 'fid' has feature spaces to choose (a judge has its own)")
+    return tuple(value)
 
 
 def _balanced(where: str, labels: str, num_samples: int, data: str) -> None:
