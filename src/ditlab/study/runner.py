@@ -32,9 +32,9 @@ if TYPE_CHECKING:
     from ditlab.evaluation.judges import ImageJudge
 
 SD_VAE_DOWNSAMPLE = 8  # image pixels per latent pixel of the SD VAE (4 latent channels)
-COLLECTIVE_TIMEOUT = timedelta(hours=4)
-FID_METRICS = ("fid", "sfid", "is", "precision", "recall",  # ADM's suite, and FD-DINOv2's where asked
-               "fd_dinov2", "precision_dinov2", "recall_dinov2")  # other ranks wait at a barrier while rank 0 judges FID-50K
+COLLECTIVE_TIMEOUT = timedelta(hours=4)  # other ranks wait at a barrier while rank 0 judges FID-50K
+# ADM's suite, and FD-DINOv2's where [eval] features asks for it
+FID_METRICS = ("fid", "sfid", "is", "precision", "recall", "fd_dinov2", "precision_dinov2", "recall_dinov2")
 
 
 def step_dir(step: int) -> str:
