@@ -52,11 +52,24 @@ def repa_model_options(cfg: TrainConfig, repa_dim: int) -> dict[str, Any]:
     return {"repa_dim": repa_dim, "repa_depth": depth, "repa_width": cfg.repa_width}
 
 
+def check_named_data(encoder: str, data: str) -> None:
+    """A named denoising autoencoder (fashion-mnist-dae, digits-dae) learnt one named dataset's images: refused
+    with the other named dataset (with a folder of one's own data, it is the user's choice)."""
+    from ditlab.data.named import NAMED_DATA
+    from ditlab.models.dae_encoder import named_dae_data
+
+    trained_on = named_dae_data(encoder)
+    if trained_on is not None and data in NAMED_DATA and data != trained_on:
+        raise UserError(f"--repa-encoder {encoder} was trained on {trained_on}'s images, not --data {data}'s; "
+                        f"use --repa-encoder {data}-dae")
+
+
 def open_alignment(cfg: TrainConfig, data: TrainingData, device: torch.device,
                    module: torch.nn.Module | None = None) -> tuple[Alignment | None, int]:  # fmt: skip
     """(REPA's encoder and lambda, or None without --repa-encoder; the encoder's feature width Dz, 0 without)."""
     if cfg.repa_encoder is None:
         return None, 0
+    check_named_data(cfg.repa_encoder, cfg.data)
     if data.kind == "latents":
         enable = getattr(data.dataset, "use_repa_features", None)
         if enable is None:
