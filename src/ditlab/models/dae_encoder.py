@@ -176,8 +176,8 @@ def read_cached(path: Path, recipe: DaeRecipe) -> DaeEncoder:
     """The encoder stored at `path`; a file that does not read as this recipe's is refused in one line."""
     try:
         stored = torch.load(path, map_location="cpu", weights_only=True)
-        if stored.get("recipe") != json.loads(json.dumps(dataclasses.asdict(recipe))) \
-                or stored.get("format") != DAE_FORMAT:
+        want = json.dumps(dataclasses.asdict(recipe), sort_keys=True)  # tuples and lists alike
+        if json.dumps(stored.get("recipe"), sort_keys=True) != want or stored.get("format") != DAE_FORMAT:
             raise ValueError("it holds another recipe")
         encoder = DaeEncoder(recipe.widths, recipe.size)
         encoder.load_state_dict(stored["encoder"])
