@@ -34,6 +34,7 @@ def test_training_is_deterministic_learns_and_leaves_the_global_rng_alone():
     assert a["encoder"].keys() == b["encoder"].keys()
     assert all(torch.equal(a["encoder"][k], b["encoder"][k]) for k in a["encoder"])
     assert a["epoch_mse"] == b["epoch_mse"] and a["epoch_mse"][1] < a["epoch_mse"][0]
+    assert a["heldout_mse"] == b["heldout_mse"] and 0 < a["heldout_mse"] < a["epoch_mse"][0]
     other = train_dae(DaeRecipe(**{**vars(TINY), "seed": 1}))
     assert not torch.equal(other["encoder"]["net.0.weight"], a["encoder"]["net.0.weight"])
 

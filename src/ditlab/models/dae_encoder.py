@@ -37,6 +37,7 @@ from ditlab.errors import UserError
 
 DAE_FORMAT = 1  # bump when the network or the cache file changes
 FASHION_DAE, DIGITS_DAE = "fashion-mnist-dae", "digits-dae"
+HELDOUT_SEED, HELDOUT_BATCH = 12345, 1000  # the held-out reconstruction error's noise and batch
 
 
 @dataclass(frozen=True)
@@ -99,21 +100,34 @@ def make_decoder(widths: tuple[int, int, int]) -> nn.Module:
     return nn.Sequential(nn.ConvTranspose2d(c, a, 4, stride=2, padding=1), nn.SiLU(), nn.Conv2d(a, 1, 3, padding=1))
 
 
-def training_images(recipe: DaeRecipe) -> tuple[torch.Tensor, str]:
-    """The dataset's training images (N, 1, size, size) in [-1, 1] and a digest identifying the data."""
+def training_images(recipe: DaeRecipe, split: str = "train") -> tuple[torch.Tensor, str]:
+    """The dataset's images of `split` (N, 1, size, size) in [-1, 1] and a digest identifying the data."""
     if recipe.data == "digits":
         from ditlab.data.digits import load_digits_arrays
 
-        images = load_digits_arrays("train", recipe.size)[0]  # (1500, 1, S, S)
+        images = load_digits_arrays(split, recipe.size)[0]  # (1500, 1, S, S) for training
         return images, hashlib.sha256(images.numpy().tobytes()).hexdigest()
     if recipe.data == "fashion-mnist":
         from ditlab.data.fashion import IdxDataset
         from ditlab.evaluation.fashion_judge import data_digest
 
-        ds = IdxDataset("fashion-mnist", "train", recipe.size)
-        n = len(ds) if recipe.train_limit is None else min(recipe.train_limit, len(ds))
+        ds = IdxDataset("fashion-mnist", split, recipe.size)
+        n = len(ds) if recipe.train_limit is None or split != "train" else min(recipe.train_limit, len(ds))
         return ds.images(slice(0, n)), data_digest()
     raise UserError(f"denoising autoencoder recipe: unknown data {recipe.data!r} (fashion-mnist or digits)")
+
+
+@torch.no_grad()
+def heldout_mse(recipe: DaeRecipe, encoder: DaeEncoder, decoder: nn.Module) -> float:
+    """Reconstruction MSE of the held-out images (test split) from their noisy copies (fixed noise)."""
+    images = training_images(recipe, "test")[0]  # (M, 1, S, S)
+    g = torch.Generator().manual_seed(HELDOUT_SEED)
+    total = 0.0
+    for i in range(0, len(images), HELDOUT_BATCH):
+        x = images[i: i + HELDOUT_BATCH]
+        noisy = x + recipe.noise_std * torch.randn(x.shape, generator=g)
+        total += float((decoder(encoder.feature_map(noisy)) - x).pow(2).sum())
+    return total / images.numel()
 
 
 def data_digest(recipe: DaeRecipe) -> str:
@@ -134,7 +148,8 @@ def cache_path(recipe: DaeRecipe) -> Path:
 
 
 def train_dae(recipe: DaeRecipe, progress: bool = False) -> dict:
-    """Train the autoencoder (global RNG untouched); returns what its cache file holds."""
+    """Train the autoencoder (global RNG untouched); returns what its cache file holds: both halves' weights,
+    the mean training MSE of each epoch, the held-out MSE, the training time."""
     images, digest = training_images(recipe)
     if recipe.train_limit is not None:
         images = images[: recipe.train_limit]
@@ -164,9 +179,11 @@ def train_dae(recipe: DaeRecipe, progress: bool = False) -> dict:
         if progress:
             print(f"{recipe.data} denoising autoencoder: epoch {epoch + 1}/{recipe.epochs}, "
                   f"reconstruction MSE {losses[-1]:.4f}", file=sys.stderr, flush=True)
-    return {"encoder": encoder.state_dict(), "recipe": dataclasses.asdict(recipe), "data_sha256": digest,
-            "format": DAE_FORMAT, "epoch_mse": losses, "train_seconds": time.time() - started,
-            "train_cpu_seconds": time.process_time() - cpu_started, "threads": torch.get_num_threads()}
+    seconds, cpu_seconds = time.time() - started, time.process_time() - cpu_started
+    return {"encoder": encoder.state_dict(), "decoder": decoder.state_dict(), "recipe": dataclasses.asdict(recipe),
+            "data_sha256": digest, "format": DAE_FORMAT, "epoch_mse": losses,
+            "heldout_mse": heldout_mse(recipe, encoder, decoder), "train_seconds": seconds,
+            "train_cpu_seconds": cpu_seconds, "threads": torch.get_num_threads()}
 
 
 _LOADED: dict[str, DaeEncoder] = {}  # cache path -> the frozen encoder, once per process
