@@ -64,6 +64,21 @@ def check_named_data(encoder: str, data: str) -> None:
                         f"use --repa-encoder {data}-dae")
 
 
+def train_named_once(encoder: str) -> None:
+    """Under torchrun, a named denoising autoencoder missing from the cache is trained by rank 0 alone (the
+    others wait, then read its file); if rank 0 fails, torchrun stops them."""
+    import torch.distributed as dist
+
+    from ditlab.models.dae_encoder import RECIPES, load_dae_encoder
+    from ditlab.runtime.distributed import barrier
+
+    if encoder not in RECIPES or not dist.is_initialized():
+        return
+    if dist.get_rank() == 0:
+        load_dae_encoder(RECIPES[encoder], progress=True)
+    barrier()
+
+
 def open_alignment(cfg: TrainConfig, data: TrainingData, device: torch.device,
                    module: torch.nn.Module | None = None) -> tuple[Alignment | None, int]:  # fmt: skip
     """(REPA's encoder and lambda, or None without --repa-encoder; the encoder's feature width Dz, 0 without)."""
@@ -79,6 +94,8 @@ def open_alignment(cfg: TrainConfig, data: TrainingData, device: torch.device,
     if data.kind not in ("pixels", "images"):
         raise UserError(f"--repa-encoder {cfg.repa_encoder}: REPA needs the clean images, and this dataset gives "
                         f"latents ({data.kind}); train on the images or on a latent cache made with --repa-encoder")
+    if module is None:
+        train_named_once(cfg.repa_encoder)
     encoder = load_repa_encoder(module if module is not None else cfg.repa_encoder, device)
     assert cfg.image_size is not None
     channels, size = (data.channels, data.size) if data.kind == "pixels" else (3, cfg.image_size)
