@@ -1,5 +1,6 @@
 """The training engine end to end on the bundled digits, on CPU."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -119,10 +120,32 @@ def torchrun(results, *flags, max_steps=4):
     return out
 
 
+def seed_digits_dae_cache(home: Path) -> None:
+    """Put a digits-dae encoder in `home`'s cache without its full training (a few seconds): weights trained
+    by a tiny recipe, stored under the default recipe's name. What REPA's alignment is made of is not what
+    the multi-process tests check; that the projector shards, syncs and resumes is."""
+    from ditlab.models import dae_encoder
+
+    default = dae_encoder.RECIPES[dae_encoder.DIGITS_DAE]
+    tiny = dataclasses.replace(default, epochs=1, train_limit=128, batch_size=64)
+    stored = {**dae_encoder.train_dae(tiny), "recipe": dataclasses.asdict(default)}
+    path = dae_encoder.cache_path(default)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(stored, path)
+
+
+REPA_FLAGS = ("--repa-encoder", "digits-dae", "--repa-width", "16")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("objective", [(), ("--objective", "flow", "--time-sampling", "logit-normal")],
-                         ids=["ddpm", "flow"])
-def test_torchrun_two_processes_ddp_and_fsdp_on_cpu(tmp_path, objective):
+@pytest.mark.parametrize("objective", [(), ("--objective", "flow", "--time-sampling", "logit-normal", *REPA_FLAGS)],
+                         ids=["ddpm", "flow-repa"])
+def test_torchrun_two_processes_ddp_and_fsdp_on_cpu(tmp_path, objective, monkeypatch):
+    """DDP, then FSDP stopped and resumed, compute the same run; with REPA, its projector (part of the model)
+    too, its encoder a named one resolved in every process."""
+    if "--repa-encoder" in objective:
+        monkeypatch.setenv("DITLAB_HOME", str(tmp_path / "home"))
+        seed_digits_dae_cache(tmp_path / "home")
     out = torchrun(tmp_path / "ddp", *objective)
     assert out.stdout.count("trained to step 4") == 1  # rank 0 alone reports
     assert [s for s, _ in list_checkpoints(tmp_path / "ddp" / "checkpoints")] == [2, 4]
@@ -142,6 +165,9 @@ def test_torchrun_two_processes_ddp_and_fsdp_on_cpu(tmp_path, objective):
         diffs = torch.cat([(a[part][k].float() - b[part][k].float()).abs().flatten() for k in a[part]])
         assert diffs.max() <= 2e-5 and diffs.median() <= 1e-7, (part, diffs.max().item(), diffs.median().item())
     assert set(a["opt"]["state"]) == set(b["opt"]["state"])
+    if "--repa-encoder" in objective:
+        assert b["config"]["repa_encoder"] == "digits-dae" and any(k.startswith("projectors.0.") for k in b["model"])
+        assert len(list((tmp_path / "home" / "encoders").iterdir())) == 1  # the seeded cache, read by every rank
     logged = [[json.loads(line) for line in (tmp_path / m / "metrics.jsonl").read_text().splitlines()]
               for m in ("ddp", "fsdp")]
     for r, q in zip(*logged, strict=True):  # the sharded gradient norm is the global one

@@ -36,7 +36,8 @@ class ExtractConfig:
     """storage dtype of mean and std"""
     repa_encoder: str | None = None
     """also cache REPA's targets: this frozen encoder's patch features of every image and of its flip (a released
-    DINOv2 name or a DINOv2 weights file), for `train --repa-encoder` with the same value (default: none)"""
+    DINOv2 name, a DINOv2 weights file, or fashion-mnist-dae / digits-dae), for `train --repa-encoder` with the
+    same value (default: none)"""
     progress: bool = field(default=True, metadata={"flag": "--no-progress"})
     """show a progress bar (--no-progress: none)"""
 

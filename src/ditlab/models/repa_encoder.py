@@ -7,6 +7,9 @@ patch features (N, S, Dz) on a square grid of S tokens.
   are mapped to [0, 1], one channel repeated to RGB, resized bicubically (antialiased) to 224 px per
   256 px of input (REPA's rule, at least 224), normalised with ImageNet's mean and std, and the
   final LayerNorm's patch tokens are returned: DINOv2-B/14 at 224 px gives 16 x 16 x 768.
+- A denoising autoencoder ditlab trains on a named dataset's training images without labels
+  (`fashion-mnist-dae`, `digits-dae`; `models.dae_encoder`): one-channel images resized to its
+  training size; Fashion's gives 16 x 16 x 32, the digits' 4 x 4 x 64.
 - Any torch module (the Python API, for one's own data): called on the images as they are, it
   must return (N, S, Dz).
 
@@ -94,8 +97,9 @@ def resolve_dinov2(spec: str) -> str:
 
 
 def load_repa_encoder(spec: str | nn.Module, device: torch.device | str = "cpu") -> RepaEncoder:
-    """--repa-encoder: a released DINOv2 name, a DINOv2 weights file (official layout, any size), or
-    (Python API) any torch module mapping images (N, C, H, W) in [-1, 1] to (N, S, Dz)."""
+    """--repa-encoder: a released DINOv2 name, a DINOv2 weights file (official layout, any size), a named
+    denoising autoencoder (fashion-mnist-dae, digits-dae: trained and cached on first use), or (Python API)
+    any torch module mapping images (N, C, H, W) in [-1, 1] to (N, S, Dz)."""
     if isinstance(spec, RepaEncoder):
         return spec.to(device)
     if isinstance(spec, nn.Module):
@@ -103,6 +107,10 @@ def load_repa_encoder(spec: str | nn.Module, device: torch.device | str = "cpu")
     if spec.startswith(MODULE_PREFIX):
         raise UserError(f"--repa-encoder {spec}: this run's encoder was a Python module; resume it through "
                         "ditlab.train(config, repa_encoder=module)")
+    from ditlab.models.dae_encoder import RECIPES, load_dae_encoder
+
+    if spec in RECIPES:
+        return RepaEncoder(load_dae_encoder(RECIPES[spec], progress=True), spec).to(device)
     from ditlab.evaluation.dinov2 import load_dinov2
 
     path = resolve_dinov2(spec)

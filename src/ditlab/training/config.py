@@ -83,7 +83,8 @@ class TrainConfig:
     """positions: sincos (the paper's fixed table), sincos+rope (plus 2-D rotary q/k, LightningDiT's) or rope"""
     repa_encoder: str | None = None
     """REPA: align the tokens after block --repa-depth with this frozen encoder's patch features: a released
-    DINOv2 name (dinov2_vitb14, dinov2_vitl14, ...) or a DINOv2 weights file (default: off)"""
+    DINOv2 name (dinov2_vitb14, dinov2_vitl14, ...), a DINOv2 weights file, or a denoising autoencoder ditlab
+    trains once without labels on the data's training images (fashion-mnist-dae, digits-dae) (default: off)"""
     repa_depth: int | None = None
     """REPA: the block whose tokens are aligned (default: 8 for 24 or more blocks, as REPA's L and XL, else
     depth // 3, as REPA's B: 4 of 12)"""

@@ -102,7 +102,10 @@ def with_data_defaults(cfg: TrainConfig, stored: dict[str, Any] | None) -> Train
     image_size = cfg.image_size
     if image_size is None:
         image_size = (stored or {}).get("image_size") or native_image_size(absolute_path(cfg.data))
-    repa = None if cfg.repa_encoder is None else absolute_path(cfg.repa_encoder)
+    from ditlab.models.dae_encoder import RECIPES
+
+    repa = cfg.repa_encoder if cfg.repa_encoder is None or cfg.repa_encoder in RECIPES else \
+        absolute_path(cfg.repa_encoder)
     return dataclasses.replace(cfg, data=absolute_path(cfg.data), vae=absolute_path(cfg.vae), image_size=image_size,
                                repa_encoder=repa)
 

@@ -52,11 +52,39 @@ def repa_model_options(cfg: TrainConfig, repa_dim: int) -> dict[str, Any]:
     return {"repa_dim": repa_dim, "repa_depth": depth, "repa_width": cfg.repa_width}
 
 
+def check_named_data(encoder: str, data: str) -> None:
+    """A named denoising autoencoder (fashion-mnist-dae, digits-dae) learnt one named dataset's images: refused
+    with the other named dataset (with a folder of one's own data, it is the user's choice)."""
+    from ditlab.data.named import NAMED_DATA
+    from ditlab.models.dae_encoder import named_dae_data
+
+    trained_on = named_dae_data(encoder)
+    if trained_on is not None and data in NAMED_DATA and data != trained_on:
+        raise UserError(f"--repa-encoder {encoder} was trained on {trained_on}'s images, not --data {data}'s; "
+                        f"use --repa-encoder {data}-dae")
+
+
+def train_named_once(encoder: str) -> None:
+    """Under torchrun, a named denoising autoencoder missing from the cache is trained by rank 0 alone (the
+    others wait, then read its file); if rank 0 fails, torchrun stops them."""
+    import torch.distributed as dist
+
+    from ditlab.models.dae_encoder import RECIPES, load_dae_encoder
+    from ditlab.runtime.distributed import barrier
+
+    if encoder not in RECIPES or not dist.is_initialized():
+        return
+    if dist.get_rank() == 0:
+        load_dae_encoder(RECIPES[encoder], progress=True)
+    barrier()
+
+
 def open_alignment(cfg: TrainConfig, data: TrainingData, device: torch.device,
                    module: torch.nn.Module | None = None) -> tuple[Alignment | None, int]:  # fmt: skip
     """(REPA's encoder and lambda, or None without --repa-encoder; the encoder's feature width Dz, 0 without)."""
     if cfg.repa_encoder is None:
         return None, 0
+    check_named_data(cfg.repa_encoder, cfg.data)
     if data.kind == "latents":
         enable = getattr(data.dataset, "use_repa_features", None)
         if enable is None:
@@ -66,6 +94,8 @@ def open_alignment(cfg: TrainConfig, data: TrainingData, device: torch.device,
     if data.kind not in ("pixels", "images"):
         raise UserError(f"--repa-encoder {cfg.repa_encoder}: REPA needs the clean images, and this dataset gives "
                         f"latents ({data.kind}); train on the images or on a latent cache made with --repa-encoder")
+    if module is None:
+        train_named_once(cfg.repa_encoder)
     encoder = load_repa_encoder(module if module is not None else cfg.repa_encoder, device)
     assert cfg.image_size is not None
     channels, size = (data.channels, data.size) if data.kind == "pixels" else (3, cfg.image_size)
