@@ -82,7 +82,12 @@ def test_names_read_as_ablations_and_every_point_is_at_the_baselines_compute(tmp
         assert costs[name]["dit"] == pytest.approx(count_gflops(model), rel=1e-12)
         assert costs[name]["total"] == pytest.approx(3 * costs[name]["dit"], rel=1e-12)
     assert costs["DiT-T-2+repa"]["projector"] == pytest.approx(16 * (32 * 16 + 16 * 16 + 16 * 64) / 1e9, rel=1e-12)
-    assert costs["DiT-T-2+repa"]["encoder"] > 0 and costs["DiT-T-2+repa"]["dit"] == costs["DiT-T-2"]["dit"]
+    repa = costs["DiT-T-2+repa"]
+    assert repa["encoder"] > 0 and repa["dit"] == costs["DiT-T-2"]["dit"]
+    assert repa["total"] == pytest.approx(3 * (repa["dit"] + repa["projector"]) + repa["encoder"], rel=1e-12)
+    path.write_text(path.read_text().replace('baseline = "DiT-T-2"', 'baseline = "DiT-T-2"\ncount_encoder = false'))
+    cached = load_spec(path).ablation["train_gflops_per_image"]["DiT-T-2+repa"]  # features cached: no encoder per step
+    assert cached["total"] == pytest.approx(3 * (repa["dit"] + repa["projector"]), rel=1e-12)
     base = costs["DiT-T-2"]["total"]
     for name, e in study.entries.items():
         steps = study.steps_of(name)
@@ -101,6 +106,7 @@ def test_names_read_as_ablations_and_every_point_is_at_the_baselines_compute(tmp
 @pytest.mark.parametrize("edit, message", [
     (('baseline = "DiT-T-2"', 'baseline = "DiT-T-8"'), r"\[ablation\]: baseline 'DiT-T-8' is not an entry"),
     (('baseline = "DiT-T-2"', 'baselin = "DiT-T-2"'), r"\[ablation\]: unknown key 'baselin'"),
+    (('baseline = "DiT-T-2"', 'baseline = "DiT-T-2"\ncount_encoder = 1'), r"count_encoder 1 must be true or false"),
     (('guide_entries = ["DiT-T-4"]', 'guide_entries = ["DiT-T-2+flow+logit-normal"]'),
      r"\[final\]: guide_entries: DiT-T-2\+flow\+logit-normal \(flow\) can guide none of the entries \(DiT-T-2\)"),
     (('entries = ["DiT-T-2"]\ncfg', 'entries = ["DiT-T-9"]\ncfg'), r"\[final\]: entries: 'DiT-T-9' is not an entry"),
@@ -148,3 +154,20 @@ def test_a_tiny_ablation_runs_guides_by_another_entry_and_reports_what_each_buys
     report = (out / "report.md").read_text()
     assert "| DiT-T-4 |" in report and "## Guidance on the last checkpoints" in report
     assert "guide: DiT-T-4" in report and (out / "ablation_compute.png").is_file()
+
+
+@pytest.mark.parametrize("name", ["cpu-options", "imagenet-options"])
+def test_the_shipped_options_specs_vary_every_idea_against_the_papers_dit(name, monkeypatch):
+    monkeypatch.setenv("IMAGENET_LATENTS", "/data/imagenet-256-latents")
+    monkeypatch.setenv("IMAGENET_REF", "/data/VIRTUAL_imagenet256_labeled.npz")
+    study = load_spec(Path(__file__).parents[1] / "studies" / f"{name}.toml")
+    names = set(study.entries)
+    alone = {"+flow", "+flow+logit-normal", "+rmsnorm", "+qk-rmsnorm", "+swiglu", "+rope", "+repa",
+             "+rmsnorm+qk-rmsnorm+swiglu+rope", "+flow+logit-normal+rmsnorm+qk-rmsnorm+swiglu+rope+repa"}
+    assert {f"DiT-B-2{a}" for a in alone} | {"DiT-B-2", "DiT-B-2-seed1", "DiT-S-2"} <= names
+    best = "DiT-B-2+flow+logit-normal+rmsnorm+qk-rmsnorm+swiglu+rope+repa"
+    assert f"{best}-seed1" in names and study.final.entries == ("DiT-B-2", best)
+    costs = study.ablation["train_gflops_per_image"]
+    for n in names:  # every entry reaches the baseline's training compute at every point (to one step)
+        assert abs(study.steps_of(n)[-1] * costs[n]["total"] - study.eval_steps[-1] * costs["DiT-B-2"]["total"]) \
+            <= costs[n]["total"]

@@ -6,7 +6,8 @@ training compute, and what each one buys against the baseline (spec's `[ablation
   `+swiglu`, `+rope` for LightningDiT's sincos+rope, `+rope-only`), REPA (`+repa`, `+repa-depth2`).
   A second training seed keeps its `-seed1` suffix: seeds are noise, not an ablation.
 - Equal compute: training compute per image is 3 x (the DiT's forward Gflops + REPA's projector)
-  (forward and backward are three forwards) + REPA's encoder forward (frozen: no backward). Each
+  (forward and backward are three forwards) + REPA's encoder forward (frozen: no backward; not
+  counted with `count_encoder = false`, for features cached once beside a latent cache). Each
   entry's evaluation points are the baseline's steps x (baseline's cost / entry's cost), rounded,
   so every entry is judged at the same training compute (images x Gflops per image), the axis on
   which REPA reports its speed-up.
@@ -24,11 +25,13 @@ from typing import TYPE_CHECKING, Any
 from ditlab.errors import UserError
 
 if TYPE_CHECKING:
+    import torch
+
     from ditlab.study.spec import Entry
 
 POS_TAGS = {"sincos+rope": "rope", "rope": "rope-only", "sincos": "sincos"}
 OPTION_ORDER = ("norm", "qk_norm", "mlp", "pos")
-ABLATION_KEYS = {"baseline", "equal_compute"}
+ABLATION_KEYS = {"baseline", "equal_compute", "count_encoder"}
 BACKWARD_FACTOR = 3  # forward + backward = three forwards
 ABLATION_FIGURE = "ablation_compute.png"
 
@@ -70,9 +73,10 @@ def ablation_name(entry: Entry, base: Entry) -> str:
     return name + ("" if entry.seed == 0 else f"-seed{entry.seed}")
 
 
-def train_gflops(entry: Entry) -> dict[str, float]:
+def train_gflops(entry: Entry, count_encoder: bool = True) -> dict[str, float]:
     """Per training image: the DiT's forward Gflops, REPA's projector and encoder (0 without REPA),
-    and the total 3 x (DiT + projector) + encoder."""
+    and the total 3 x (DiT + projector) + encoder (the encoder's forward counted where `count_encoder`;
+    its features cached beside a latent cache cost once per image of the data set, not per step)."""
     import torch
 
     from ditlab.study.runner import model_facts
@@ -83,9 +87,7 @@ def train_gflops(entry: Entry) -> dict[str, float]:
     if spec:
         from torch.utils.flop_counter import FlopCounterMode
 
-        from ditlab.models.repa_encoder import load_repa_encoder
-
-        enc = load_repa_encoder(spec, "cpu")
+        enc = encoder_architecture(spec)
         image = torch.zeros(1, facts["channels"], facts["image_size"], facts["image_size"])
         with FlopCounterMode(display=False) as counter:
             feats = enc(image)  # (1, S, Dz)
@@ -93,8 +95,27 @@ def train_gflops(entry: Entry) -> dict[str, float]:
         width, dz = int(entry.train.get("repa_width", 2048)), int(feats.shape[-1])
         hidden = entry.model["hidden_size"]
         projector = facts["tokens"] * (hidden * width + width * width + width * dz) / 1e9
-    total = BACKWARD_FACTOR * (facts["gflops"] + projector) + encoder
+    total = BACKWARD_FACTOR * (facts["gflops"] + projector) + (encoder if count_encoder else 0.0)
     return {"dit": facts["gflops"], "projector": projector, "encoder": encoder, "total": total}
+
+
+def encoder_architecture(spec: str) -> torch.nn.Module:
+    """A REPA encoder of `spec`'s architecture, for counting its work: a released DINOv2 or a named
+    autoencoder is built with random weights (nothing fetched or trained); a weights file is loaded."""
+    import re
+
+    from ditlab.models.repa_encoder import RepaEncoder, load_repa_encoder
+
+    released = re.fullmatch(r"dinov2_(vit[sblg]14)(_reg)?(_pretrain\.pth)?", spec)
+    if released:
+        from ditlab.evaluation.dinov2 import DinoVisionTransformer, hub_config
+
+        return RepaEncoder(DinoVisionTransformer(hub_config(released[1], bool(released[2]))), spec, dinov2=True)
+    from ditlab.models.dae_encoder import RECIPES, DaeEncoder
+
+    if spec in RECIPES:
+        return RepaEncoder(DaeEncoder(RECIPES[spec].widths, RECIPES[spec].size), spec)
+    return load_repa_encoder(spec, "cpu")
 
 
 def ablate(where: str, table: Any, entries: dict[str, Entry], eval_steps: tuple[int, ...]
@@ -107,12 +128,14 @@ def ablate(where: str, table: Any, entries: dict[str, Entry], eval_steps: tuple[
     if extra:
         raise UserError(f"{where}: unknown key {extra[0]!r} (known: {', '.join(sorted(ABLATION_KEYS))})")
     base_name, equal = table.get("baseline"), table.get("equal_compute", True)
+    count_encoder = table.get("count_encoder", True)
     if base_name not in entries:
         raise UserError(f"{where}: baseline {base_name!r} is not an entry of the grid (entries: {', '.join(entries)})")
-    if not isinstance(equal, bool):
-        raise UserError(f"{where}: equal_compute {equal!r} must be true or false")
+    for key, value in (("equal_compute", equal), ("count_encoder", count_encoder)):
+        if not isinstance(value, bool):
+            raise UserError(f"{where}: {key} {value!r} must be true or false")
     base = entries[base_name]
-    costs = {n: train_gflops(e) for n, e in entries.items()} if equal else {}
+    costs = {n: train_gflops(e, count_encoder) for n, e in entries.items()} if equal else {}
     renamed: dict[str, Entry] = {}
     for n, e in entries.items():
         name = ablation_name(e, base)
@@ -127,7 +150,7 @@ def ablate(where: str, table: Any, entries: dict[str, Entry], eval_steps: tuple[
                 raise UserError(f"{where}: {name} costs {1 / ratio:.3g}x the baseline per image, so its evaluation "
                                 f"points {list(steps)} collide; give the baseline more steps")
         renamed[name] = dataclasses.replace(e, name=name, eval_steps=steps)
-    record = {"baseline": ablation_name(base, base), "equal_compute": equal,
+    record = {"baseline": ablation_name(base, base), "equal_compute": equal, "count_encoder": count_encoder,
               "train_gflops_per_image": {ablation_name(entries[n], base): c for n, c in costs.items()}}
     return renamed, record
 
