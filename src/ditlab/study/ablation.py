@@ -188,12 +188,15 @@ def ablation_results(study: dict[str, Any], rows: list[dict[str, Any]], metric: 
         groups.setdefault(key, []).append(name)
     finals: dict[str, list[float]] = {}
     curves: dict[str, list[tuple[float, float]]] = {}
+    facts: dict[str, dict[str, Any]] = {}
     points = len(study["eval_steps"])
     for key, names in groups.items():
         done = [cs[n] for n in names if len(cs.get(n, [])) == points]
         if done:
             finals[key] = [c[-1]["metrics"][metric] for c in done]
             curves[key] = _mean_curve(done, metric)
+            facts[key] = {"params": done[0][-1]["params"], "gflops": done[0][-1]["gflops"],
+                          "steps": [r["train_step"] for r in done[0]]}
     spreads = [max(v) - min(v) for v in finals.values() if len(v) > 1]
     noise = max(spreads) if spreads else None
     base = ab["baseline"]
@@ -210,7 +213,7 @@ def ablation_results(study: dict[str, Any], rows: list[dict[str, Any]], metric: 
             "seeds": len(finals[key]), "final": final, "finals": finals[key], "curve": curve,
             "gap": gap, "gap_in_noise": None if not noise else gap / noise,
             "compute_to_baseline": reach, "speedup": None if reach is None else base_compute / reach,
-            "gflops_per_image": ab.get("train_gflops_per_image", {}).get(key),
+            "gflops_per_image": ab.get("train_gflops_per_image", {}).get(key), **facts[key],
         }  # fmt: skip
     return out
 
@@ -240,12 +243,14 @@ def ablation_findings(found: dict[str, Any], metric: str) -> list[str]:
 
 
 def ablation_table(found: dict[str, Any], study: dict[str, Any], metric: str) -> list[str]:
-    head = ["entry", "train Gflops / image", *(f"point {i + 1}" for i in range(len(study["eval_steps"]))),
-            "final (each seed)", "gap (noise units)", "speed-up"]
+    head = ["entry", "params", "Gflops", "train Gflops / image", "steps",
+            *(f"point {i + 1}" for i in range(len(study["eval_steps"]))), "final (each seed)", "gap (noise units)",
+            "speed-up"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, r in found["entries"].items():
         g = r["gflops_per_image"]
-        cells = [key, "" if g is None else f"{g['total']:.3g}", *(f"{v:.3g}" for _, v in r["curve"]),
+        cells = [key, f"{r['params'] / 1e6:.3g}M", f"{r['gflops']:.3g}", "" if g is None else f"{g['total']:.3g}",
+                 ", ".join(map(str, r["steps"])), *(f"{v:.3g}" for _, v in r["curve"]),
                  f"{r['final']:.3g} ({', '.join(f'{v:.3g}' for v in r['finals'])})",
                  f"{r['gap']:+.3g}" + ("" if r["gap_in_noise"] is None else f" ({r['gap_in_noise']:+.2f})"),
                  "" if key == found["baseline"] else "not reached" if r["speedup"] is None else f"{r['speedup']:.2f}x"]
