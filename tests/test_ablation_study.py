@@ -133,6 +133,9 @@ def test_a_tiny_ablation_runs_guides_by_another_entry_and_reports_what_each_buys
     start, end = text.index("[[grid]]"), text.index("[eval]")
     path.write_text(text[:start] + keep + '[[grid]]\nsizes = ["T"]\npatch_sizes = [4]\n' + text[end:])
     out = tmp_path / "s"
+    with pytest.raises(ValueError, match=r"guide-DiT-T-4: entry DiT-T-4 has not finished: run it first"):
+        run_study(path, out, only="DiT-T-2", device="cpu", progress=False)  # its guide is not trained yet
+    # the run resumes where it stopped
     summaries = run_study(path, out, device="cpu", progress=False)
     assert [s["entry"] for s in summaries] == ["DiT-T-4", "DiT-T-2", "DiT-T-2-seed1"]  # the guide trains first
     study, rows = load_rows(out)

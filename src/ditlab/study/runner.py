@@ -184,7 +184,9 @@ def evaluate_point(entry: Entry, study: Study, folder: Path, step: int, setting:
             guide = checkpoint_path(folder.parent / setting.guide_entry / "run" / "checkpoints",
                                     study.steps_of(setting.guide_entry)[-1])
         if guide is not None and not guide.is_file():
-            raise UserError(f"{guide}: the guide checkpoint of {setting.key} is gone (keep_last removed it?)")
+            why = (f"entry {setting.guide_entry} has not finished: run it first (--only {setting.guide_entry})"
+                   if setting.guide_entry is not None else "gone (keep_last removed it?)")
+            raise UserError(f"{guide}: the guide checkpoint of {setting.key}: {why}")
         interval = None if setting.guidance_interval is None else list(setting.guidance_interval)
         if classes:
             check_balanced(setting.num_samples, len(classes))  # the rule of `ditlab sample --labels balanced`
