@@ -8,7 +8,7 @@ to the held-out digits, from 250 class-balanced samples (32 DDPM steps, sample s
 fit well under 20 CPU-minutes for the 14 runs on a shared, loaded 2-core machine.
 
 REPA's encoder must be frozen and must not be the judge (aligning to the judge's own features would
-teach to the test). It is ditlab's named `digits-dae` (models/dae_encoder.py): a small denoising
+teach to the test). It is ditlab's named `digits-dae` (evaluation/dae_encoder.py): a small denoising
 convolutional autoencoder trained on the training digits without labels (self-supervised: reconstruct
 the clean digit from a noisy one), cached in $DITLAB_HOME; its encoder's 4 x 4 x 64 feature map is the
 target grid, the DiT's own 4 x 4 tokens. (The table in docs/models.md was measured at commit e70f66b
@@ -50,7 +50,7 @@ ENTRIES: dict[str, dict] = {
     "all-four": {"norm": "rmsnorm", "qk_norm": "rmsnorm", "mlp": "swiglu", "pos": "sincos+rope"},
     "repa": {"repa": True},
 }
-ENCODER = "digits-dae"  # models/dae_encoder.py
+ENCODER = "digits-dae"  # evaluation/dae_encoder.py
 
 
 def frechet_at(ckpt: Path, judge, real: torch.Tensor, work: Path) -> float:
@@ -131,7 +131,7 @@ def main() -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     started, cpu = time.time(), cpu_seconds()
-    from ditlab.models.dae_encoder import RECIPES, load_dae_encoder
+    from ditlab.evaluation.dae_encoder import RECIPES, load_dae_encoder
 
     load_dae_encoder(RECIPES[ENCODER], progress=True)  # trained once (cached), before the runs are timed
     judge, real = DigitsJudge(), load_digits_arrays("test")[0]

@@ -1,4 +1,4 @@
-"""The named REPA encoders (models/dae_encoder.py): a denoising autoencoder trained deterministically
+"""The named REPA encoders (evaluation/dae_encoder.py): a denoising autoencoder trained deterministically
 without labels, cached by recipe and data, a damaged cache refused in one line, patch features of a
 fixed grid for any input size, and `train --repa-encoder digits-dae` recording the name and resuming
 from the cached weights."""
@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 from ditlab.cli import main
 from ditlab.errors import UserError
-from ditlab.models import dae_encoder
-from ditlab.models.dae_encoder import DIGITS_DAE, DaeEncoder, DaeRecipe, load_dae_encoder, train_dae
+from ditlab.evaluation import dae_encoder
+from ditlab.evaluation.dae_encoder import DIGITS_DAE, DaeEncoder, DaeRecipe, load_dae_encoder, train_dae
 
 TINY = DaeRecipe("digits", 8, widths=(4, 8, 8), epochs=2, batch_size=32, train_limit=128)  # 8 steps
 

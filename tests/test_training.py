@@ -124,7 +124,7 @@ def seed_digits_dae_cache(home: Path) -> None:
     """Put a digits-dae encoder in `home`'s cache without its full training (a few seconds): weights trained
     by a tiny recipe, stored under the default recipe's name. What REPA's alignment is made of is not what
     the multi-process tests check; that the projector shards, syncs and resumes is."""
-    from ditlab.models import dae_encoder
+    from ditlab.evaluation import dae_encoder
 
     default = dae_encoder.RECIPES[dae_encoder.DIGITS_DAE]
     tiny = dataclasses.replace(default, epochs=1, train_limit=128, batch_size=64)

@@ -8,7 +8,7 @@ patch features (N, S, Dz) on a square grid of S tokens.
   256 px of input (REPA's rule, at least 224), normalised with ImageNet's mean and std, and the
   final LayerNorm's patch tokens are returned: DINOv2-B/14 at 224 px gives 16 x 16 x 768.
 - A denoising autoencoder ditlab trains on a named dataset's training images without labels
-  (`fashion-mnist-dae`, `digits-dae`; `models.dae_encoder`): one-channel images resized to its
+  (`fashion-mnist-dae`, `digits-dae`; `evaluation.dae_encoder`): one-channel images resized to its
   training size; Fashion's gives 16 x 16 x 32, the digits' 4 x 4 x 64.
 - Any torch module (the Python API, for one's own data): called on the images as they are, it
   must return (N, S, Dz).
@@ -107,7 +107,7 @@ def load_repa_encoder(spec: str | nn.Module, device: torch.device | str = "cpu")
     if spec.startswith(MODULE_PREFIX):
         raise UserError(f"--repa-encoder {spec}: this run's encoder was a Python module; resume it through "
                         "ditlab.train(config, repa_encoder=module)")
-    from ditlab.models.dae_encoder import RECIPES, load_dae_encoder
+    from ditlab.evaluation.dae_encoder import RECIPES, load_dae_encoder
 
     if spec in RECIPES:
         return RepaEncoder(load_dae_encoder(RECIPES[spec], progress=True), spec).to(device)

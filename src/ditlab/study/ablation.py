@@ -27,7 +27,7 @@ from ditlab.errors import UserError
 if TYPE_CHECKING:
     import torch
 
-    from ditlab.study.spec import Entry
+    from ditlab.study.entry import Entry
 
 POS_TAGS = {"sincos+rope": "rope", "rope": "rope-only", "sincos": "sincos"}
 OPTION_ORDER = ("norm", "qk_norm", "mlp", "pos")
@@ -79,7 +79,7 @@ def train_gflops(entry: Entry, count_encoder: bool = True) -> dict[str, float]:
     its features cached beside a latent cache cost once per image of the data set, not per step)."""
     import torch
 
-    from ditlab.study.runner import model_facts
+    from ditlab.study.facts import model_facts
 
     facts = model_facts(entry)
     projector = encoder = 0.0
@@ -111,7 +111,7 @@ def encoder_architecture(spec: str) -> torch.nn.Module:
         from ditlab.evaluation.dinov2 import DinoVisionTransformer, hub_config
 
         return RepaEncoder(DinoVisionTransformer(hub_config(released[1], bool(released[2]))), spec, dinov2=True)
-    from ditlab.models.dae_encoder import RECIPES, DaeEncoder
+    from ditlab.evaluation.dae_encoder import RECIPES, DaeEncoder
 
     if spec in RECIPES:
         return RepaEncoder(DaeEncoder(RECIPES[spec].widths, RECIPES[spec].size), spec)

@@ -18,20 +18,20 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ditlab.checkpoints.state import checkpoint_path, list_checkpoints
-from ditlab.data.codecs import PIXEL
 from ditlab.data.named import NAMED_DATA
 from ditlab.errors import UserError, UserFileNotFoundError
 from ditlab.runtime.distributed import DistInfo, barrier, distributed_session
 from ditlab.runtime.files import atomic_write_text
 from ditlab.sampling.config import check_balanced
-from ditlab.study.spec import Entry, EvalSetting, Study, load_spec
+from ditlab.study.entry import Entry
+from ditlab.study.facts import model_facts
+from ditlab.study.spec import EvalSetting, Study, load_spec
 from ditlab.training.resume import config_differences
 
 if TYPE_CHECKING:
     from ditlab.evaluation.digits_judge import DigitsJudge
     from ditlab.evaluation.judges import ImageJudge
 
-SD_VAE_DOWNSAMPLE = 8  # image pixels per latent pixel of the SD VAE (4 latent channels)
 COLLECTIVE_TIMEOUT = timedelta(hours=4)  # other ranks wait at a barrier while rank 0 judges FID-50K
 # ADM's suite, and FD-DINOv2's where [eval] features asks for it
 FID_METRICS = ("fid", "sfid", "is", "precision", "recall", "fd_dinov2", "precision_dinov2", "recall_dinov2")
@@ -45,29 +45,9 @@ def metrics_path(folder: Path, step: int, setting: EvalSetting) -> Path:
     return folder / "evals" / step_dir(step) / f"{setting.key}.json"
 
 
-def model_facts(entry: Entry, study: Study | None = None) -> dict[str, Any]:
-    """Parameters, Gflops and tokens of the entry's DiT, counted on the meta device (no weights), and
-    its input: the image's size and channels, and the DiT's input size (a latent's, or the image's)."""
-    from ditlab.models import DiT, count_gflops
-
-    t = entry.train
-    named, pixel = NAMED_DATA.get(t["data"]), t.get("vae") == PIXEL
-    image = t.get("image_size") or (named.image_size if named else 256)  # train's defaults: the data's own size
-    size = image if named or pixel else image // SD_VAE_DOWNSAMPLE
-    channels = named.channels if named else 3 if pixel else 4
-    classes = t.get("num_classes") or (len(named.class_names) if named else 1000)
-    with torch.device("meta"):
-        model = DiT(input_size=size, patch_size=entry.patch_size, in_channels=channels, num_classes=classes,
-                    block=entry.block, learn_sigma=entry.train_config(Path(), 1, False).learn_sigma, **entry.model,
-                    **entry.options)  # fmt: skip
-    return {"params": sum(p.numel() for p in model.parameters()), "gflops": count_gflops(model),
-            "tokens": (size // entry.patch_size) ** 2, "input_size": size, "image_size": image,
-            "channels": named.channels if named else 3}
-
-
 def entry_record(entry: Entry, study: Study, folder: Path) -> dict[str, Any]:
     cfg = entry.train_config(folder / "run", max_steps=study.steps_of(entry.name)[-1], progress=False)
-    facts = model_facts(entry, study)
+    facts = model_facts(entry)
     del facts["image_size"], facts["channels"]
     record = {"name": entry.name, "size": entry.size, "patch_size": entry.patch_size, "block": entry.block,
               "seed": entry.seed, "objective": entry.objective, **entry.model, **entry.options, **facts,

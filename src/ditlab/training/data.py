@@ -102,7 +102,7 @@ def with_data_defaults(cfg: TrainConfig, stored: dict[str, Any] | None) -> Train
     image_size = cfg.image_size
     if image_size is None:
         image_size = (stored or {}).get("image_size") or native_image_size(absolute_path(cfg.data))
-    from ditlab.models.dae_encoder import RECIPES
+    from ditlab.evaluation.dae_encoder import RECIPES
 
     repa = cfg.repa_encoder if cfg.repa_encoder is None or cfg.repa_encoder in RECIPES else \
         absolute_path(cfg.repa_encoder)

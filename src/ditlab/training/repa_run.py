@@ -56,7 +56,7 @@ def check_named_data(encoder: str, data: str) -> None:
     """A named denoising autoencoder (fashion-mnist-dae, digits-dae) learnt one named dataset's images: refused
     with the other named dataset (with a folder of one's own data, it is the user's choice)."""
     from ditlab.data.named import NAMED_DATA
-    from ditlab.models.dae_encoder import named_dae_data
+    from ditlab.evaluation.dae_encoder import named_dae_data
 
     trained_on = named_dae_data(encoder)
     if trained_on is not None and data in NAMED_DATA and data != trained_on:
@@ -69,7 +69,7 @@ def train_named_once(encoder: str) -> None:
     others wait, then read its file); if rank 0 fails, torchrun stops them."""
     import torch.distributed as dist
 
-    from ditlab.models.dae_encoder import RECIPES, load_dae_encoder
+    from ditlab.evaluation.dae_encoder import RECIPES, load_dae_encoder
     from ditlab.runtime.distributed import barrier
 
     if encoder not in RECIPES or not dist.is_initialized():
