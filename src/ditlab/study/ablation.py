@@ -19,6 +19,7 @@ training compute, and what each one buys against the baseline (spec's `[ablation
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -77,26 +78,31 @@ def train_gflops(entry: Entry, count_encoder: bool = True) -> dict[str, float]:
     """Per training image: the DiT's forward Gflops, REPA's projector and encoder (0 without REPA),
     and the total 3 x (DiT + projector) + encoder (the encoder's forward counted where `count_encoder`;
     its features cached beside a latent cache cost once per image of the data set, not per step)."""
-    import torch
-
     from ditlab.study.facts import model_facts
 
     facts = model_facts(entry)
     projector = encoder = 0.0
     spec = entry.train.get("repa_encoder")
     if spec:
-        from torch.utils.flop_counter import FlopCounterMode
-
-        enc = encoder_architecture(spec)
-        image = torch.zeros(1, facts["channels"], facts["image_size"], facts["image_size"])
-        with FlopCounterMode(display=False) as counter:
-            feats = enc(image)  # (1, S, Dz)
-        encoder = counter.get_total_flops() / 2 / 1e9  # flops -> multiply-accumulates
-        width, dz = int(entry.train.get("repa_width", 2048)), int(feats.shape[-1])
+        encoder, dz = encoder_gflops(spec, facts["channels"], facts["image_size"])
+        width = int(entry.train.get("repa_width", 2048))
         hidden = entry.model["hidden_size"]
         projector = facts["tokens"] * (hidden * width + width * width + width * dz) / 1e9
     total = BACKWARD_FACTOR * (facts["gflops"] + projector) + (encoder if count_encoder else 0.0)
     return {"dit": facts["gflops"], "projector": projector, "encoder": encoder, "total": total}
+
+
+@functools.cache
+def encoder_gflops(spec: str, channels: int, size: int) -> tuple[float, int]:
+    """(multiply-accumulates / 1e9 of one forward of REPA's encoder on a (channels, size, size) image,
+    its feature width Dz), counted once per process for each encoder and image."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    enc = encoder_architecture(spec)
+    with FlopCounterMode(display=False) as counter:
+        feats = enc(torch.zeros(1, channels, size, size))  # (1, S, Dz)
+    return counter.get_total_flops() / 2 / 1e9, int(feats.shape[-1])  # flops -> multiply-accumulates
 
 
 def encoder_architecture(spec: str) -> torch.nn.Module:
