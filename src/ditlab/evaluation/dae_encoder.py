@@ -206,17 +206,12 @@ def read_cached(path: Path, recipe: DaeRecipe) -> DaeEncoder:
 
 def load_dae_encoder(recipe: DaeRecipe, progress: bool = False) -> DaeEncoder:
     """The frozen encoder of `recipe`: memoised, else from the cache, else trained and cached first."""
-    from ditlab.runtime.files import atomic_write
+    from ditlab.evaluation.judges import train_once
 
     path = cache_path(recipe)
     if str(path) not in _LOADED:
-        if not path.is_file():
-            if progress:
-                print(f"training the {recipe.data} denoising autoencoder once for REPA, cached at {path}",
-                      file=sys.stderr, flush=True)
-            stored = train_dae(recipe, progress)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(path, lambda f: torch.save(stored, f))
+        train_once(path, f"the {recipe.data} denoising autoencoder for REPA", lambda: train_dae(recipe, progress),
+                   progress)
         _LOADED[str(path)] = read_cached(path, recipe).eval().requires_grad_(False)
     return _LOADED[str(path)]
 

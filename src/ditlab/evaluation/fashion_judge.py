@@ -189,15 +189,10 @@ class FashionJudge(FeatureJudge):
 
 def load_fashion_judge(recipe: JudgeRecipe | None = None, progress: bool = False) -> FashionJudge:
     """The judge of `recipe` (default: the standard one) from the cache, trained and cached first if absent."""
-    from ditlab.runtime.files import atomic_write
+    from ditlab.evaluation.judges import train_once
 
     recipe = recipe or DEFAULT_RECIPE
     path = cache_path(recipe)
-    if not path.is_file():
-        if progress:
-            print(f"training the Fashion-MNIST judge once (a few minutes on a CPU), cached at {path}",
-                  file=sys.stderr, flush=True)
-        stored = train_judge(recipe, progress)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda f: torch.save(stored, f))
+    train_once(path, "the Fashion-MNIST judge (a few minutes on a CPU)", lambda: train_judge(recipe, progress),
+               progress)
     return FashionJudge(torch.load(path, map_location="cpu", weights_only=True))

@@ -19,6 +19,9 @@ from __future__ import annotations
 
 import functools
 import importlib
+import sys
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -214,3 +217,17 @@ def evaluate_with_judge(samples_path: str, data: str, progress: bool = False) ->
               "judge_test_accuracy": getattr(judge, "test_accuracy", None), "protocol": read_record(samples_path)}
     warnings = [] if labels is not None else [f"{samples_path} holds no labels (arr_1): no class accuracy"]
     return {**result, "warnings": warnings}
+
+
+def train_once(path: Path, what: str, train: Callable[[], dict], progress: bool = False) -> None:
+    """A network ditlab trains for itself (a judge, REPA's autoencoder), cached: unless `path` holds it,
+    `train()` makes its stored dict, written atomically (a killed training leaves no file)."""
+    from ditlab.runtime.files import atomic_write
+
+    if path.is_file():
+        return
+    if progress:
+        print(f"training {what} once, cached at {path}", file=sys.stderr, flush=True)
+    stored = train()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda f: torch.save(stored, f))
