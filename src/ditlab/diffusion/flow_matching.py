@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +14,7 @@ import torch
 from ditlab.diffusion import flow, flow_samplers
 from ditlab.diffusion.gaussian import ModelFn
 from ditlab.diffusion.guidance import Guidance, flow_sigma
-from ditlab.diffusion.guided import GuidedModel, check_guide
+from ditlab.diffusion.guided import GuidedModel, check_sample_inputs
 from ditlab.diffusion.samplers import Generators, noise_source
 from ditlab.errors import UserError
 
@@ -215,21 +214,7 @@ class FlowMatching:
         if sampler == "sde-heun" and t1 == 1 and self.prediction == "velocity":
             raise UserError("sampler 'sde-heun' with last step 'none' ends on t = 1, where the score is infinite "
                             "(SiT's code gives NaN there): use a last step or sample_eps > 0")
-        if noise.ndim < 2:
-            raise UserError(f"noise must be (N, C, ...), got shape {tuple(noise.shape)}")
-        N, C = noise.shape[:2]
-        num_classes = getattr(model, "num_classes", 0)
-        if y is None and num_classes:
-            raise UserError(f"the model is class-conditional ({num_classes} classes): pass labels y")
-        if y is not None and tuple(y.shape) != (N,):
-            raise UserError(f"y must have shape ({N},) to match the noise, got {tuple(y.shape)}")
-        if guidance.channels is not None and not 1 <= guidance.channels <= C:
-            raise UserError(f"guidance_channels must be between 1 and {C}, got {guidance.channels}")
-        if guidance.guide is not None:
-            check_guide(guidance.guide, noise, num_classes)
-        if isinstance(model, torch.nn.Module) and model.training:
-            warnings.warn("sampling from a model in training mode (DiT then drops labels at random): call "
-                          "model.eval()", stacklevel=4)
+        check_sample_inputs(model, noise, y, guidance, stacklevel=4)
 
 
 class _ModelFields:

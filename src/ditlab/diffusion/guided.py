@@ -5,6 +5,7 @@ call of N each: two models cannot share a batch), combined as `Guidance` says.""
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -39,6 +40,28 @@ def check_guide(guide: ModelFn, noise: torch.Tensor, num_classes: int) -> None:
                         f"latent space")
     if cfg.num_classes != num_classes:
         raise UserError(f"the guide model has {cfg.num_classes} classes, the main model {num_classes}")
+
+
+def check_sample_inputs(model: ModelFn, noise: torch.Tensor, y: torch.Tensor | None, guidance: Guidance,
+                        stacklevel: int) -> None:  # fmt: skip
+    """What every process's sampler needs of its inputs: noise (N, C, ...), labels (N,) for a class-conditional
+    model, guidance channels among the C, a guide that takes the same latents and labels; a model left in
+    training mode is warned about (`stacklevel` as the caller's own `warnings.warn` would give it)."""
+    if noise.ndim < 2:
+        raise UserError(f"noise must be (N, C, ...), got shape {tuple(noise.shape)}")
+    N, C = noise.shape[:2]
+    num_classes = getattr(model, "num_classes", 0)  # a DiT's; a plain function may be unconditional
+    if y is None and num_classes:
+        raise UserError(f"the model is class-conditional ({num_classes} classes): pass labels y")
+    if y is not None and tuple(y.shape) != (N,):
+        raise UserError(f"y must have shape ({N},) to match the noise, got {tuple(y.shape)}")
+    if guidance.channels is not None and not 1 <= guidance.channels <= C:
+        raise UserError(f"guidance_channels must be between 1 and {C}, got {guidance.channels}")
+    if isinstance(model, torch.nn.Module) and model.training:
+        warnings.warn("sampling from a model in training mode (DiT then drops labels at random): call "
+                      "model.eval()", stacklevel=stacklevel + 1)
+    if guidance.guide is not None:
+        check_guide(guidance.guide, noise, num_classes)
 
 
 class GuidedModel:

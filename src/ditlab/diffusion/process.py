@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,7 +14,7 @@ import torch
 from ditlab.diffusion import gaussian, samplers
 from ditlab.diffusion.gaussian import FIXED_VARIANCES, ModelFn, ProcessTables
 from ditlab.diffusion.guidance import Guidance
-from ditlab.diffusion.guided import check_guide
+from ditlab.diffusion.guided import check_sample_inputs
 from ditlab.diffusion.schedule import get_betas, respaced_betas, spaced_timesteps
 from ditlab.errors import UserError
 
@@ -185,21 +184,7 @@ class Diffusion:
             raise UserError(f"steps must be between 1 and the process length {self.num_timesteps}, got {steps}")
         if eta < 0 or (eta != 0 and sampler != "ddim"):
             raise UserError(f"eta={eta} is only meaningful for sampler 'ddim' (eta >= 0)")
-        if noise.ndim < 2:
-            raise UserError(f"noise must be (N, C, ...), got shape {tuple(noise.shape)}")
-        N, C = noise.shape[:2]
-        num_classes = getattr(model, "num_classes", 0)  # a DiT's; a plain function may be unconditional
-        if y is None and num_classes:
-            raise UserError(f"the model is class-conditional ({num_classes} classes): pass labels y")
-        if y is not None and tuple(y.shape) != (N,):
-            raise UserError(f"y must have shape ({N},) to match the noise, got {tuple(y.shape)}")
-        if guidance.channels is not None and not 1 <= guidance.channels <= C:
-            raise UserError(f"guidance_channels must be between 1 and {C}, got {guidance.channels}")
-        if isinstance(model, torch.nn.Module) and model.training:
-            warnings.warn("sampling from a model in training mode (DiT then drops labels at random): call "
-                          "model.eval()", stacklevel=3)
-        if guidance.guide is not None:
-            check_guide(guidance.guide, noise, num_classes)
+        check_sample_inputs(model, noise, y, guidance, stacklevel=3)
         if guidance.null_class is None:
             guidance = dataclasses.replace(guidance, null_class=getattr(model, "null_class", None))
         options = samplers.Options(sampler=sampler, eta=eta, clip_denoised=clip_denoised, progress=progress)
