@@ -307,6 +307,9 @@ def write_result(result: dict[str, Any], out: str | None) -> None:
     text = json.dumps(result, indent=1)
     print(text)
     if out:
+        from pathlib import Path
+
         from ditlab.runtime.files import atomic_write_text
 
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out, text + "\n")

@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 os.environ.setdefault("MKL_CBWR", "AVX2,STRICT")  # as the tests: MKL's fixed code path, read once
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from dit_common import write_result  # noqa: E402
 from serve_helpers import LiveServer, save_digits_checkpoint  # noqa: E402
 
 import ditlab  # noqa: E402
@@ -135,10 +136,7 @@ def main() -> None:
               "autocast": engine.meta["autocast"], "isa_caps": {k: os.environ[k] for k in ISA_VARS if k in os.environ},
               "rows": rows, "batched_speedup": speedup, "batched_speedup_cpu": speedup_cpu,
               "note": "identical_to_alone: responses byte-equal to the same request in the 1-client one-by-one run"}
-    print(json.dumps(result, indent=1))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    write_result(result, args.out)
 
 
 if __name__ == "__main__":

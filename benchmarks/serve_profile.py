@@ -14,7 +14,6 @@ profiler (wall time). The model and request are those of benchmarks/serve.py (th
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -24,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 os.environ.setdefault("MKL_CBWR", "AVX2,STRICT")  # as benchmarks/serve.py
 import torch  # noqa: E402
+from dit_common import write_result  # noqa: E402
 from serve_helpers import save_digits_checkpoint  # noqa: E402
 
 import ditlab  # noqa: E402
@@ -130,10 +130,7 @@ def main() -> None:
               "isa_caps": {k: os.environ[k] for k in ISA_VARS if k in os.environ},
               "load_average_before": load_before, "load_average_after": os.getloadavg()[0], "batches": rows,
               f"batching_ceiling_{args.sizes[-1]}": round(alone / full, 2), "operators": ops}  # fmt: skip
-    print(json.dumps(result, indent=1))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    write_result(result, args.out)
 
 
 if __name__ == "__main__":

@@ -234,10 +234,9 @@ def main() -> None:
               "cores": os.cpu_count(), "threads": base["OMP_NUM_THREADS"], "avx2_emulation": AVX2_ENV,
               "load_average_before": load_before, "load_average_after": os.getloadavg(),
               "summary": table, "runs": runs}  # fmt: skip
-    print(json.dumps(result, indent=1))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    from dit_common import write_result  # torch is loaded by now (the result names its version)
+
+    write_result(result, args.out)
 
 
 if __name__ == "__main__":
