@@ -1,7 +1,9 @@
 """Helpers shared by the tests (importable: pytest puts tests/ on sys.path)."""
 
 import time
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -81,3 +83,18 @@ def unpin(monkeypatch, *names: str) -> None:
 
     for name in names:
         monkeypatch.setitem(hub.RELEASED, name, dataclasses.replace(hub.RELEASED[name], implies=None))
+
+
+GOLDEN = Path(__file__).parent / "data"  # the reference codes' outputs (scripts/make_golden*.py)
+
+
+def read_golden(name: str) -> dict[str, np.ndarray]:
+    """Every array of the golden fixture tests/data/NAME, read whole (no pickles)."""
+    with np.load(GOLDEN / name, allow_pickle=False) as f:
+        return {k: f[k] for k in f.files}
+
+
+def golden_tensor(golden: dict[str, np.ndarray], key: str, float32: bool = True) -> torch.Tensor:
+    """A fixture array as a tensor: integers as int64, floats as float32 (or as stored: `float32=False`)."""
+    a = golden[key]
+    return torch.from_numpy(a.astype(np.int64) if a.dtype.kind in "iu" else a.astype(np.float32) if float32 else a)

@@ -7,11 +7,11 @@ eight hub models, which must load strictly and give back their config."""
 
 import dataclasses
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import read_golden
 
 from ditlab.errors import UserError
 from ditlab.evaluation.dinov2 import (
@@ -23,15 +23,13 @@ from ditlab.evaluation.dinov2 import (
     load_dinov2,
 )
 
-FIXTURE = Path(__file__).parent / "data" / "golden_dinov2_reference.npz"
 TOL = 1e-5  # of the features' scale: float32 on the same float16-exact weights and inputs
 OUTPUTS = ("x_norm_clstoken", "x_norm_regtokens", "x_norm_patchtokens")
 
 
 @pytest.fixture(scope="module")
 def golden() -> dict[str, np.ndarray]:
-    with np.load(FIXTURE, allow_pickle=False) as f:
-        return {k: f[k] for k in f.files}
+    return read_golden("golden_dinov2_reference.npz")
 
 
 def state_dict(golden, name: str) -> dict[str, torch.Tensor]:

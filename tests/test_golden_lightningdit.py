@@ -6,25 +6,23 @@ dict loads strictly into ditlab.DiT with the matching options and learn_sigma=Fa
 forward pass agrees to 1e-5 of the output's scale."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import read_golden
 from test_golden_reference import assert_close
 
 import ditlab
 from ditlab.models.rope import rope_tables
 from ditlab.models.weights import infer_config
 
-FIXTURE = Path(__file__).parent / "data" / "golden_lightningdit_reference.npz"
 NETWORK_TOL = 1e-5  # of the output's scale
 
 
 @pytest.fixture(scope="module")
 def golden() -> dict[str, np.ndarray]:
-    with np.load(FIXTURE, allow_pickle=False) as f:
-        return {k: f[k] for k in f.files}
+    return read_golden("golden_lightningdit_reference.npz")
 
 
 @pytest.fixture(scope="module")

@@ -9,16 +9,15 @@ the same (stored) model output agree to 1e-5 of each array's scale, the network 
 output, samples to 1e-4 of their scale."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import golden_tensor, read_golden
 
 import ditlab
 from ditlab.diffusion import samplers
 
-FIXTURE = Path(__file__).parent / "data" / "golden_dit_reference.npz"
 NETWORK_TOL = 1e-5  # of the O(1) network output
 MATH_TOL = 1e-5  # of each array's scale: float32 maths on the same model output
 SAMPLE_TOL = 1e-4  # of the samples' scale: network differences carried through the steps
@@ -26,8 +25,7 @@ SAMPLE_TOL = 1e-4  # of the samples' scale: network differences carried through 
 
 @pytest.fixture(scope="module")
 def golden() -> dict[str, np.ndarray]:
-    with np.load(FIXTURE, allow_pickle=False) as f:
-        return {k: f[k] for k in f.files}
+    return read_golden("golden_dit_reference.npz")
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +34,7 @@ def config(golden) -> dict:
 
 
 def tensor(golden, key: str) -> torch.Tensor:
-    a = golden[key]
-    return torch.from_numpy(a.astype(np.int64) if a.dtype.kind in "iu" else a)
+    return golden_tensor(golden, key, float32=False)  # float64 arrays stay float64
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str, floor: float = 0.0) -> None:

@@ -6,26 +6,24 @@ included, loads strictly into ditlab.DiT, its forward and the projection of bloc
 dropped where a checkpoint is read for sampling, and the errors."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import golden_tensor, read_golden
 from test_golden_reference import assert_close
 
 import ditlab
 from ditlab.checkpoints.formats import DiTCheckpoint, build_model, read_checkpoint, write_ditlab
 from ditlab.training.repa import projection_loss, resize_features
 
-FIXTURE = Path(__file__).parent / "data" / "golden_repa_reference.npz"
 NETWORK_TOL = 1e-5  # of the output's scale
 LOSS_TOL = 1e-6
 
 
 @pytest.fixture(scope="module")
 def golden() -> dict[str, np.ndarray]:
-    with np.load(FIXTURE, allow_pickle=False) as f:
-        return {k: f[k] for k in f.files}
+    return read_golden("golden_repa_reference.npz")
 
 
 def dit_config(golden, variant: str) -> dict:
@@ -37,9 +35,7 @@ def dit_config(golden, variant: str) -> dict:
                 repa_dim=m["z_dims"][0], repa_depth=m["encoder_depth"], repa_width=m["projector_dim"])  # fmt: skip
 
 
-def tensor(golden, key: str) -> torch.Tensor:
-    a = golden[key]
-    return torch.from_numpy(a.astype(np.int64) if a.dtype.kind in "iu" else a.astype(np.float32))
+tensor = golden_tensor
 
 
 def repa_model(golden, variant: str) -> ditlab.DiT:

@@ -8,16 +8,15 @@ ditlab's DiT. Everything agrees to 1e-5 of the output's scale, and the samplers'
 noise (x_1 - x_0, what the model contributed) agrees to 1e-5 of its own scale as well."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import golden_tensor, read_golden
 
 import ditlab
 from ditlab.diffusion import flow, flow_matching
 
-FIXTURE = Path(__file__).parent / "data" / "golden_sit_reference.npz"
 TOL = 1e-5  # of the output's scale
 NAMES = {"Mean": "mean", "Tweedie": "tweedie", "Euler": "euler", None: "none", "SBDM": "sbdm",
          "inccreasing-decreasing": "increasing-decreasing"}  # fmt: skip
@@ -25,8 +24,7 @@ NAMES = {"Mean": "mean", "Tweedie": "tweedie", "Euler": "euler", None: "none", "
 
 @pytest.fixture(scope="module")
 def golden() -> dict[str, np.ndarray]:
-    with np.load(FIXTURE, allow_pickle=False) as f:
-        return {k: f[k] for k in f.files}
+    return read_golden("golden_sit_reference.npz")
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +32,7 @@ def config(golden) -> dict:
     return json.loads(str(golden["config"]))
 
 
-def tensor(golden, key: str) -> torch.Tensor:
-    a = golden[key]
-    return torch.from_numpy(a.astype(np.int64) if a.dtype.kind in "iu" else a.astype(np.float32))
+tensor = golden_tensor
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str, tol: float = TOL) -> None:
