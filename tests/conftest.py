@@ -43,6 +43,16 @@ def vae_dir(tmp_path_factory):
 
 
 @pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """An empty $DITLAB_HOME, no mirror, not offline (the downloader's tests)."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("DITLAB_HOME", str(home))
+    for var in ("DITLAB_MIRROR", "DITLAB_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    return home
+
+
+@pytest.fixture
 def batch_invariant_cpu(monkeypatch):
     """The native convolution instead of oneDNN's, which picks its algorithm by batch size: a
     precondition of a bitwise comparison across batch sizes (which must still probe the kernels)."""

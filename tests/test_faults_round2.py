@@ -14,7 +14,7 @@ import pytest
 import torch
 from helpers import unpin
 from hub_server import FileServer
-from test_hub import CKPT, REF, npz_bytes, tiny_released_dit, torch_bytes
+from test_hub import CKPT, REF, serve_released, tiny_released_dit, torch_bytes
 
 from ditlab import hub
 from ditlab.checkpoints.state import CHECKSUM_KEY, load_checkpoint, save_checkpoint
@@ -55,19 +55,8 @@ def test_the_checkpoint_checksum_covers_the_whole_record_and_the_step_its_name(t
 
 
 @pytest.fixture
-def cache(tmp_path, monkeypatch):
-    home = tmp_path / "home"
-    monkeypatch.setenv("DITLAB_HOME", str(home))
-    for var in ("DITLAB_MIRROR", "DITLAB_OFFLINE"):
-        monkeypatch.delenv(var, raising=False)
-    return home
-
-
-@pytest.fixture
 def server(cache, tmp_path, monkeypatch):
-    images = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
-    srv = FileServer({CKPT: torch_bytes(tiny_released_dit()), REF: npz_bytes(images, tmp_path / "ref.npz")})
-    monkeypatch.setenv("DITLAB_MIRROR", srv.url)
+    srv = serve_released(tmp_path, monkeypatch)  # pinned: these tests check the pins
     yield srv
     srv.close()
 

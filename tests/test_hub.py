@@ -50,21 +50,17 @@ def npz_bytes(images: np.ndarray, path: Path) -> bytes:
     return path.read_bytes()
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    """An empty $DITLAB_HOME, no mirror, not offline."""
-    home = tmp_path / "home"
-    monkeypatch.setenv("DITLAB_HOME", str(home))
-    for var in ("DITLAB_MIRROR", "DITLAB_OFFLINE"):
-        monkeypatch.delenv(var, raising=False)
-    return home
+def serve_released(tmp_path, monkeypatch) -> FileServer:
+    """A mirror on 127.0.0.1 serving a tiny DiT as CKPT and a 5-image batch as REF ($DITLAB_MIRROR set)."""
+    images = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
+    srv = FileServer({CKPT: torch_bytes(tiny_released_dit()), REF: npz_bytes(images, tmp_path / "ref.npz")})
+    monkeypatch.setenv("DITLAB_MIRROR", srv.url)
+    return srv
 
 
 @pytest.fixture
 def server(cache, tmp_path, monkeypatch):
-    images = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
-    srv = FileServer({CKPT: torch_bytes(tiny_released_dit()), REF: npz_bytes(images, tmp_path / "ref.npz")})
-    monkeypatch.setenv("DITLAB_MIRROR", srv.url)
+    srv = serve_released(tmp_path, monkeypatch)
     unpin(monkeypatch, CKPT, REF)  # tiny stand-ins (the pins: test_a_file_unlike_its_name_is_refused_and_removed)
     yield srv
     srv.close()
