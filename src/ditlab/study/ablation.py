@@ -292,23 +292,14 @@ def guidance_table(study: dict[str, Any], rows: list[dict[str, Any]], metric: st
 def ablation_figure(found: dict[str, Any], label: str, path: Path, floor: float | None) -> bool:
     """Metric against training compute, every entry (mean over its training seeds); the legend beside
     the axes, where long ablation names do not hide the curves."""
-    from ditlab.runtime.files import atomic_write
-    from ditlab.study.figures import DPI, _plt
+    from ditlab.study.figures import _finish, _plt
 
     if not found["entries"]:
         return False
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(11, 4.8))
+    fig, ax = _plt().subplots(figsize=(11, 4.8))
     for key, r in found["entries"].items():
         style = {"color": "black", "linewidth": 2.5} if key == found["baseline"] else {}
         ax.plot([c for c, _ in r["curve"]], [v for _, v in r["curve"]], marker="o", markersize=3, label=key, **style)
-    if floor is not None:
-        ax.axhline(floor, color="black", linestyle=":", linewidth=1, label="real vs real")
     ax.set(xlabel="training compute (Gflop)", ylabel=label)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.suptitle("Each ablation vs training compute (mean over training seeds)", fontsize=10)
-    fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=DPI))
-    plt.close(fig)
+    _finish(fig, [ax], path, "Each ablation vs training compute (mean over training seeds)", floor, beside=True)
     return True

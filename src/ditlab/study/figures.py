@@ -41,14 +41,15 @@ def _line(ax, rows: list[dict[str, Any]], x: str, metric: str, **style: Any) -> 
     ax.errorbar([r[x] for r in rows], means, yerr=err, marker="o", markersize=4, capsize=2, **style)
 
 
-def _finish(fig, ax_list, path: Path, title: str, floor: float | None = None) -> None:
-    """Grid, legend and title; `floor` (the metric of real data against real data) as a dotted line."""
+def _finish(fig, ax_list, path: Path, title: str, floor: float | None = None, beside: bool = False) -> None:
+    """Grid, legend (`beside` the axes, for long names) and title; `floor` (the metric of real data against
+    real data) as a dotted line."""
     for ax in ax_list:
         ax.grid(alpha=0.3)
         if floor is not None and ax.get_visible():
             ax.axhline(floor, color="black", linestyle=":", linewidth=1, label="real vs real")
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=7, **({"loc": "upper left", "bbox_to_anchor": (1.01, 1.0)} if beside else {}))
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=DPI))
