@@ -179,13 +179,16 @@ class Study:
         e, flow = self.eval, self.entries[entry].objective == "flow"
         sampler, steps = e.sampling(self.entries[entry].objective)
         last = step == self.steps_of(entry)[-1]
-        out = [_guided(EvalSetting(sampler, steps, c, e.num_samples, s, e.labels, i, self.own_step(entry, g)), step)
-               for c in e.cfg_scales for i in e.guidance_intervals for g in e.guide_steps for s in e.seeds]
+        def guided(scales: tuple[float, ...], intervals: tuple[Interval, ...],
+                   guides: tuple[int | None, ...]) -> list[EvalSetting | None]:  # fmt: skip
+            """Every scale x interval x guide step x sample seed, as it samples at `step`."""
+            return [_guided(EvalSetting(sampler, steps, c, e.num_samples, s, e.labels, i, self.own_step(entry, g)),
+                            step) for c in scales for i in intervals for g in guides for s in e.seeds]  # fmt: skip
+
+        out = guided(e.cfg_scales, e.guidance_intervals, e.guide_steps)
         if self.final and last and entry in self.final.entries:
             f = self.final
-            out += [_guided(EvalSetting(sampler, steps, c, e.num_samples, s, e.labels, i, self.own_step(entry, g)),
-                            step) for c in f.cfg_scales for i in f.guidance_intervals for g in f.guide_steps
-                    for s in e.seeds]  # fmt: skip
+            out += guided(f.cfg_scales, f.guidance_intervals, f.guide_steps)
             out += [EvalSetting(sampler, steps, c, e.num_samples, s, e.labels, i, None, guide)
                     for c in f.cfg_scales if c != 1.0 for i in f.guidance_intervals for guide in f.guide_entries
                     if self.entries[guide].objective == self.entries[entry].objective for s in e.seeds]  # fmt: skip
@@ -208,6 +211,13 @@ def _guided(setting: EvalSetting, step: int) -> EvalSetting | None:
     if setting.guide_step is not None and setting.guide_step >= step:
         return None
     return setting
+
+
+def _scales(at: str, value: Any) -> tuple[float, ...]:
+    """cfg_scales: a non-empty list of positive numbers."""
+    if not isinstance(value, list) or not value or not all(isinstance(s, int | float) and s > 0 for s in value):
+        _fail(at, f"cfg_scales {value!r}: a non-empty list of positive numbers")
+    return tuple(float(s) for s in value)
 
 
 def _intervals(where: str, value: Any) -> tuple[Interval, ...]:
@@ -415,12 +425,9 @@ def _eval(where: str, t: dict[str, Any], data: str, eval_steps: tuple[int, ...])
     labels = t.get("labels", "random")
     if labels not in LABELS:
         _fail(at, f"labels {labels!r}: choose one of {', '.join(LABELS)}")
-    scales = t.get("cfg_scales", [1.0])
-    if not isinstance(scales, list) or not scales or not all(isinstance(s, int | float) and s > 0 for s in scales):
-        _fail(at, f"cfg_scales {scales!r}: a non-empty list of positive numbers")
     spec = EvalSpec(metric=metric, num_samples=t.get("num_samples", 50_000), labels=labels,
                     seeds=_ints(f"{at} seeds", t.get("seeds", [0, 1])), sampler=t.get("sampler", "ddpm"),
-                    steps=t.get("steps", 250), cfg_scales=tuple(float(s) for s in scales),
+                    steps=t.get("steps", 250), cfg_scales=_scales(at, t.get("cfg_scales", [1.0])),
                     batch_size=t.get("batch_size", 32), keep_samples=bool(t.get("keep_samples", True)), ref=ref,
                     inception=_expand(t.get("inception")), guidance_channels=t.get("guidance_channels"),
                     guidance_intervals=_intervals(f"{at} guidance_intervals", t["guidance_intervals"])
@@ -496,14 +503,12 @@ def _final(where: str, t: dict[str, Any] | None, entries: dict[str, Entry],
         if not isinstance(value, list) or any(n not in entries for n in value):
             bad = [n for n in value if n not in entries] if isinstance(value, list) else [value]
             _fail(at, f"{key}: {bad[0]!r} is not an entry (entries: {', '.join(entries)})")
-    scales = t.get("cfg_scales")
-    if not isinstance(scales, list) or not scales or not all(isinstance(s, int | float) and s > 0 for s in scales):
-        _fail(at, f"cfg_scales {scales!r}: a non-empty list of positive numbers")
+    scales = _scales(at, t.get("cfg_scales"))
     for g in guides:  # a guide guides the listed entries of its own process (autoguidance needs one)
         if not any(entries[g].objective == entries[n].objective for n in names):
             _fail(at, f"guide_entries: {g} ({entries[g].objective}) can guide none of the entries "
                       f"({', '.join(names)}): autoguidance needs one process")
-    return FinalSpec(entries=tuple(names), cfg_scales=tuple(float(s) for s in scales),
+    return FinalSpec(entries=tuple(names), cfg_scales=scales,
                      guidance_intervals=_intervals(f"{at} guidance_intervals", t["guidance_intervals"])
                      if "guidance_intervals" in t else (None,),
                      guide_steps=_guide_steps(f"{at} guide_steps", t.get("guide_steps", [0]), eval_steps),
