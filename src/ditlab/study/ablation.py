@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ditlab.errors import UserError
+from ditlab.study.entry import setting_tag
 
 if TYPE_CHECKING:
     import torch
@@ -44,7 +45,7 @@ def _flow_tags(train: dict[str, Any], base: dict[str, Any]) -> list[str]:
     for k in sorted(FLOW_SETTINGS):
         v = train.get(k)
         if v is not None and (base.get("objective") != "flow" or base.get(k) != v):
-            tags.append(str(v) if isinstance(v, str) else f"{k.replace('_', '-')}{v:g}")
+            tags.append(setting_tag(k, v))
     return tags
 
 
@@ -69,7 +70,7 @@ def ablation_name(entry: Entry, base: Entry) -> str:
         tags.append("repa" if t.get("repa_encoder") else "no-repa")
     for k in ("repa_depth", "repa_coeff"):
         if t.get("repa_encoder") and b.get("repa_encoder") and t.get(k) != b.get(k):  # REPA's own settings varied
-            tags.append(f"repa-{k[5:]}{t[k]:g}")
+            tags.append(f"repa-{setting_tag(k[5:], t[k])}")
     name = f"DiT-{entry.size}-{entry.patch_size}" + "".join(f"+{tag}" for tag in tags)
     return name + ("" if entry.seed == 0 else f"-seed{entry.seed}")
 

@@ -39,3 +39,9 @@ class Entry:
         return TrainConfig(**self.train, results=str(results), max_steps=max_steps, progress=progress,
                            model="DiT-S/2", patch_size=self.patch_size, block=self.block, seed=self.seed,
                            **own)  # fmt: skip
+
+
+def setting_tag(key: str, value: Any) -> str:
+    """How a setting reads in an entry's name: a string as itself (`logit-normal`), a number after its
+    key (`time-scale0.5`, `depth2`)."""
+    return str(value) if isinstance(value, str) else f"{key.replace('_', '-')}{value:g}"

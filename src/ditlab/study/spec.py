@@ -41,7 +41,7 @@ from typing import Any
 from ditlab.data.named import NAMED_DATA
 from ditlab.errors import UserError, UserFileNotFoundError, one_line
 from ditlab.models.configs import SIZES
-from ditlab.study.entry import Entry
+from ditlab.study.entry import Entry, setting_tag
 from ditlab.training.config import FLOW_SETTINGS, TrainConfig
 
 METRICS = ("digits", "fashion-mnist", "fid")  # a dataset's judge (Frechet distance, accuracy, ...); ADM's FID suite
@@ -363,7 +363,7 @@ def _repa(at: str, table: Any, train: dict[str, Any]) -> tuple[dict[str, Any], s
         TrainConfig(**{**train, **settings}, results="entry", max_steps=1).validate()
     except (TypeError, ValueError) as e:
         _fail(f"{at} repa", str(e))
-    tags = [f"{k}{table[k]:g}" for k in ("depth", "coeff") if k in table]
+    tags = [setting_tag(k, table[k]) for k in ("depth", "coeff") if k in table]
     return settings, "".join(f"-{t}" for t in ["repa", *tags])
 
 
@@ -391,7 +391,7 @@ def _objectives(at: str, grid: dict[str, Any], train: dict[str, Any]) -> list[tu
             TrainConfig(**shared, **settings, objective="flow", results="entry", max_steps=1)
         except (TypeError, ValueError) as e:
             _fail(f"{at} flow", str(e))
-        tags = [str(v) if isinstance(v, str) else f"{k.replace('_', '-')}{v:g}" for k, v in sorted(flow.items())]
+        tags = [setting_tag(k, v) for k, v in sorted(flow.items())]
         out.append(("".join(f"-{t}" for t in ["flow", *tags]), {**shared, **settings, "objective": "flow"}))
     return out
 
